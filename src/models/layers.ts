@@ -1,0 +1,150 @@
+/**
+ * Building blocks shared by the networks: pure functions over params sub-trees, NHWC activations,
+ * tfjs-layout weights (conv HWIO, linear [in,out]). Every op here is a tfjs-core op, so it runs on any backend
+ * and is differentiable.
+ */
+import * as tf from '@tensorflow/tfjs';
+import { type ParamTree, leaf, maybeLeaf } from './params.js';
+
+/** y = x W + b over the last axis. Accepts a 1x1 conv kernel [1,1,in,out] too (SD v1 proj_in/proj_out). */
+export function linear(p: ParamTree, x: tf.Tensor): tf.Tensor {
+  let w = leaf(p, 'weight');
+  const ws = w.shape as number[];
+  if (w.rank === 4) w = w.reshape([ws[2], ws[3]]);
+  const outDim = (w.shape as number[])[1];
+  const xs = x.shape as number[];
+  const inDim = xs[xs.length - 1];
+  let y: tf.Tensor = tf.matMul(x.reshape([-1, inDim]) as tf.Tensor2D, w as tf.Tensor2D);
+  const b = maybeLeaf(p, 'bias');
+  if (b) y = tf.add(y, b);
+  return y.reshape([...xs.slice(0, -1), outDim]);
+}
+
+export type Padding = 'same' | 'valid' | number | [number, number, number, number]; // [top,bottom,left,right]
+
+/** 2-D convolution, NHWC x HWIO. Explicit paddings are applied with tf.pad so gradients exist on every backend. */
+export function conv2d(p: ParamTree, x: tf.Tensor4D, opts: { stride?: number; padding?: Padding } = {}): tf.Tensor4D {
+  const w = leaf(p, 'weight') as tf.Tensor4D;
+  const stride = opts.stride ?? 1;
+  const k = w.shape[0];
+  let pad = opts.padding ?? (k - 1) / 2;
+  let input = x;
+  let mode: 'same' | 'valid' = 'valid';
+  if (pad === 'same' || (typeof pad === 'number' && stride === 1 && k % 2 === 1 && pad === (k - 1) / 2)) {
+    mode = 'same'; // identical to symmetric padding (k-1)/2 at stride 1
+  } else if (pad !== 'valid') {
+    const [t, b, l, r] = typeof pad === 'number' ? [pad, pad, pad, pad] : pad;
+    if (t || b || l || r) input = tf.pad(x, [[0, 0], [t, b], [l, r], [0, 0]]);
+  }
+  let y = tf.conv2d(input, w, stride, mode);
+  const bias = maybeLeaf(p, 'bias');
+  if (bias) y = tf.add(y, bias);
+  return y;
+}
+
+/** GroupNorm over NHWC (tfjs has none): statistics per (batch, group) across H, W and the group's channels. */
+export function groupNorm(p: ParamTree, x: tf.Tensor4D, groups: number, eps: number): tf.Tensor4D {
+  const [b, h, w, c] = x.shape;
+  if (c % groups !== 0) throw new Error(`groupNorm: ${c} channels not divisible into ${groups} groups`);
+  const g = x.reshape([b, h * w, groups, c / groups]);
+  const { mean, variance } = tf.moments(g, [1, 3], true);
+  const normed = tf.div(tf.sub(g, mean), tf.sqrt(tf.add(variance, eps))).reshape([b, h, w, c]);
+  return tf.add(tf.mul(normed, leaf(p, 'weight')), leaf(p, 'bias')) as tf.Tensor4D;
+}
+
+/** LayerNorm over the last axis. */
+export function layerNorm(p: ParamTree, x: tf.Tensor, eps: number): tf.Tensor {
+  const { mean, variance } = tf.moments(x, -1, true);
+  const normed = tf.div(tf.sub(x, mean), tf.sqrt(tf.add(variance, eps)));
+  return tf.add(tf.mul(normed, leaf(p, 'weight')), leaf(p, 'bias'));
+}
+
+/** SiLU / swish: x * sigmoid(x). */
+export const silu = <T extends tf.Tensor>(x: T): T => tf.mul(x, tf.sigmoid(x));
+
+/** Exact (erf) GELU as torch's default F.gelu. */
+export const gelu = <T extends tf.Tensor>(x: T): T => tf.mul(tf.mul(x, 0.5), tf.add(1, tf.erf(tf.mul(x, Math.SQRT1_2))));
+
+/** CLIP's quick GELU: x * sigmoid(1.702 x). */
+export const quickGelu = <T extends tf.Tensor>(x: T): T => tf.mul(x, tf.sigmoid(tf.mul(x, 1.702)));
+
+/** Activation by the name used in configs. */
+export function activation(name: string): <T extends tf.Tensor>(x: T) => T {
+  switch (name) {
+    case 'silu':
+    case 'swish':
+      return silu;
+    case 'gelu':
+      return gelu;
+    case 'quick_gelu':
+      return quickGelu;
+    default:
+      throw new Error(`unsupported activation ${name}`);
+  }
+}
+
+let attentionChunkElements = 32 * 1024 * 1024;
+
+/**
+ * Largest attention score tensor (elements) materialised at once. Attention is computed in query-row chunks so
+ * that batch*heads*rows*keys stays under this (128 MB of float32 by default), which keeps 512x512 on real SD
+ * weights within memory and under webgpu's buffer limits.
+ */
+export function setAttentionChunkElements(n: number): void {
+  if (!(n >= 1)) throw new Error('attention chunk size must be >= 1 element');
+  attentionChunkElements = Math.floor(n);
+}
+export const getAttentionChunkElements = () => attentionChunkElements;
+
+/**
+ * Multi-head scaled dot-product attention: softmax(q k^T / sqrt(d) + mask) v.
+ * q [B,Nq,C], k/v [B,Nk,C] (already projected) -> [B,Nq,C]. `mask` broadcasts to [Nq,Nk] and is added to the
+ * scores (0 keep, large negative drop).
+ */
+export function attention(q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, heads: number, mask?: tf.Tensor2D): tf.Tensor3D {
+  const [b, nq, c] = q.shape;
+  const nk = k.shape[1];
+  const d = c / heads;
+  if (!Number.isInteger(d)) throw new Error(`attention: width ${c} not divisible by ${heads} heads`);
+  const split = (t: tf.Tensor3D, n: number) => t.reshape([b, n, heads, d]).transpose([0, 2, 1, 3]).reshape([b * heads, n, d]) as tf.Tensor3D;
+  const qh = tf.mul(split(q, nq), 1 / Math.sqrt(d)) as tf.Tensor3D;
+  const kh = split(k, nk);
+  const vh = split(v, nk);
+  const rows = Math.max(1, Math.min(nq, Math.floor(attentionChunkElements / (b * heads * nk))));
+  const outs: tf.Tensor3D[] = [];
+  for (let start = 0; start < nq; start += rows) {
+    const n = Math.min(rows, nq - start);
+    const qc = n === nq ? qh : qh.slice([0, start, 0], [-1, n, -1]);
+    let scores: tf.Tensor3D = tf.matMul(qc, kh, false, true);
+    if (mask) scores = tf.add(scores, n === nq ? mask : mask.slice([start, 0], [n, -1]));
+    outs.push(tf.matMul(tf.softmax(scores), vh));
+  }
+  const o = outs.length === 1 ? outs[0] : tf.concat(outs, 1);
+  return o.reshape([b, heads, nq, d]).transpose([0, 2, 1, 3]).reshape([b, nq, c]) as tf.Tensor3D;
+}
+
+/**
+ * Sinusoidal timestep embedding exactly as diffusers' get_timestep_embedding:
+ * exponent = -ln(10000) * i / (half - freqShift); emb = [sin(t e), cos(t e)] (or [cos, sin] when flipSinToCos).
+ */
+export function timestepEmbedding(t: tf.Tensor1D, dim: number, flipSinToCos: boolean, freqShift: number): tf.Tensor2D {
+  const half = Math.floor(dim / 2);
+  const exponent = tf.div(tf.mul(tf.range(0, half, 1, 'float32'), -Math.log(10000)), half - freqShift);
+  const args = tf.mul(t.toFloat().reshape([-1, 1]), tf.exp(exponent).reshape([1, half]));
+  const [first, second] = flipSinToCos ? [tf.cos(args), tf.sin(args)] : [tf.sin(args), tf.cos(args)];
+  let emb = tf.concat([first, second], 1) as tf.Tensor2D;
+  if (dim % 2 === 1) emb = tf.pad(emb, [[0, 0], [0, 1]]);
+  return emb;
+}
+
+/** Nearest-neighbour upsampling (torch F.interpolate mode='nearest'): 2x, or to an explicit size. */
+export function upsampleNearest(x: tf.Tensor4D, size?: [number, number]): tf.Tensor4D {
+  const [, h, w] = x.shape;
+  const [oh, ow] = size ?? [h * 2, w * 2];
+  if (oh === h * 2 && ow === w * 2) {
+    // exact 2x: repeat rows and columns (cheaper and gradient-friendly)
+    const [b, , , c] = x.shape;
+    return tf.tile(x.reshape([b, h, 1, w, 1, c]), [1, 1, 2, 1, 2, 1]).reshape([b, oh, ow, c]) as tf.Tensor4D;
+  }
+  return tf.image.resizeNearestNeighbor(x, [oh, ow], false, false);
+}
