@@ -47,3 +47,14 @@ export function atolOf(name: string): number {
   if (typeof t === 'object' && t && typeof t.atol === 'number') return t.atol;
   throw new Error(`golden case ${name} has no atol tolerance: ${JSON.stringify(t)}`);
 }
+
+/** All tensors of a case file (cases/<name>.safetensors). */
+export async function caseTensors(name: string) {
+  const { SafetensorsFile } = await import('../src/io/safetensors.js');
+  const f = await SafetensorsFile.open(golden('cases', `${name}.safetensors`));
+  try {
+    return await f.readAll();
+  } finally {
+    await f.close();
+  }
+}

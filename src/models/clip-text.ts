@@ -105,7 +105,7 @@ export function clipText(params: ParamTree, cfg: ClipTextConfig, inputIds: tf.Te
     const ids = inputIds.toInt();
     const eosPos = cfg.eos_token_id === 2 ? tf.argMax(ids, 1) : tf.argMax(tf.equal(ids, cfg.eos_token_id).toInt(), 1);
     const flat = last.reshape([b * len, -1]);
-    const pooled = tf.gather(flat, tf.add(tf.mul(tf.range(0, b, 1, 'int32'), len), eosPos.toInt())) as tf.Tensor2D;
+    const pooled = tf.gather(flat, tf.add(tf.range(0, b * len, len, 'int32'), eosPos.toInt())) as tf.Tensor2D;
     return { hidden, hiddenRaw: skipped!, pooled };
   });
 }
