@@ -24,14 +24,15 @@ describeGolden('networks vs diffusers (diffusers folder)', () => {
   const trees: ParamTree[] = [];
   afterAll(() => trees.forEach(disposeParams));
 
-  it('text encoder: last hidden state, clip skip 2, raw penultimate, pooled', async () => {
-    const { config, tensors } = await loadDir('tiny-sd/text_encoder', 'model.safetensors');
+  for (const [name, dir] of [['text_encoder', 'tiny-sd/text_encoder'], ['sd2_text_encoder', 'tiny-sd2-depth/text_encoder']] as const)
+  it(`${name}: last hidden state, clip skip 2, raw penultimate, pooled`, async () => {
+    const { config, tensors } = await loadDir(dir, 'model.safetensors');
     const cfg = clipTextConfig(config);
     const params = buildParams('text_encoder', clipTextParamShapes(cfg), tensors);
     trees.push(params);
-    const c = await caseTensors('text_encoder');
+    const c = await caseTensors(name);
     const ids = rawTensor(c.get('input_ids'), 'input_ids');
-    const atol = atolOf('text_encoder');
+    const atol = atolOf(name);
     const idsT = tf.tensor2d(ids.data as Int32Array, ids.shape as [number, number], 'int32');
     const before = tf.memory().numTensors;
     const o1 = clipText(params, cfg, idsT);
@@ -42,14 +43,14 @@ describeGolden('networks vs diffusers (diffusers folder)', () => {
       skip2: maxAbsDiff(o2.hidden.dataSync(), c.get('clip_skip_2')!.data),
       raw2: maxAbsDiff(o2.hiddenRaw.dataSync(), c.get('hidden_states_minus2_raw')!.data),
     };
-    console.log('text encoder max abs err', e);
+    console.log(`${name} max abs err`, e);
     for (const v of Object.values(e)) expect(v).toBeLessThanOrEqual(atol);
     tf.dispose([o1, o2].flatMap((o) => [o.hidden, o.hiddenRaw, o.pooled]));
     expect(tf.memory().numTensors).toBe(before); // the forward leaks nothing
     idsT.dispose();
   });
 
-  for (const [name, dir] of [['unet', 'tiny-sd/unet'], ['unet_inpaint', 'tiny-sd-inpaint/unet']] as const) {
+  for (const [name, dir] of [['unet', 'tiny-sd/unet'], ['unet_inpaint', 'tiny-sd-inpaint/unet'], ['sd2_unet', 'tiny-sd2-depth/unet']] as const) {
     it(`${name}: noise prediction at per-item timesteps and at scalar t=500`, async () => {
       const { config, tensors } = await loadDir(dir, 'diffusion_pytorch_model.safetensors');
       const cfg = unetConfig(config);
