@@ -68,6 +68,14 @@ export function tfToTorchLayout(key: string, t: HostTensor): HostTensor {
   return t;
 }
 
+/** The tfjs shape of a torch-layout tensor. */
+export function tfShapeOf(key: string, torchShape: readonly number[]): number[] {
+  const k = layoutKind(key, torchShape);
+  if (k === 'conv') return [torchShape[2], torchShape[3], torchShape[1], torchShape[0]];
+  if (k === 'linear') return [torchShape[1], torchShape[0]];
+  return [...torchShape];
+}
+
 /** The torch shape of a tfjs-layout tensor. */
 export function torchShapeOf(key: string, tfShape: readonly number[]): number[] {
   if (tfShape.length === 4) return [tfShape[3], tfShape[2], tfShape[0], tfShape[1]];

@@ -4,7 +4,7 @@
  */
 import * as tf from '@tensorflow/tfjs';
 import type { RawTensor } from '../io/safetensors.js';
-import { tensorFromTorch } from '../io/layout.js';
+import { tensorFromTorch, tfShapeOf } from '../io/layout.js';
 import { type ParamTree, checkAgainstSpec, unflattenParams } from './params.js';
 
 /** Keys a checkpoint may carry that no model reads (regenerated buffers). */
@@ -35,11 +35,10 @@ export function randomParams(spec: Map<string, number[]>, seed = 0): ParamTree {
       const isNorm = /norm[^.]*\.weight$|layer_norm\d?\.weight$/.test(key) && torchShape.length === 1;
       if (isNorm) return tf.ones([torchShape[0]]);
       if (key.endsWith('bias')) return tf.zeros(torchShape);
-      const raw = tf.randomNormal(torchShape, 0, 1, 'float32', s++);
       const fanIn = torchShape.length === 4 ? torchShape[1] * torchShape[2] * torchShape[3] : torchShape.length === 2 ? torchShape[1] : 1;
       const std = /embedding/.test(key) ? 0.02 : 1 / Math.sqrt(fanIn);
-      const host = { shape: torchShape, data: tf.mul(raw, std).dataSync() as Float32Array };
-      return tensorFromTorch(key, host);
+      // drawn directly in tfjs layout: i.i.d. values need no transpose
+      return tf.randomNormal(tfShapeOf(key, torchShape), 0, std, 'float32', s++);
     });
     leaves.push([key, t]);
   }

@@ -1,0 +1,53 @@
+/** `sdtune convert IN OUT [--to diffusers|single-file] [--half]`: write a model in the other layout. */
+import type { Argv } from 'yargs';
+import { convertCheckpoint } from '../../io/convert.js';
+import { progress } from '../../runtime/progress.js';
+import { runCommand } from '../run.js';
+
+export interface ConvertOptions {
+  input: string;
+  output: string;
+  to?: 'diffusers' | 'single-file';
+  half: boolean;
+  configDir?: string;
+  tokenizerDir?: string;
+}
+
+export function registerConvert(y: Argv): Argv {
+  return y.command(
+    'convert <input> <output>',
+    'convert between a diffusers folder and a single-file LDM .safetensors',
+    (a) =>
+      a
+        .positional('input', { type: 'string', demandOption: true })
+        .positional('output', { type: 'string', demandOption: true })
+        .option('to', { choices: ['diffusers', 'single-file'] as const, describe: 'target layout (default: the other one)' })
+        .option('half', { type: 'boolean', default: false, describe: 'write float16 weights' })
+        .option('config', { type: 'string', describe: 'diffusers folder whose configs apply to a single-file input' })
+        .option('tokenizer', { type: 'string', describe: 'folder with vocab.json + merges.txt to include' }),
+    (argv) =>
+      runCommand(async () => {
+        const opts: ConvertOptions = {
+          input: argv.input as string,
+          output: argv.output as string,
+          to: argv.to,
+          half: Boolean(argv.half),
+          configDir: argv.config,
+          tokenizerDir: argv.tokenizer,
+        };
+        let bar: ReturnType<typeof progress> | undefined;
+        const r = await convertCheckpoint(opts.input, opts.output, {
+          to: opts.to,
+          half: opts.half,
+          configDir: opts.configDir,
+          tokenizerDir: opts.tokenizerDir,
+          onProgress: (done, total) => {
+            bar ??= progress({ total, label: 'convert' });
+            bar.tick(done - bar.count);
+          },
+        });
+        bar?.done();
+        process.stdout.write(`wrote ${opts.output} (${r.layout}, ${r.tensors} tensors, ${(r.bytes / 1e6).toFixed(1)} MB)\n`);
+      }),
+  );
+}

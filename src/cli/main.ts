@@ -1,0 +1,23 @@
+/** The sdtune command line: declares commands; each command turns flags into typed options and calls the library. */
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import { registerConvert } from './commands/convert.js';
+import { registerInspect } from './commands/inspect.js';
+
+let cli = yargs(hideBin(process.argv))
+  .scriptName('sdtune')
+  .usage('$0 <command> [options]')
+  .strict()
+  .demandCommand(1, 'name a command (see --help)')
+  .recommendCommands()
+  .help()
+  .alias('h', 'help')
+  .wrap(Math.min(120, process.stdout.columns || 100))
+  .fail((msg, err, y) => {
+    if (err) throw err;
+    process.stderr.write(`error: ${msg}\n(run "sdtune --help" or "sdtune <command> --help")\n`);
+    process.exit(2);
+  });
+cli = registerInspect(cli);
+cli = registerConvert(cli);
+await cli.parseAsync();
