@@ -219,7 +219,7 @@ async function findWeights(dir: string, c: Component, variant: string | undefine
     .filter((x) => x.m)
     .map(({ n, m }) => ({ n, variant: m![2], rank: (m![1] === PRIMARY_BASE[c] ? 0 : 2) + (m![3] ? 1 : 0) }))
     .sort((a, b) => a.rank - b.rank);
-  const rel = path.join(path.basename(dir), '');
+  const rel = path.basename(dir);
   if (variant !== undefined) {
     const v = cands.find((x) => x.variant === variant);
     if (!v) throw fileError(`${dir}: no "${variant}" weights variant (found: ${cands.map((x) => x.n).join(', ') || 'no safetensors weights'})`);
@@ -251,7 +251,8 @@ async function openWeights(weights: string, opened: SafetensorsFile[]) {
   if (typeof map !== 'object' || map === null || Array.isArray(map)) throw fileError(`${weights}: no "weight_map" object`);
   const entries = Object.entries(map as Record<string, unknown>);
   const bad = entries.find(([, v]) => typeof v !== 'string');
-  if (bad) throw fileError(`${weights}: weight_map entry "${bad[0]}" is not a file name`);
+  if (bad || entries.some(([, v]) => path.basename(v as string) !== v))
+    throw fileError(`${weights}: weight_map entry "${(bad ?? entries.find(([, v]) => path.basename(v as string) !== v))![0]}" is not a file name in this folder`);
   const shardNames = [...new Set(entries.map(([, v]) => v as string))];
   const shards = await openAll(shardNames.map((n) => path.join(path.dirname(weights), n)), opened);
   const byName = new Map(shardNames.map((n, i) => [n, shards[i]]));
@@ -387,7 +388,7 @@ async function openLdmFile(file: SafetensorsFile, vaePrefix: string | undefined,
 
   const configDir = opts.configDir;
   if (configDir && !(await isDir(configDir))) throw usageError(`config folder ${configDir} does not exist`);
-  const embedded = configDir ? undefined : embeddedConfigs(file);
+  const embedded = embeddedConfigs(file);
   const components: Partial<Record<Component, ComponentSource>> = {};
   for (const c of COMPONENTS) {
     const own = rows.filter((e) => e.component === c);
@@ -416,7 +417,7 @@ async function openLdmFile(file: SafetensorsFile, vaePrefix: string | undefined,
   if (opts.variant) notes.push(`the weights variant "${opts.variant}" applies to diffusers folders only; ignored`);
 
   let schedulerConfig: Record<string, unknown>;
-  if (configDir) schedulerConfig = await schedulerOf(configDir, notes);
+  if (configDir && (await exists(path.join(configDir, 'scheduler', 'scheduler_config.json')))) schedulerConfig = await schedulerOf(configDir, notes);
   else if (embedded?.scheduler) schedulerConfig = embedded.scheduler;
   else schedulerConfig = await schedulerOf(undefined, notes);
   const indexFile = configDir && path.join(configDir, 'model_index.json');
@@ -472,6 +473,7 @@ export async function openCheckpoint(p: string, opts: OpenOptions = {}): Promise
       if (PICKLE_EXT.test(p)) throw pickleError(p);
       return await openFile(p, opts, opened);
     }
+    if (opts.configDir) throw usageError(`${p} is a folder: its own configs are used (configDir applies to single files only)`);
     const subs = await Promise.all(COMPONENTS.map((c) => exists(path.join(p, c, 'config.json'))));
     if ((await exists(path.join(p, 'model_index.json'))) || subs.some(Boolean)) return await openPipelineDir(p, opts, opened);
     if (await exists(path.join(p, 'config.json'))) return await openSingleComponent(p, opts, opened);
