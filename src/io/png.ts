@@ -1,0 +1,268 @@
+/**
+ * PNG output with A1111's "parameters" text (spec samplers.md §10): the infotext format (processing.create_infotext,
+ * infotext_utils.quote / parse_generation_parameters), the tEXt/iTXt chunk PIL writes, and image reading via sharp.
+ */
+import { readFile } from 'node:fs/promises';
+import { inflateSync } from 'node:zlib';
+import sharp from 'sharp';
+import { SdtuneError } from '../errors.js';
+import { writeFileAtomic } from '../runtime/atomic.js';
+
+export interface GenerationParams {
+  prompt: string;
+  negativePrompt?: string;
+  steps: number;
+  /** A1111 display name: "Euler a", "DPM++ 2M", ... */
+  sampler: string;
+  /** A1111 >= 1.9 "Schedule type": "Automatic", "Karras", ... */
+  scheduleType?: string;
+  cfgScale: number;
+  seed: number;
+  width: number;
+  height: number;
+  /** first 10 hex of the checkpoint's SHA-256 (hashes.ts modelHash) */
+  modelHash?: string;
+  modelName?: string;
+  /** alias -> 12-hex LoRA hash (hashes.ts loraHash) */
+  loraHashes?: Record<string, string>;
+  clipSkip?: number;
+  denoisingStrength?: number;
+  /** further "Key: value" pairs, written after the known ones in insertion order */
+  extra?: Record<string, string | number>;
+  /** e.g. "sdtune 0.1.0"; written last */
+  version?: string;
+}
+
+/** Python str() of a number: shortest round-trip digits, exponent form below 1e-4 written as 1e-05. */
+const pyStr = (v: number) =>
+  Number.isInteger(v) || v === 0 || Math.abs(v) >= 1e-4 ? String(v) : v.toExponential().replace(/e([+-])(\d)$/, (_, s, d) => `e${s}0${d}`);
+
+/** A1111 infotext_utils.quote: JSON-encode values containing `,`, `:` or a newline (json.dumps(ensure_ascii=False)). */
+function quote(v: string | number): string {
+  const s = typeof v === 'number' ? pyStr(v) : v;
+  return /[,:\n]/.test(s) ? JSON.stringify(s) : s;
+}
+
+/** A1111 create_infotext: prompt, optional "Negative prompt:" line, then the "Key: value, ..." line, in A1111's key order. */
+export function formatInfotext(p: GenerationParams): string {
+  const noSep = (s: string) => s.replace(/[,:]/g, '');
+  const lora = p.loraHashes && Object.keys(p.loraHashes).length > 0
+    ? Object.entries(p.loraHashes).map(([name, hash]) => `${noSep(name)}: ${hash}`).join(', ')
+    : undefined;
+  const params: [string, string | number | undefined][] = [
+    ['Steps', p.steps],
+    ['Sampler', p.sampler],
+    ['Schedule type', p.scheduleType],
+    ['CFG scale', p.cfgScale],
+    ['Seed', p.seed],
+    ['Size', `${p.width}x${p.height}`],
+    ['Model hash', p.modelHash],
+    ['Model', p.modelName === undefined ? undefined : noSep(p.modelName)],
+    ['Denoising strength', p.denoisingStrength],
+    ['Clip skip', p.clipSkip !== undefined && p.clipSkip > 1 ? p.clipSkip : undefined],
+    ['Lora hashes', lora],
+    ...Object.entries(p.extra ?? {}),
+    ['Version', p.version],
+  ];
+  const line = params
+    .filter((kv): kv is [string, string | number] => kv[1] !== undefined)
+    .map(([k, v]) => (k === v ? k : `${k}: ${quote(v)}`))
+    .join(', ');
+  const neg = p.negativePrompt ? `\nNegative prompt: ${p.negativePrompt}` : '';
+  return `${p.prompt}${neg}\n${line}`.trim();
+}
+
+// A1111 infotext_utils.re_param / re_imagesize (Python `\w` is Unicode-aware).
+const RE_PARAM = /\s*([\p{L}\p{N}_][\p{L}\p{N}_ \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)/gu;
+const RE_SIZE = /^(\d+)x(\d+)$/;
+
+/** A1111 parse_generation_parameters; `raw` is its result dict (Prompt, Negative prompt, Size-1/Size-2, "Clip skip" defaulting to "1"). */
+export function parseInfotext(text: string): GenerationParams & { raw: Record<string, string> } {
+  const lines = text.trim().split('\n');
+  let last = lines.pop() ?? '';
+  if ([...last.matchAll(RE_PARAM)].length < 3) {
+    lines.push(last); // fewer than 3 "Key: value" pairs: not a parameter line
+    last = '';
+  }
+  let prompt = '';
+  let negative = '';
+  let inNegative = false;
+  for (let line of lines) {
+    line = line.trim();
+    if (line.startsWith('Negative prompt:')) {
+      inNegative = true;
+      line = line.slice(16).trim();
+    }
+    if (inNegative) negative += (negative === '' ? '' : '\n') + line;
+    else prompt += (prompt === '' ? '' : '\n') + line;
+  }
+  const raw: Record<string, string> = { Prompt: prompt, 'Negative prompt': negative };
+  for (const [, k, value] of last.matchAll(RE_PARAM)) {
+    let v = value!;
+    if (v === '') continue; // A1111's v[0] raises IndexError on an empty value: the key is skipped
+    if (v.length >= 2 && v.startsWith('"') && v.endsWith('"')) {
+      try {
+        v = JSON.parse(v) as string;
+      } catch {
+        /* A1111 unquote keeps the text as is */
+      }
+    }
+    const m = RE_SIZE.exec(v);
+    if (m) {
+      raw[`${k}-1`] = m[1]!;
+      raw[`${k}-2`] = m[2]!;
+    } else raw[k!] = v;
+  }
+  raw['Clip skip'] ??= '1'; // missing Clip skip means 1 (A1111)
+
+  const num = (k: string, dflt: number) => {
+    const n = raw[k] === undefined || raw[k].trim() === '' ? NaN : Number(raw[k]);
+    return Number.isFinite(n) ? n : dflt;
+  };
+  const opt = (k: string) => (raw[k] === undefined ? undefined : num(k, NaN));
+  const known = new Set(['Prompt', 'Negative prompt', 'Steps', 'Sampler', 'Schedule type', 'CFG scale', 'Seed', 'Size-1', 'Size-2',
+    'Model hash', 'Model', 'Denoising strength', 'Clip skip', 'Lora hashes', 'Version']);
+  const extra = Object.fromEntries(Object.entries(raw).filter(([k]) => !known.has(k)));
+  let loraHashes: Record<string, string> | undefined;
+  if (raw['Lora hashes'] !== undefined) {
+    loraHashes = {};
+    for (const part of raw['Lora hashes'].split(',')) {
+      const i = part.indexOf(':');
+      if (i > 0) loraHashes[part.slice(0, i).trim()] = part.slice(i + 1).trim();
+    }
+  }
+  // Defaults for absent fields are A1111's txt2img UI defaults (raw tells what the text really had).
+  return {
+    prompt,
+    negativePrompt: negative,
+    steps: num('Steps', 20),
+    sampler: raw.Sampler ?? 'Euler a',
+    scheduleType: raw['Schedule type'],
+    cfgScale: num('CFG scale', 7),
+    seed: num('Seed', -1),
+    width: num('Size-1', 512),
+    height: num('Size-2', 512),
+    modelHash: raw['Model hash'],
+    modelName: raw.Model,
+    loraHashes,
+    clipSkip: num('Clip skip', 1),
+    denoisingStrength: opt('Denoising strength'),
+    extra: Object.keys(extra).length > 0 ? extra : undefined,
+    version: raw.Version,
+    raw,
+  };
+}
+
+// ---- PNG chunks ----------------------------------------------------------------------------------------------------
+
+const SIGNATURE = Uint8Array.of(0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a);
+const CRC_TABLE = Array.from({ length: 256 }, (_, n) => {
+  let c = n;
+  for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+  return c >>> 0;
+});
+function crc32(bytes: Uint8Array): number {
+  let c = 0xffffffff;
+  for (const b of bytes) c = CRC_TABLE[(c ^ b) & 0xff]! ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+
+/** length (BE) + type + data + CRC-32 over type+data. */
+function chunk(type: string, data: Uint8Array): Uint8Array {
+  const out = new Uint8Array(12 + data.length);
+  const dv = new DataView(out.buffer);
+  dv.setUint32(0, data.length);
+  out.set(Buffer.from(type, 'latin1'), 4);
+  out.set(data, 8);
+  dv.setUint32(8 + data.length, crc32(out.subarray(4, 8 + data.length)));
+  return out;
+}
+
+/** PIL PngInfo.add_text: tEXt (keyword NUL latin-1 text) when the text is latin-1, else iTXt (uncompressed, no language, UTF-8). */
+function textChunk(keyword: string, text: string): Uint8Array {
+  const key = Buffer.from(keyword, 'latin1');
+  // eslint-disable-next-line no-control-regex
+  if (/^[\u0000-\u00ff]*$/.test(text)) return chunk('tEXt', Buffer.concat([key, Uint8Array.of(0), Buffer.from(text, 'latin1')]));
+  return chunk('iTXt', Buffer.concat([key, Uint8Array.of(0, 0, 0, 0, 0), Buffer.from(text, 'utf8')]));
+}
+
+interface Chunk {
+  type: string;
+  start: number; // offset of the length field
+  data: Uint8Array;
+}
+
+/** Split a PNG into chunks (signature, framing and CRCs checked); errors name the file. */
+function parseChunks(buf: Uint8Array, file: string): Chunk[] {
+  const bad = (why: string) => new SdtuneError('format', `${file}: ${why}`);
+  if (buf.length < 8 || !SIGNATURE.every((b, i) => buf[i] === b)) throw bad('not a PNG file (bad signature)');
+  const dv = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  const chunks: Chunk[] = [];
+  for (let off = 8; ; ) {
+    if (off + 12 > buf.length) throw bad(`truncated PNG (chunk header at byte ${off} is cut off, no IEND)`);
+    const len = dv.getUint32(off);
+    const type = Buffer.from(buf.subarray(off + 4, off + 8)).toString('latin1');
+    if (!/^[A-Za-z]{4}$/.test(type)) throw bad(`corrupt PNG (invalid chunk type at byte ${off})`);
+    if (off + 12 + len > buf.length) throw bad(`truncated PNG (${type} chunk at byte ${off} needs ${len} bytes)`);
+    if (crc32(buf.subarray(off + 4, off + 8 + len)) !== dv.getUint32(off + 8 + len)) throw bad(`corrupt PNG (CRC mismatch in ${type} at byte ${off})`);
+    chunks.push({ type, start: off, data: buf.subarray(off + 8, off + 8 + len) });
+    off += 12 + len;
+    if (type === 'IEND') return chunks;
+  }
+}
+
+/** Write an RGB PNG (uint8 HxWx3) atomically, with the A1111 "parameters" text chunk placed before the first IDAT. */
+export async function writePng(path: string, rgb: Uint8Array, width: number, height: number, parameters?: string): Promise<void> {
+  if (!(width > 0 && height > 0 && Number.isInteger(width) && Number.isInteger(height)) || rgb.length !== width * height * 3) {
+    throw new SdtuneError('usage', `writePng ${path}: expected ${width}x${height}x3 = ${width * height * 3} bytes of RGB, got ${rgb.length}`);
+  }
+  // sharp cannot write arbitrary tEXt/iTXt chunks, so the chunk is spliced into its output.
+  const png = await sharp(Buffer.from(rgb.buffer, rgb.byteOffset, rgb.byteLength), { raw: { width, height, channels: 3 } }).png().toBuffer();
+  if (parameters === undefined) return writeFileAtomic(path, png);
+  const idat = parseChunks(png, path).find((c) => c.type === 'IDAT')!.start;
+  await writeFileAtomic(path, [png.subarray(0, idat), textChunk('parameters', parameters), png.subarray(idat)]);
+}
+
+/** All text chunks of a PNG (tEXt, zTXt, iTXt) as keyword -> text (a repeated keyword: the last wins, as PIL). */
+export async function readPngText(path: string): Promise<Record<string, string>> {
+  let buf: Uint8Array;
+  try {
+    buf = await readFile(path);
+  } catch (e) {
+    throw new SdtuneError('file', `${path}: cannot read (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`);
+  }
+  const out: Record<string, string> = {};
+  const latin1 = (b: Uint8Array) => Buffer.from(b).toString('latin1');
+  for (const { type, data } of parseChunks(buf, path)) {
+    if (type !== 'tEXt' && type !== 'zTXt' && type !== 'iTXt') continue;
+    try {
+      const nul = data.indexOf(0);
+      if (nul < 1) throw new Error('no keyword');
+      const key = latin1(data.subarray(0, nul));
+      if (type === 'tEXt') out[key] = latin1(data.subarray(nul + 1));
+      else if (type === 'zTXt') out[key] = latin1(inflateSync(data.subarray(nul + 2)));
+      else {
+        const compressed = data[nul + 1] === 1;
+        const lang = data.indexOf(0, nul + 3);
+        const tkey = data.indexOf(0, lang + 1);
+        if (lang < 0 || tkey < 0) throw new Error('missing separators');
+        const body = data.subarray(tkey + 1);
+        out[key] = Buffer.from(compressed ? inflateSync(body) : body).toString('utf8');
+      }
+    } catch (e) {
+      throw new SdtuneError('format', `${path}: corrupt ${type} chunk (${(e as Error).message})`);
+    }
+  }
+  return out;
+}
+
+/** Read png/jpg/webp/... as 8-bit RGB (EXIF orientation applied and alpha dropped, like diffusers' load_image). */
+export async function readImageRgb(path: string): Promise<{ data: Uint8Array; width: number; height: number }> {
+  try {
+    const { data, info } = await sharp(path).autoOrient().toColourspace('srgb').removeAlpha().raw({ depth: 'uchar' }).toBuffer({ resolveWithObject: true });
+    if (info.channels !== 3) throw new Error(`decoded to ${info.channels} channels, expected 3`);
+    return { data: new Uint8Array(data.buffer, data.byteOffset, data.byteLength), width: info.width, height: info.height };
+  } catch (e) {
+    throw new SdtuneError('file', `cannot read image ${path}: ${(e as Error).message}`);
+  }
+}
