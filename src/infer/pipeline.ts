@@ -1,0 +1,243 @@
+/**
+ * The one sampling path: txt2img, img2img and inpainting with any of the eight samplers and classifier-free
+ * guidance, following diffusers' StableDiffusion{,Img2Img,Inpaint}Pipeline step by step (noise draw order included),
+ * with A1111's seed convention for batches (image i uses its own torch generator seeded seed + i, so batch size 1
+ * equals diffusers with generator=torch.manual_seed(seed)).
+ */
+import * as tf from '@tensorflow/tfjs';
+import { SdtuneError, usageError } from '../errors.js';
+import type { LoadedModel } from '../io/model.js';
+import { VAE_SCALE } from '../models/configs.js';
+import { unet } from '../models/unet.js';
+import { vaeDecode, vaeEncode } from '../models/vae.js';
+import { TorchGenerator, randnNHWC } from '../runtime/rng.js';
+import {
+  type SamplerName,
+  type SamplerPlan,
+  addNoiseForPlan,
+  disposeState,
+  initialState,
+  planSampler,
+  scaleModelInput,
+  step,
+  truncateForStrength,
+} from '../schedulers/index.js';
+import { encodePromptPair } from './prompt.js';
+
+/** An RGB image, values in [0,1], row-major [height, width, 3]. */
+export interface RgbImage {
+  data: Float32Array;
+  width: number;
+  height: number;
+}
+
+export interface GenerateOptions {
+  prompt: string;
+  negativePrompt?: string;
+  sampler: SamplerName;
+  steps: number;
+  /** classifier-free guidance scale; 1 skips the unconditional pass */
+  cfg: number;
+  width: number;
+  height: number;
+  seed: number;
+  batchSize?: number;
+  /** A1111 CLIP skip (1 = last layer) */
+  clipSkip?: number;
+  /** DDIM eta */
+  eta?: number;
+  /** img2img / inpaint source image */
+  initImage?: RgbImage;
+  /** 0..1, how much of the schedule to run from the noised init image (img2img default 0.75, inpaint 1.0) */
+  strength?: number;
+  /** inpainting mask, same size as initImage; white (>= 0.5) = repaint. Values read from the first channel. */
+  mask?: RgbImage;
+  /** called after each sampler step with the current latents (NHWC) */
+  onStep?: (i: number, total: number, latents: tf.Tensor4D) => void;
+  /** supply generators instead of seeding them (one per image) */
+  generators?: TorchGenerator[];
+}
+
+export interface GenerateResult {
+  images: RgbImage[];
+  seeds: number[];
+  /** the model timesteps actually used, in order */
+  timesteps: number[];
+}
+
+/** Validate sizes and options before any work (clear errors, never a silent fix). */
+function validate(m: LoadedModel, o: GenerateOptions): void {
+  if (!m.unet || !m.vae || !m.textEncoder || !m.tokenizer) throw usageError(`${m.path}: sampling needs unet, vae, text_encoder and tokenizer`);
+  for (const [k, v] of [['width', o.width], ['height', o.height]] as const) {
+    if (!Number.isInteger(v) || v <= 0 || v % VAE_SCALE !== 0) throw usageError(`--${k} must be a positive multiple of ${VAE_SCALE}, got ${v}`);
+  }
+  if (!(o.cfg >= 0)) throw usageError(`--cfg must be >= 0, got ${o.cfg}`);
+  const bs = o.batchSize ?? 1;
+  if (!Number.isInteger(bs) || bs < 1) throw usageError(`--batch-size must be a positive integer, got ${bs}`);
+  if (o.generators && o.generators.length !== bs) throw usageError(`${o.generators.length} generators for a batch of ${bs}`);
+  if (o.mask && !o.initImage) throw usageError('--mask needs --init-image');
+  for (const img of [o.initImage, o.mask]) {
+    if (img && (img.width !== o.width || img.height !== o.height)) {
+      throw usageError(`image is ${img.width}x${img.height} but the output size is ${o.width}x${o.height}; resize the image or omit --width/--height`);
+    }
+  }
+  const inCh = m.unet.config.in_channels;
+  if (inCh === 9 && !o.mask) throw usageError(`${m.path} is an inpainting model (9 input channels): pass --init-image and --mask`);
+  if (inCh !== 4 && inCh !== 9) throw new SdtuneError('unsupported', `UNet with ${inCh} input channels (only 4 or 9)`);
+  if (o.strength !== undefined && !(o.strength > 0 && o.strength <= 1)) throw usageError(`--strength must be in (0, 1], got ${o.strength}`);
+}
+
+/** [H,W,3] images in [0,1] -> [B,H,W,3] in [-1,1] (diffusers VaeImageProcessor normalize). */
+const toModelRange = (img: RgbImage, b: number) =>
+  tf.tidy(() => tf.tile(tf.sub(tf.mul(tf.tensor4d(img.data, [1, img.height, img.width, 3]), 2), 1), [b, 1, 1, 1]) as tf.Tensor4D);
+
+/** Latents of an image: scaling_factor * (mean + std * noise), noise drawn from each image's generator (latent_dist.sample). */
+function encodeImage(m: LoadedModel, image: tf.Tensor4D, gens: TorchGenerator[]): tf.Tensor4D {
+  const vae = m.vae!;
+  return tf.tidy(() => {
+    const d = vaeEncode(vae.params, vae.config, image.slice([0, 0, 0, 0], [1, -1, -1, -1]));
+    const [, h, w, c] = d.mean.shape;
+    const noise = tf.concat(gens.map((g) => randnNHWC(g, [1, c, h, w])), 0);
+    return tf.mul(tf.add(d.mean, tf.mul(d.std, noise)), vae.config.scaling_factor) as tf.Tensor4D;
+  });
+}
+
+/** Run the sampler loop and decode; see the module comment. */
+export function generate(m: LoadedModel, o: GenerateOptions): GenerateResult {
+  validate(m, o);
+  const un = m.unet!;
+  const vae = m.vae!;
+  const b = o.batchSize ?? 1;
+  const seeds = Array.from({ length: b }, (_, i) => o.seed + i);
+  const gens = o.generators ?? seeds.map((s) => new TorchGenerator(s));
+  const lat: [number, number, number, number] = [1, vae.config.latent_channels, o.height / VAE_SCALE, o.width / VAE_SCALE];
+  const useCfg = o.cfg !== 1;
+  const inpaint9 = un.config.in_channels === 9;
+  const owned: tf.Tensor[] = [];
+  const keep = <T extends tf.Tensor>(t: T) => (owned.push(t), t);
+  try {
+    // 1. text conditioning: [uncond x B, cond x B] (uncond first, as diffusers)
+    const { cond, uncond } = encodePromptPair(m.textEncoder!, m.tokenizer!, o.prompt, o.negativePrompt ?? '', o.clipSkip ?? 1);
+    keep(cond);
+    keep(uncond);
+    const ctx = keep(
+      tf.tidy(() => {
+        const c = tf.tile(cond, [b, 1, 1]) as tf.Tensor3D;
+        return useCfg ? (tf.concat([tf.tile(uncond, [b, 1, 1]), c], 0) as tf.Tensor3D) : c;
+      }),
+    );
+    // 2. timesteps (img2img / inpaint with strength < 1 run only the end of the schedule)
+    let plan: SamplerPlan = planSampler(o.sampler, m.schedulerConfig, o.steps, { eta: o.eta });
+    const strength = o.strength ?? (o.initImage && !o.mask ? 0.75 : 1);
+    const fromImage = Boolean(o.initImage) && strength < 1;
+    if (o.initImage && strength < 1) plan = truncateForStrength(plan, strength).plan;
+    // 3. initial latents, drawing noise in diffusers' order for each pipeline
+    const image = o.initImage ? keep(toModelRange(o.initImage, 1)) : undefined;
+    let imageLatents: tf.Tensor4D | undefined;
+    let latents: tf.Tensor4D;
+    let noise: tf.Tensor4D | undefined;
+    if (!o.mask) {
+      if (image) {
+        imageLatents = keep(encodeImage(m, image, gens)); // draw 1: latent_dist.sample
+        noise = keep(tf.concat(gens.map((g) => randnNHWC(g, lat)), 0) as tf.Tensor4D); // draw 2
+        latents = addNoiseForPlan(plan, imageLatents, noise) as tf.Tensor4D;
+      } else {
+        latents = tf.tidy(() => tf.mul(tf.concat(gens.map((g) => randnNHWC(g, lat)), 0), plan.initNoiseSigma) as tf.Tensor4D);
+      }
+    } else {
+      // StableDiffusionInpaintPipeline.prepare_latents: the image is encoded first when a 4-channel UNet needs it
+      // for blending or when strength < 1; then the noise; then prepare_mask_latents encodes the masked image
+      if (!inpaint9 || fromImage) imageLatents = keep(encodeImage(m, image!, gens));
+      noise = keep(tf.concat(gens.map((g) => randnNHWC(g, lat)), 0) as tf.Tensor4D);
+      latents = fromImage
+        ? (addNoiseForPlan(plan, imageLatents!, noise) as tf.Tensor4D)
+        : (tf.mul(noise, plan.initNoiseSigma) as tf.Tensor4D);
+    }
+    // inpainting conditioning: binarised mask (1 = repaint) at latent size and the masked image's latents
+    let maskLat: tf.Tensor4D | undefined;
+    let maskedLatents: tf.Tensor4D | undefined;
+    if (o.mask) {
+      const mk = o.mask;
+      const maskFull = keep(
+        tf.tidy(() => {
+          const first = tf.tensor3d(mk.data, [mk.height, mk.width, 3]).slice([0, 0, 0], [-1, -1, 1]);
+          return tf.cast(tf.greaterEqual(first, 0.5), 'float32').reshape([1, mk.height, mk.width, 1]) as tf.Tensor4D;
+        }),
+      );
+      maskLat = keep(tf.image.resizeNearestNeighbor(maskFull, [lat[2], lat[3]]));
+      const maskedImage = keep(tf.tidy(() => tf.mul(image!, tf.sub(1, maskFull)) as tf.Tensor4D));
+      maskedLatents = keep(encodeImage(m, maskedImage, gens)); // last draw of the inpaint pipeline
+    }
+    const unetExtra = inpaint9
+      ? keep(
+          tf.tidy(() => {
+            const ml = tf.tile(maskLat!, [b, 1, 1, 1]);
+            const mi = maskedLatents!.shape[0] === b ? maskedLatents! : tf.tile(maskedLatents!, [b, 1, 1, 1]);
+            const one = tf.concat([ml, mi], 3);
+            return useCfg ? tf.concat([one, one], 0) : one;
+          }),
+        )
+      : undefined;
+    // 4. the loop
+    let state = initialState(plan);
+    const n = plan.timesteps.length;
+    const stepNoise = () => tf.concat(gens.map((g) => randnNHWC(g, lat)), 0);
+    for (let i = 0; i < n; i++) {
+      const t = plan.timesteps[i];
+      const eps = tf.tidy(() => {
+        const x = useCfg ? tf.concat([latents, latents], 0) : latents;
+        let inp = scaleModelInput(plan, state, x, i) as tf.Tensor4D;
+        if (unetExtra) inp = tf.concat([inp, unetExtra], 3);
+        const out = unet(un.params, un.config, inp, t, ctx);
+        if (!useCfg) return out;
+        const [u, c] = tf.split(out, 2, 0);
+        return tf.add(u, tf.mul(tf.sub(c, u), o.cfg));
+      });
+      const r = step(plan, state, eps, i, latents, stepNoise);
+      eps.dispose();
+      r.predOriginal.dispose();
+      disposeState(state);
+      state = r.state;
+      latents.dispose();
+      latents = r.prevSample as tf.Tensor4D;
+      if (o.mask && !inpaint9) {
+        // regular model: keep the known region from the source image, noised to the next step's level (diffusers)
+        const next = tf.tidy(() => {
+          const known = i < n - 1 ? addNoiseForPlan(plan, imageLatents!, noise!, i + 1) : imageLatents!;
+          const mk = tf.tile(maskLat!, [b, 1, 1, 1]);
+          return tf.add(tf.mul(tf.sub(1, mk), known), tf.mul(mk, latents)) as tf.Tensor4D;
+        });
+        latents.dispose();
+        latents = next;
+      }
+      o.onStep?.(i, n, latents);
+    }
+    disposeState(state);
+    // 5. decode one image at a time
+    const images: RgbImage[] = [];
+    for (let k = 0; k < b; k++) {
+      const data = tf.tidy(() => {
+        const z = tf.div(latents.slice([k, 0, 0, 0], [1, -1, -1, -1]), vae.config.scaling_factor) as tf.Tensor4D;
+        return tf.clipByValue(tf.add(tf.div(vaeDecode(vae.params, vae.config, z), 2), 0.5), 0, 1);
+      });
+      images.push({ data: data.dataSync() as Float32Array, width: o.width, height: o.height });
+      data.dispose();
+    }
+    latents.dispose();
+    return { images, seeds, timesteps: Array.from(plan.timesteps) };
+  } finally {
+    tf.dispose(owned);
+  }
+}
+
+/** [0,1] floats -> uint8 exactly as diffusers' numpy_to_pil: (x * 255).round() with numpy's round-half-to-even. */
+export function toUint8(img: RgbImage): Uint8Array {
+  const out = new Uint8Array(img.data.length);
+  for (let i = 0; i < out.length; i++) {
+    const v = Math.fround(img.data[i] * 255); // numpy multiplies in float32
+    let r = Math.round(v);
+    if (r - v === 0.5 && r % 2 === 1) r -= 1; // tie: round to even
+    out[i] = r;
+  }
+  return out;
+}
