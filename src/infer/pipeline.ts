@@ -91,13 +91,17 @@ function validate(m: LoadedModel, o: GenerateOptions): void {
 const toModelRange = (img: RgbImage, b: number) =>
   tf.tidy(() => tf.tile(tf.sub(tf.mul(tf.tensor4d(img.data, [1, img.height, img.width, 3]), 2), 1), [b, 1, 1, 1]) as tf.Tensor4D);
 
+/** One NCHW-ordered torch draw per image from its own generator, as an NHWC batch. */
+const drawNoise = (gens: TorchGenerator[], shape: [number, number, number, number]) =>
+  tf.tidy(() => tf.concat(gens.map((g) => randnNHWC(g, shape)), 0) as tf.Tensor4D);
+
 /** Latents of an image: scaling_factor * (mean + std * noise), noise drawn from each image's generator (latent_dist.sample). */
 function encodeImage(m: LoadedModel, image: tf.Tensor4D, gens: TorchGenerator[]): tf.Tensor4D {
   const vae = m.vae!;
   return tf.tidy(() => {
     const d = vaeEncode(vae.params, vae.config, image.slice([0, 0, 0, 0], [1, -1, -1, -1]));
     const [, h, w, c] = d.mean.shape;
-    const noise = tf.concat(gens.map((g) => randnNHWC(g, [1, c, h, w])), 0);
+    const noise = drawNoise(gens, [1, c, h, w]);
     return tf.mul(tf.add(d.mean, tf.mul(d.std, noise)), vae.config.scaling_factor) as tf.Tensor4D;
   });
 }
@@ -139,16 +143,16 @@ export function generate(m: LoadedModel, o: GenerateOptions): GenerateResult {
     if (!o.mask) {
       if (image) {
         imageLatents = keep(encodeImage(m, image, gens)); // draw 1: latent_dist.sample
-        noise = keep(tf.concat(gens.map((g) => randnNHWC(g, lat)), 0) as tf.Tensor4D); // draw 2
+        noise = keep(drawNoise(gens, lat)); // draw 2
         latents = addNoiseForPlan(plan, imageLatents, noise) as tf.Tensor4D;
       } else {
-        latents = tf.tidy(() => tf.mul(tf.concat(gens.map((g) => randnNHWC(g, lat)), 0), plan.initNoiseSigma) as tf.Tensor4D);
+        latents = tf.tidy(() => tf.mul(drawNoise(gens, lat), plan.initNoiseSigma) as tf.Tensor4D);
       }
     } else {
       // StableDiffusionInpaintPipeline.prepare_latents: the image is encoded first when a 4-channel UNet needs it
       // for blending or when strength < 1; then the noise; then prepare_mask_latents encodes the masked image
       if (!inpaint9 || fromImage) imageLatents = keep(encodeImage(m, image!, gens));
-      noise = keep(tf.concat(gens.map((g) => randnNHWC(g, lat)), 0) as tf.Tensor4D);
+      noise = keep(drawNoise(gens, lat));
       latents = fromImage
         ? (addNoiseForPlan(plan, imageLatents!, noise) as tf.Tensor4D)
         : (tf.mul(noise, plan.initNoiseSigma) as tf.Tensor4D);
@@ -181,7 +185,7 @@ export function generate(m: LoadedModel, o: GenerateOptions): GenerateResult {
     // 4. the loop
     let state = initialState(plan);
     const n = plan.timesteps.length;
-    const stepNoise = () => tf.concat(gens.map((g) => randnNHWC(g, lat)), 0);
+    const stepNoise = () => drawNoise(gens, lat);
     for (let i = 0; i < n; i++) {
       const t = plan.timesteps[i];
       const eps = tf.tidy(() => {
