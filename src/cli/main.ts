@@ -3,6 +3,7 @@ import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { registerConvert } from './commands/convert.js';
 import { registerInspect } from './commands/inspect.js';
+import { registerSample } from './commands/sample.js';
 
 let cli = yargs(hideBin(process.argv))
   .scriptName('sdtune')
@@ -20,4 +21,5 @@ let cli = yargs(hideBin(process.argv))
   });
 cli = registerInspect(cli);
 cli = registerConvert(cli);
+cli = registerSample(cli);
 await cli.parseAsync();

@@ -95,6 +95,8 @@ export async function selectBackend(requested?: string): Promise<BackendInfo> {
         info = { name: 'cpu', provider: '@tensorflow/tfjs-backend-cpu', message: `backend: cpu (pure TypeScript, slow; ${INSTALL_HINT})` };
       }
   }
+  // production mode: skips tfjs' debug checks and its console banner (we print our own backend line)
+  tf.enableProdMode();
   current = info;
   return info;
 }

@@ -1,0 +1,68 @@
+/** `sdtune sample`: txt2img / img2img / inpaint with LoRAs and embeddings; writes PNGs with A1111 parameters. */
+import type { Argv } from 'yargs';
+import { type SampleOptions, sampleToFiles } from '../../infer/sample.js';
+import { selectBackend } from '../../runtime/backend.js';
+import { SAMPLER_NAMES } from '../../schedulers/index.js';
+import { runCommand } from '../run.js';
+
+export function registerSample(y: Argv): Argv {
+  return y.command(
+    'sample',
+    'generate images (txt2img, img2img with --init-image, inpainting with --mask)',
+    (a) =>
+      a
+        .option('model', { type: 'string', demandOption: true, describe: 'diffusers folder or single-file .safetensors' })
+        .option('prompt', { type: 'string', demandOption: true, describe: 'A1111 syntax: (word:1.2), [word], BREAK' })
+        .option('negative-prompt', { type: 'string', default: '' })
+        .option('seed', { type: 'number', default: -1, describe: 'torch-compatible seed; image i of a batch uses seed+i; -1 = random' })
+        .option('steps', { type: 'number', default: 30 })
+        .option('cfg', { type: 'number', default: 7.5, describe: 'guidance scale (1 = no unconditional pass)' })
+        .option('sampler', { type: 'string', describe: `${SAMPLER_NAMES.join(', ')} or A1111 names ("Euler a", "DPM++ 2M Karras"); default: the model's scheduler` })
+        .option('width', { type: 'number', describe: 'multiple of 8 (default: UNet sample_size x 8)' })
+        .option('height', { type: 'number', describe: 'multiple of 8 (default: UNet sample_size x 8)' })
+        .option('batch-size', { type: 'number', default: 1 })
+        .option('n-iter', { type: 'number', default: 1 })
+        .option('clip-skip', { type: 'number', default: 1, describe: 'A1111 CLIP skip (1 = last layer)' })
+        .option('init-image', { type: 'string', describe: 'img2img / inpaint source image' })
+        .option('strength', { type: 'number', describe: 'img2img denoising strength 0-1 (default 0.75; inpaint 1.0)' })
+        .option('mask', { type: 'string', describe: 'inpainting mask, white = repaint, same size as --init-image' })
+        .option('lora', { type: 'string', array: true, describe: 'FILE[:WEIGHT], repeatable' })
+        .option('embedding', { type: 'string', array: true, describe: 'FILE[:TOKEN], repeatable (token defaults to the file name)' })
+        .option('out', { type: 'string', default: 'outputs', describe: 'a .png file (one image) or a directory (NNNNN-SEED.png)' })
+        .option('eta', { type: 'number', describe: 'DDIM eta' })
+        .option('attention-chunk', { type: 'number', describe: 'max attention score elements computed at once (memory)' })
+        .option('config', { type: 'string', describe: 'diffusers folder whose configs apply to a single-file model' })
+        .option('tokenizer', { type: 'string', describe: 'folder with vocab.json + merges.txt' })
+        .option('backend', { type: 'string', describe: 'tensorflow | cpu | wasm | webgpu (or SDTUNE_BACKEND)' }),
+    (argv) =>
+      runCommand(async () => {
+        const b = await selectBackend(argv.backend);
+        process.stderr.write(b.message + '\n');
+        const opts: SampleOptions = {
+          model: argv.model,
+          prompt: argv.prompt,
+          negativePrompt: argv['negative-prompt'],
+          seed: argv.seed,
+          steps: argv.steps,
+          cfg: argv.cfg,
+          sampler: argv.sampler,
+          width: argv.width,
+          height: argv.height,
+          batchSize: argv['batch-size'],
+          nIter: argv['n-iter'],
+          clipSkip: argv['clip-skip'],
+          initImage: argv['init-image'],
+          strength: argv.strength,
+          mask: argv.mask,
+          lora: argv.lora,
+          embedding: argv.embedding,
+          out: argv.out,
+          eta: argv.eta,
+          attentionChunk: argv['attention-chunk'],
+          load: { configDir: argv.config, tokenizerDir: argv.tokenizer },
+        };
+        const r = await sampleToFiles(opts);
+        for (const f of r.files) process.stdout.write(`${f}\n`);
+      }),
+  );
+}

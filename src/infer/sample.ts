@@ -1,0 +1,194 @@
+/**
+ * `sdtune sample` as a library call: load a model, apply LoRAs and embeddings, generate with the pipeline and write
+ * PNGs carrying A1111's `parameters` text. Everything the CLI does is here, with typed options.
+ */
+import { existsSync, readdirSync, statSync } from 'node:fs';
+import path from 'node:path';
+import { parseAdapterArg, mergeLora, readLora } from '../adapters/lora.js';
+import { applyEmbeddings, readEmbedding } from '../adapters/embeddings.js';
+import { usageError } from '../errors.js';
+import { loraHash, modelHash } from '../io/hashes.js';
+import { type LoadedModel, type OpenModelOptions, disposeModel, loadModel } from '../io/model.js';
+import { formatInfotext, readImageRgb, writePng } from '../io/png.js';
+import { setAttentionChunkElements } from '../models/layers.js';
+import { progress } from '../runtime/progress.js';
+import { randomSeed } from '../runtime/rng.js';
+import { SAMPLER_LABELS, type SamplerName, resolveSampler, samplerFromConfig } from '../schedulers/index.js';
+import { type RgbImage, generate, toUint8 } from './pipeline.js';
+
+export const SDTUNE_VERSION = '0.1.0';
+
+export interface SampleOptions {
+  model: string;
+  prompt: string;
+  negativePrompt?: string;
+  /** -1 or undefined: random */
+  seed?: number;
+  steps?: number;
+  cfg?: number;
+  /** our name, A1111's or diffusers' class name; default: the model's scheduler config */
+  sampler?: string;
+  width?: number;
+  height?: number;
+  batchSize?: number;
+  nIter?: number;
+  clipSkip?: number;
+  initImage?: string;
+  strength?: number;
+  mask?: string;
+  /** "file.safetensors[:weight]" */
+  lora?: string[];
+  /** "file.safetensors[:token]" */
+  embedding?: string[];
+  /** a .png file (one image) or a directory */
+  out?: string;
+  eta?: number;
+  /** max attention score elements at once (memory) */
+  attentionChunk?: number;
+  load?: OpenModelOptions;
+  /** progress output (default: stderr; quiet when not a TTY) */
+  quiet?: boolean;
+}
+
+export interface SampleResult {
+  files: string[];
+  seeds: number[];
+  sampler: SamplerName;
+}
+
+const loadRgb = (img: { data: Uint8Array; width: number; height: number }): RgbImage => ({
+  data: Float32Array.from(img.data, (v) => v / 255),
+  width: img.width,
+  height: img.height,
+});
+
+/** Next free A1111-style number in an output folder (NNNNN-SEED.png). */
+function nextIndex(dir: string): number {
+  if (!existsSync(dir)) return 0;
+  let n = 0;
+  for (const f of readdirSync(dir)) {
+    const m = /^(\d{5})-/.exec(f);
+    if (m) n = Math.max(n, Number(m[1]) + 1);
+  }
+  return n;
+}
+
+/** Hash of the model file(s) for the PNG text: the single file's, or the UNet weights' of a diffusers folder. */
+async function hashOf(model: string): Promise<string | undefined> {
+  if (statSync(model).isFile()) return modelHash(model);
+  for (const f of ['unet/diffusion_pytorch_model.safetensors', 'unet/diffusion_pytorch_model.fp16.safetensors']) {
+    if (existsSync(path.join(model, f))) return modelHash(path.join(model, f));
+  }
+  return undefined;
+}
+
+/** Generate images and write them (see SampleOptions). */
+export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
+  const nIter = o.nIter ?? 1;
+  const batch = o.batchSize ?? 1;
+  if (!Number.isInteger(nIter) || nIter < 1) throw usageError(`--n-iter must be a positive integer, got ${o.nIter}`);
+  const outPng = o.out?.toLowerCase().endsWith('.png');
+  if (outPng && nIter * batch > 1) throw usageError(`--out ${o.out} names one PNG but ${nIter * batch} images are requested; give a directory`);
+  if (o.attentionChunk !== undefined) setAttentionChunkElements(o.attentionChunk);
+  const sampler = o.sampler ? resolveSampler(o.sampler) : undefined;
+  const init = o.initImage ? loadRgb(await readImageRgb(o.initImage)) : undefined;
+  const mask = o.mask ? loadRgb(await readImageRgb(o.mask)) : undefined;
+  if (mask && !init) throw usageError('--mask needs --init-image');
+  if (mask && init && (mask.width !== init.width || mask.height !== init.height)) {
+    throw usageError(`--mask ${o.mask} is ${mask.width}x${mask.height} but --init-image ${o.initImage} is ${init.width}x${init.height}`);
+  }
+  const m: LoadedModel = await loadModel(o.model, o.load);
+  const restores: (() => void)[] = [];
+  try {
+    if (!m.unet || !m.vae || !m.textEncoder) throw usageError(`${o.model}: sampling needs a full model (unet, vae, text_encoder)`);
+    // adapters: LoRAs merged into the weights, embeddings added to the tokenizer and token table
+    const loraHashes: Record<string, string> = {};
+    for (const arg of o.lora ?? []) {
+      const { path: file, weight } = parseAdapterArg(arg);
+      const lora = await readLora(file, { unet: m.unet.params, textEncoder: m.textEncoder.params });
+      restores.push(mergeLora({ unet: m.unet.params, textEncoder: m.textEncoder.params }, lora, weight));
+      loraHashes[path.basename(file).replace(/\.safetensors$/i, '')] = await loraHash(file);
+    }
+    let rewrite = (p: string) => p;
+    if (o.embedding?.length) {
+      const embs = await Promise.all(
+        o.embedding.map((arg) => {
+          const sep = arg.lastIndexOf(':');
+          const hasToken = sep > 1 && !/^[\\/]/.test(arg.slice(sep + 1)); // "C:\x" is a drive letter, not a token
+          return readEmbedding(hasToken ? arg.slice(0, sep) : arg, { token: hasToken ? arg.slice(sep + 1) : undefined, expectedDim: m.textEncoder!.config.hidden_size });
+        }),
+      );
+      const applied = applyEmbeddings(m.textEncoder.params, m.tokenizer!, embs);
+      restores.push(applied.restore);
+      rewrite = applied.rewritePrompt;
+    }
+    const name = sampler ?? samplerFromConfig(m.schedulerConfig);
+    const side = m.unet.config.sample_size * 8;
+    const width = o.width ?? init?.width ?? side;
+    const height = o.height ?? init?.height ?? side;
+    const steps = o.steps ?? 30;
+    const cfg = o.cfg ?? 7.5;
+    const baseSeed = o.seed === undefined || o.seed === -1 ? randomSeed() : o.seed;
+    if (!Number.isInteger(baseSeed) || baseSeed < 0) throw usageError(`--seed must be a non-negative integer or -1, got ${o.seed}`);
+    const mh = await hashOf(o.model);
+    const outDir = outPng ? path.dirname(o.out!) : (o.out ?? 'outputs');
+    let index = outPng ? 0 : nextIndex(outDir);
+    const bar = o.quiet ? undefined : progress({ total: nIter * steps, label: 'sample' });
+    const files: string[] = [];
+    const seeds: number[] = [];
+    for (let it = 0; it < nIter; it++) {
+      const seed = baseSeed + it * batch;
+      let done = 0;
+      const r = generate(m, {
+        prompt: rewrite(o.prompt),
+        negativePrompt: rewrite(o.negativePrompt ?? ''),
+        sampler: name,
+        steps,
+        cfg,
+        width,
+        height,
+        seed,
+        batchSize: batch,
+        clipSkip: o.clipSkip,
+        eta: o.eta,
+        initImage: init,
+        mask,
+        strength: o.strength,
+        onStep: (_i, n) => {
+          // img2img runs fewer steps than requested: advance the bar proportionally
+          const target = Math.round(((_i + 1) / n) * steps);
+          bar?.tick(target - done);
+          done = target;
+        },
+      });
+      for (let k = 0; k < r.images.length; k++) {
+        const text = formatInfotext({
+          prompt: o.prompt,
+          negativePrompt: o.negativePrompt,
+          steps,
+          sampler: SAMPLER_LABELS[name],
+          cfgScale: cfg,
+          seed: r.seeds[k],
+          width,
+          height,
+          modelHash: mh,
+          modelName: path.basename(o.model).replace(/\.safetensors$/i, ''),
+          loraHashes: Object.keys(loraHashes).length ? loraHashes : undefined,
+          clipSkip: o.clipSkip,
+          denoisingStrength: init ? (o.strength ?? (mask ? 1 : 0.75)) : undefined,
+          version: `sdtune ${SDTUNE_VERSION}`,
+        });
+        const file = outPng ? o.out! : path.join(outDir, `${String(index++).padStart(5, '0')}-${r.seeds[k]}.png`);
+        await writePng(file, toUint8(r.images[k]), width, height, text);
+        files.push(file);
+        seeds.push(r.seeds[k]);
+      }
+    }
+    bar?.done();
+    return { files, seeds, sampler: name };
+  } finally {
+    for (const r of restores.reverse()) r();
+    disposeModel(m);
+  }
+}
+

@@ -1,0 +1,79 @@
+// `sdtune sample` end to end: the library call with LoRAs and embeddings against the reference images, and the
+// command line itself writing PNGs that carry A1111's parameters.
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterAll, expect, it } from 'vitest';
+import { sampleToFiles } from '../../src/infer/sample.js';
+import { parseInfotext, readImageRgb, readPngText } from '../../src/io/png.js';
+import { caseTensors, describeGolden, golden, goldenCase } from '../golden.js';
+import { maxAbsDiff } from '../helpers.js';
+
+const BIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../bin/sdtune.js');
+const tmp = mkdtempSync(path.join(os.tmpdir(), 'sdtune-sample-'));
+afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+
+const BASE = { model: '', prompt: 'a photo of an astronaut riding a horse', negativePrompt: 'blurry', seed: 0, steps: 10, cfg: 7.5, sampler: 'pndm', width: 64, height: 64, quiet: true };
+
+describeGolden('sample with adapters vs diffusers', () => {
+  for (const [label, scale, png] of [['1.0', 1, 'lora_kohya_scale1p0'], ['0.5', 0.5, 'lora_kohya_scale0p5']] as const) {
+    for (const file of ['lora/tiny_lora_kohya.safetensors', 'lora/diffusers_format/pytorch_lora_weights.safetensors']) {
+      it(`LoRA ${path.basename(file)} at ${label}: image and PNG`, async () => {
+        const out = path.join(tmp, `lora-${label}-${path.basename(file)}.png`);
+        await sampleToFiles({ ...BASE, model: golden('tiny-sd'), lora: [`${golden(file)}:${scale}`], out });
+        const ref = await readImageRgb(golden('cases', `${png}.png`));
+        const ours = await readImageRgb(out);
+        expect(maxAbsDiff(ours.data, ref.data)).toBeLessThanOrEqual(1);
+        const text = parseInfotext((await readPngText(out)).parameters);
+        expect(Object.values(text.loraHashes ?? {})).toEqual([expect.stringMatching(/^[0-9a-f]{12}$/)]);
+      });
+    }
+  }
+
+  for (const [kind, file, token] of [['a1111', 'textual_inversion/my-token-a1111.safetensors', '<my-token>'], ['diffusers', 'textual_inversion/my-token-diffusers.safetensors', undefined]] as const) {
+    it(`textual inversion (${kind} file): image`, async () => {
+      const c = goldenCase(`textual_inversion_${kind}`);
+      const ref = await caseTensors(`textual_inversion_${kind}`);
+      const out = path.join(tmp, `ti-${kind}.png`);
+      await sampleToFiles({ ...BASE, model: golden('tiny-sd'), prompt: c.prompt as string, embedding: [token ? `${golden(file)}:${token}` : golden(file)], out });
+      const ours = await readImageRgb(out);
+      const refPng = await readImageRgb(golden('cases', `ti_${kind}.png`));
+      expect(maxAbsDiff(ours.data, refPng.data)).toBeLessThanOrEqual(1);
+      // the float image within the case tolerance (8-bit rounding adds at most 0.5/255)
+      const refImg = ref.get('image')!.data;
+      expect(maxAbsDiff(Float32Array.from(ours.data, (v) => v / 255), refImg)).toBeLessThanOrEqual((c.tolerance as { atol_image: number }).atol_image + 0.5 / 255);
+    });
+  }
+
+  it('the command line: one PNG equal to the reference, A1111 parameters, batch into a folder with NNNNN-SEED names', () => {
+    const out = path.join(tmp, 'cli.png');
+    const run = (...args: string[]) => spawnSync(process.execPath, [BIN, 'sample', '--model', golden('tiny-sd'), '--prompt', BASE.prompt, '--negative-prompt', 'blurry', '--width', '64', '--height', '64', ...args], { encoding: 'utf8', env: { ...process.env, SDTUNE_BACKEND: 'cpu' } });
+    const r = run('--seed', '0', '--steps', '10', '--cfg', '7.5', '--sampler', 'Euler a', '--out', out);
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stderr).toMatch(/backend: cpu/);
+    return (async () => {
+      const ours = await readImageRgb(out);
+      const ref = await readImageRgb(golden('cases', 'pipe_txt2img_euler_a.png'));
+      expect(maxAbsDiff(ours.data, ref.data)).toBeLessThanOrEqual(1);
+      const p = parseInfotext((await readPngText(out)).parameters);
+      expect(p.prompt).toBe(BASE.prompt);
+      expect(p.negativePrompt).toBe('blurry');
+      expect(p.sampler).toBe('Euler a');
+      expect(p.seed).toBe(0);
+      expect(p.steps).toBe(10);
+      expect([p.width, p.height]).toEqual([64, 64]);
+      expect(p.raw['Model hash']).toMatch(/^[0-9a-f]{10}$/);
+      const dir = path.join(tmp, 'batch');
+      const b = run('--seed', '5', '--steps', '2', '--batch-size', '2', '--n-iter', '2', '--out', dir);
+      expect(b.status, b.stderr).toBe(0);
+      expect(readdirSync(dir).sort()).toEqual(['00000-5.png', '00001-6.png', '00002-7.png', '00003-8.png']);
+      const bad = run('--sampler', 'heun', '--out', path.join(tmp, 'bad.png'));
+      expect(bad.status).toBe(2);
+      expect(bad.stderr).toMatch(/error: .*heun.*euler_a/s);
+      const size = run('--width', '60', '--out', path.join(tmp, 'bad.png'));
+      expect(size.stderr).toMatch(/multiple of 8/);
+    })();
+  });
+});
