@@ -4,7 +4,7 @@
  * and is differentiable.
  */
 import * as tf from '@tensorflow/tfjs';
-import { type ParamTree, leaf, maybeLeaf } from './params.js';
+import { type ParamTree, has, leaf, maybeLeaf, sub } from './params.js';
 
 /** y = x W + b over the last axis. Accepts a 1x1 conv kernel [1,1,in,out] too (SD v1 proj_in/proj_out). */
 export function linear(p: ParamTree, x: tf.Tensor): tf.Tensor {
@@ -14,9 +14,17 @@ export function linear(p: ParamTree, x: tf.Tensor): tf.Tensor {
   const outDim = (w.shape as number[])[1];
   const xs = x.shape as number[];
   const inDim = xs[xs.length - 1];
-  let y: tf.Tensor = tf.matMul(x.reshape([-1, inDim]) as tf.Tensor2D, w as tf.Tensor2D);
+  const x2 = x.reshape([-1, inDim]) as tf.Tensor2D;
+  let y: tf.Tensor = tf.matMul(x2, w as tf.Tensor2D);
   const b = maybeLeaf(p, 'bias');
   if (b) y = tf.add(y, b);
+  if (has(p, 'lora_down')) {
+    // LoRA (Hu et al. 2021): y += scale * (x down) up, down [in,r], up [r,out], scale = multiplier * alpha / rank
+    const flat = (t: tf.Tensor) => (t.rank === 4 ? t.reshape([t.shape[2]!, t.shape[3]!]) : t) as tf.Tensor2D;
+    const d = flat(leaf(sub(p, 'lora_down'), 'weight'));
+    const u = flat(leaf(sub(p, 'lora_up'), 'weight'));
+    y = tf.add(y, tf.mul(tf.matMul(tf.matMul(x2, d), u), leaf(p, 'lora_scale')));
+  }
   return y.reshape([...xs.slice(0, -1), outDim]);
 }
 
@@ -39,6 +47,12 @@ export function conv2d(p: ParamTree, x: tf.Tensor4D, opts: { stride?: number; pa
   let y = tf.conv2d(input, w, stride, mode);
   const bias = maybeLeaf(p, 'bias');
   if (bias) y = tf.add(y, bias);
+  if (has(p, 'lora_down')) {
+    // LoCon: the down kernel has the layer's size and stride, the up kernel is 1x1
+    const d = leaf(sub(p, 'lora_down'), 'weight') as tf.Tensor4D;
+    const u = leaf(sub(p, 'lora_up'), 'weight') as tf.Tensor4D;
+    y = tf.add(y, tf.mul(tf.conv2d(tf.conv2d(input, d, stride, mode), u, 1, 'valid'), leaf(p, 'lora_scale')));
+  }
   return y;
 }
 
@@ -142,9 +156,11 @@ export function upsampleNearest(x: tf.Tensor4D, size?: [number, number]): tf.Ten
   const [, h, w] = x.shape;
   const [oh, ow] = size ?? [h * 2, w * 2];
   if (oh === h * 2 && ow === w * 2) {
-    // exact 2x: repeat rows and columns (cheaper and gradient-friendly)
+    // exact 2x: duplicate columns, then rows (concat has gradients at every rank; tile does not past rank 4)
     const [b, , , c] = x.shape;
-    return tf.tile(x.reshape([b, h, 1, w, 1, c]), [1, 1, 2, 1, 2, 1]).reshape([b, oh, ow, c]) as tf.Tensor4D;
+    const cols = x.reshape([b, h, w, 1, c]);
+    const wide = tf.concat([cols, cols], 3).reshape([b, h, 1, ow, c]);
+    return tf.concat([wide, wide], 2).reshape([b, oh, ow, c]) as tf.Tensor4D;
   }
   return tf.image.resizeNearestNeighbor(x, [oh, ow], false, false);
 }

@@ -1,0 +1,74 @@
+// One LoRA training step against diffusers/PEFT on PyTorch: loss, the gradient of every LoRA parameter, min-SNR
+// weighting and (with our AdamW) the updated parameters.
+import * as tf from '@tensorflow/tfjs';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { injectLora, loraTargetModules } from '../../src/adapters/lora-inject.js';
+import { torchToTfLayout, tfToTorchLayout } from '../../src/io/layout.js';
+import { type LoadedModel, disposeModel, loadModel } from '../../src/io/model.js';
+import { TorchGenerator } from '../../src/runtime/rng.js';
+import { scheduleFromConfig, snr } from '../../src/schedulers/index.js';
+import { diffusionLoss, minSnrWeights } from '../../src/train/loss.js';
+import { caseTensors, describeGolden, golden, goldenCase } from '../golden.js';
+import { maxAbsDiff, nhwc } from '../helpers.js';
+
+/** numpy.allclose semantics: |a - b| <= atol + rtol * |b| everywhere; returns the worst ratio (<= 1 passes). */
+function allcloseRatio(a: ArrayLike<number>, b: ArrayLike<number>, rtol: number, atol: number): number {
+  let worst = 0;
+  for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i] - b[i]) / (atol + rtol * Math.abs(b[i])));
+  return worst;
+}
+
+describeGolden('training step vs diffusers (LoRA)', () => {
+  let m: LoadedModel;
+  beforeAll(async () => {
+    m = await loadModel(golden('tiny-sd'), { components: ['unet'] });
+  });
+  afterAll(() => disposeModel(m));
+
+  it('loss, LoRA gradients, min-SNR weights', async () => {
+    const c = goldenCase('train_lora_step');
+    const tol = c.tolerance as { atol_loss: number; rtol_grad: number; atol_grad: number };
+    const ref = await caseTensors('train_lora_step');
+    const unetP = m.unet!;
+    const modules = loraTargetModules(unetP.params, 'unet', 'attn');
+    expect(modules.length).toBe(128);
+    const vars = injectLora(unetP.params, modules, { rank: 4, alpha: 4, gen: new TorchGenerator(0) });
+    // PEFT lora_A = our lora_down, lora_B = our lora_up (torch layout in the file)
+    const peft = (ours: string) => ours.replace('.lora_down.weight', '.lora_A.default.weight').replace('.lora_up.weight', '.lora_B.default.weight');
+    for (const [key, v] of vars) {
+      const p = ref.get(`param/${peft(key)}`)!;
+      v.assign(tf.tensor(torchToTfLayout(key, { shape: p.shape, data: p.data }).data, v.shape));
+    }
+    const schedule = scheduleFromConfig(m.schedulerConfig);
+    const batch = {
+      latents: nhwc(ref.get('latents')!),
+      noise: nhwc(ref.get('noise')!),
+      timesteps: ref.get('timesteps')!.data as Int32Array,
+      context: tf.tensor3d(ref.get('encoder_hidden_states')!.data as Float32Array, [2, 77, 32]),
+    };
+    const names = [...vars.keys()];
+    const { value, grads } = tf.variableGrads(() => diffusionLoss(unetP.params, unetP.config, schedule, batch, { predictionType: 'epsilon' }), [...vars.values()]);
+    const loss = value.dataSync()[0];
+    console.log(`LoRA step: loss ${loss} (ref ${ref.get('loss')!.data[0]})`);
+    expect(Math.abs(loss - ref.get('loss')!.data[0])).toBeLessThanOrEqual(tol.atol_loss);
+    let worst = 0;
+    let worstName = '';
+    for (const name of names) {
+      const g = grads[vars.get(name)!.name];
+      const torch = tfToTorchLayout(name, { shape: [...g.shape], data: g.dataSync() as Float32Array });
+      const r = allcloseRatio(torch.data, ref.get(`grad/${peft(name)}`)!.data, tol.rtol_grad, tol.atol_grad);
+      if (r > worst) [worst, worstName] = [r, name];
+    }
+    console.log(`LoRA step: worst gradient |err| / (atol + rtol |ref|) = ${worst.toFixed(3)} at ${worstName}`);
+    expect(worst).toBeLessThanOrEqual(1);
+    // min-SNR(5) weights and weighted loss
+    const snrT = ref.get('snr_timesteps')!.data as Int32Array;
+    const s = snr(schedule, Array.from(snrT));
+    expect(allcloseRatio(s.dataSync(), ref.get('snr')!.data, 1e-6, 0)).toBeLessThanOrEqual(1); // float32 snr, relative 1e-6
+    const w = minSnrWeights(schedule, snrT, 5, 'epsilon');
+    expect(maxAbsDiff(w.dataSync(), ref.get('min_snr5_weights')!.data)).toBeLessThanOrEqual(1e-6);
+    const wl = diffusionLoss(unetP.params, unetP.config, schedule, batch, { predictionType: 'epsilon', minSnrGamma: 5 });
+    expect(Math.abs(wl.dataSync()[0] - ref.get('min_snr5_weighted_loss')!.data[0])).toBeLessThanOrEqual(tol.atol_loss);
+    tf.dispose([value, ...Object.values(grads), s, w, wl, batch.latents, batch.noise, batch.context]);
+  });
+});
