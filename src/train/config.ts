@@ -1,0 +1,599 @@
+/**
+ * The training configuration (design principle 11): a YAML file, overridden by flags, filled with the defaults that
+ * kohya sd-scripts / diffusers' training scripts users expect, validated into one typed, fully resolved object,
+ * and saved with the outputs as config.resolved.yaml (dumpConfig), which resolves back to the same object.
+ * Every mistake is a one-line SdtuneError naming the key (and its file line or flag), expected vs found.
+ */
+import { readFile } from 'node:fs/promises';
+import path from 'node:path';
+import YAML from 'yaml';
+import { SdtuneError, fileError, usageError } from '../errors.js';
+import { BACKENDS, type BackendName } from '../runtime/backend.js';
+import { resolveSampler } from '../schedulers/index.js';
+import { LR_SCHEDULERS, type LrSchedulerName } from './lr.js';
+
+export type Method = 'lora' | 'textual_inversion';
+export const METHODS: readonly Method[] = ['lora', 'textual_inversion'];
+/** Which UNet modules get LoRA: attention projections (diffusers' default), + feed-forward, + resnet/proj convs. */
+export type LoraTargets = 'attn' | 'attn+ff' | 'attn+ff+conv';
+export const LORA_TARGETS: readonly LoraTargets[] = ['attn', 'attn+ff', 'attn+ff+conv'];
+
+/** Fully resolved training configuration; `null` always has the documented meaning, nothing is undefined. */
+export interface TrainConfig {
+  model: {
+    path: string; // diffusers folder or single-file .safetensors (required)
+    tokenizer: string | null; // folder with vocab.json + merges.txt; null = the model's own
+    config: string | null; // diffusers folder whose configs apply to a single-file model
+    backend: BackendName | null; // tfjs backend; null = best available (SDTUNE_BACKEND, tensorflow, cpu)
+    prediction_type: 'epsilon' | 'v_prediction' | null; // null = the model's scheduler config
+  };
+  data: {
+    dir: string; // image folder (required)
+    caption_extension: string; // caption file next to each image (kohya); diffusers' metadata.jsonl wins when present
+    metadata: string | null; // metadata file name in dir (file_name/text columns); null = metadata.jsonl if present
+    repeats: number; // each image counts this many times per epoch (kohya's "10_name" folder prefix)
+    resolution: [number, number]; // [width, height] in pixels (multiples of 8); YAML accepts 512 or [w, h]
+    center_crop: boolean; // false = random crop (diffusers --center_crop off)
+    flip: boolean; // random horizontal flip (kohya flip_aug, diffusers --random_flip)
+    buckets: {
+      enabled: boolean; // kohya aspect-ratio bucketing (enable_bucket)
+      min_side: number; // min_bucket_reso
+      max_side: number; // max_bucket_reso
+      step: number; // bucket_reso_steps
+    };
+    caption_dropout: number; // probability of training on an empty caption (kohya caption_dropout_rate)
+    shuffle_captions: boolean; // shuffle comma-separated tags (kohya shuffle_caption)
+    keep_tokens: number; // first N comma-separated tags stay in place when shuffling (kohya keep_tokens)
+    cache_latents: boolean; // encode every image with the VAE once, before training
+    cache_dir: string; // where latent caches go (default: output.dir)
+    templates: string[] | null; // prompts with {} for the token when images have no captions; null = TI_TEMPLATES
+  };
+  train: {
+    max_steps: number | null; // optimizer steps; when set it decides over epochs (diffusers max_train_steps)
+    epochs: number; // passes over images x repeats when max_steps is null
+    batch_size: number; // images per forward pass
+    gradient_accumulation: number; // forward passes per optimizer step
+    lr: number; // base learning rate (LoRA 1e-4 as kohya/diffusers; TI 5e-3 as A1111)
+    lr_scheduler: LrSchedulerName; // diffusers get_scheduler names
+    lr_warmup_steps: number; // linear warmup in optimizer steps (not with 'constant')
+    lr_num_cycles: number; // hard restarts of cosine_with_restarts
+    adam_beta1: number;
+    adam_beta2: number;
+    adam_epsilon: number;
+    weight_decay: number; // AdamW decoupled decay (LoRA 1e-2 = torch/diffusers/kohya default; TI 0 as A1111)
+    max_grad_norm: number; // clip_grad_norm_ threshold; 0 disables clipping
+    seed: number; // torch-compatible seed for noise, timesteps, crops, flips, dropout
+    noise_offset: number; // Crosslabs noise offset (diffusers --noise_offset); 0 = off
+    min_snr_gamma: number | null; // Min-SNR loss weighting gamma (Hang et al. 2023; 5 is usual); null = off
+    mixed_precision: 'no'; // fp16/bf16 training is not supported on tfjs
+  };
+  lora?: {
+    rank: number; // kohya network_dim / PEFT r
+    alpha: number; // kohya network_alpha / PEFT lora_alpha; scale = alpha / rank
+    targets: LoraTargets;
+    text_encoder: boolean; // also train LoRA on the CLIP text encoder (diffusers --train_text_encoder)
+    text_encoder_lr: number | null; // null = train.lr (kohya text_encoder_lr)
+    dropout: number; // dropout on the LoRA down projection's output (kohya network_dropout)
+  };
+  textual_inversion?: {
+    token: string; // the new prompt word, e.g. "<my-logo>" (diffusers placeholder_token)
+    init_word: string; // its initial embedding comes from this word (diffusers initializer_token)
+    vectors: number; // embedding vectors per token (A1111 "vectors per token", diffusers --num_vectors)
+  };
+  output: {
+    dir: string; // default output/<name>
+    name: string; // file name stem of the results; default: config file name, else the method
+    save_every: number | null; // checkpoint every N steps; null = only at the end
+    keep_last: number | null; // intermediate checkpoints kept (diffusers checkpoints_total_limit); null = all
+    save_precision: 'fp16' | 'fp32'; // dtype of the saved adapter (fp16 for LoRA as kohya; fp32 for embeddings)
+    sample_every: number | null; // sample images every N steps; null = never
+    sample_prompts: string[]; // prompts for those samples
+    sample_seed: number;
+    sample_steps: number;
+    sample_sampler: string | null; // canonical sampler name; null = the model's scheduler
+    log_dir: string; // TensorBoard events; default <dir>/logs
+    also_diffusers_format: boolean; // additionally write PEFT / diffusers-format files
+  };
+}
+
+/** diffusers textual_inversion.py imagenet_templates_small, with {} where the token goes. */
+export const TI_TEMPLATES: readonly string[] = [
+  'a photo of a {}', 'a rendering of a {}', 'a cropped photo of the {}', 'the photo of a {}', 'a photo of a clean {}',
+  'a photo of a dirty {}', 'a dark photo of the {}', 'a photo of my {}', 'a photo of the cool {}', 'a close-up photo of a {}',
+  'a bright photo of the {}', 'a cropped photo of a {}', 'a photo of the {}', 'a good photo of the {}', 'a photo of one {}',
+  'a close-up photo of the {}', 'a rendition of the {}', 'a photo of the clean {}', 'a rendition of a {}', 'a photo of a nice {}',
+  'a good photo of a {}', 'a photo of the nice {}', 'a photo of the small {}', 'a photo of the weird {}', 'a photo of the large {}',
+  'a photo of a cool {}', 'a photo of a small {}',
+];
+
+/** The short flags every training command accepts -> the dotted key they set. `--config` (the YAML file),
+ *  `--resume` (a checkpoint) and `--set key=value` (any key) are not config keys: see flagOverrides. */
+export const FLAG_KEYS: Record<string, string> = {
+  model: 'model.path', tokenizer: 'model.tokenizer', 'model-config': 'model.config', backend: 'model.backend',
+  'prediction-type': 'model.prediction_type',
+  data: 'data.dir', repeats: 'data.repeats', resolution: 'data.resolution',
+  'max-steps': 'train.max_steps', epochs: 'train.epochs', 'batch-size': 'train.batch_size',
+  'gradient-accumulation': 'train.gradient_accumulation', lr: 'train.lr', 'lr-scheduler': 'train.lr_scheduler',
+  'lr-warmup-steps': 'train.lr_warmup_steps', seed: 'train.seed',
+  rank: 'lora.rank', alpha: 'lora.alpha', 'train-text-encoder': 'lora.text_encoder',
+  token: 'textual_inversion.token', 'init-word': 'textual_inversion.init_word', vectors: 'textual_inversion.vectors',
+  output: 'output.dir', name: 'output.name', 'save-every': 'output.save_every', 'save-precision': 'output.save_precision',
+  'sample-every': 'output.sample_every', 'sample-prompt': 'output.sample_prompts',
+};
+const NON_CONFIG_FLAGS = new Set(['config', 'resume', 'set']);
+
+// ---- schema: one entry per dotted key ----
+
+interface Spec {
+  t: 'str' | 'int' | 'num' | 'bool' | 'enum' | 'strs' | 'size';
+  nullable?: boolean;
+  min?: number; // inclusive unless minOpen
+  max?: number; // inclusive unless maxOpen
+  minOpen?: boolean;
+  maxOpen?: boolean;
+  mult?: number; // integers: multiple of
+  values?: readonly string[]; // enum
+}
+const str = (nullable = false): Spec => ({ t: 'str', nullable });
+const int = (min: number, o: Partial<Spec> = {}): Spec => ({ t: 'int', min, ...o });
+const num = (min: number, o: Partial<Spec> = {}): Spec => ({ t: 'num', min, ...o });
+const bool: Spec = { t: 'bool' };
+const oneOf = (values: readonly string[], nullable = false): Spec => ({ t: 'enum', values, nullable });
+
+const SCHEMA: Record<string, Spec> = {
+  'model.path': str(), 'model.tokenizer': str(true), 'model.config': str(true), 'model.backend': oneOf(BACKENDS, true),
+  'model.prediction_type': oneOf(['epsilon', 'v_prediction'], true),
+  'data.dir': str(), 'data.caption_extension': str(), 'data.metadata': str(true), 'data.repeats': int(1),
+  'data.resolution': { t: 'size' }, 'data.center_crop': bool, 'data.flip': bool,
+  'data.buckets.enabled': bool, 'data.buckets.min_side': int(8, { mult: 8 }), 'data.buckets.max_side': int(8, { mult: 8 }),
+  'data.buckets.step': int(8, { mult: 8 }),
+  'data.caption_dropout': num(0, { max: 1 }), 'data.shuffle_captions': bool, 'data.keep_tokens': int(0),
+  'data.cache_latents': bool, 'data.cache_dir': str(true), 'data.templates': { t: 'strs', nullable: true },
+  'train.max_steps': int(1, { nullable: true }), 'train.epochs': int(1), 'train.batch_size': int(1),
+  'train.gradient_accumulation': int(1), 'train.lr': num(0, { minOpen: true }), 'train.lr_scheduler': oneOf(LR_SCHEDULERS),
+  'train.lr_warmup_steps': int(0), 'train.lr_num_cycles': int(1),
+  'train.adam_beta1': num(0, { max: 1, maxOpen: true }), 'train.adam_beta2': num(0, { max: 1, maxOpen: true }),
+  'train.adam_epsilon': num(0), 'train.weight_decay': num(0), 'train.max_grad_norm': num(0), 'train.seed': int(0, { max: Number.MAX_SAFE_INTEGER }),
+  'train.noise_offset': num(0), 'train.min_snr_gamma': num(0, { minOpen: true, nullable: true }), 'train.mixed_precision': str(),
+  'lora.rank': int(1), 'lora.alpha': num(0, { minOpen: true }), 'lora.targets': oneOf(LORA_TARGETS), 'lora.text_encoder': bool,
+  'lora.text_encoder_lr': num(0, { minOpen: true, nullable: true }), 'lora.dropout': num(0, { max: 1, maxOpen: true }),
+  'textual_inversion.token': str(), 'textual_inversion.init_word': str(), 'textual_inversion.vectors': int(1, { max: 75 }),
+  'output.dir': str(true), 'output.name': str(true), 'output.save_every': int(1, { nullable: true }),
+  'output.keep_last': int(1, { nullable: true }), 'output.save_precision': oneOf(['fp16', 'fp32']),
+  'output.sample_every': int(1, { nullable: true }), 'output.sample_prompts': { t: 'strs' }, 'output.sample_seed': int(0, { max: Number.MAX_SAFE_INTEGER }),
+  'output.sample_steps': int(1), 'output.sample_sampler': str(true), 'output.log_dir': str(true), 'output.also_diffusers_format': bool,
+};
+const SECTIONS = ['model', 'data', 'train', 'lora', 'textual_inversion', 'output'];
+const GROUPS = new Set([...SECTIONS, 'data.buckets']);
+const REQUIRED = ['model.path', 'data.dir', 'textual_inversion.token', 'textual_inversion.init_word'];
+
+/** Defaults per method (kohya / diffusers conventions; the lr / weight decay / save precision differ by method). */
+function defaults(method: Method): Record<string, unknown> {
+  const lora = method === 'lora';
+  return {
+    'model.tokenizer': null, 'model.config': null, 'model.backend': null, 'model.prediction_type': null,
+    'data.caption_extension': '.txt', 'data.metadata': null, 'data.repeats': 1, 'data.resolution': 512,
+    'data.center_crop': false, 'data.flip': false, 'data.buckets.enabled': false, 'data.buckets.min_side': 256,
+    'data.buckets.max_side': 1024, 'data.buckets.step': 64, 'data.caption_dropout': 0, 'data.shuffle_captions': false,
+    'data.keep_tokens': 0, 'data.cache_latents': true, 'data.cache_dir': null, 'data.templates': null,
+    'train.max_steps': null, 'train.epochs': 1, 'train.batch_size': 1, 'train.gradient_accumulation': 1,
+    'train.lr': lora ? 1e-4 : 5e-3, 'train.lr_scheduler': 'constant', 'train.lr_warmup_steps': 0, 'train.lr_num_cycles': 1,
+    'train.adam_beta1': 0.9, 'train.adam_beta2': 0.999, 'train.adam_epsilon': 1e-8, 'train.weight_decay': lora ? 1e-2 : 0,
+    'train.max_grad_norm': 1, 'train.seed': 42, 'train.noise_offset': 0, 'train.min_snr_gamma': null, 'train.mixed_precision': 'no',
+    ...(lora
+      ? { 'lora.rank': 16, 'lora.alpha': 8, 'lora.targets': 'attn', 'lora.text_encoder': false, 'lora.text_encoder_lr': null, 'lora.dropout': 0 }
+      : { 'textual_inversion.vectors': 1 }),
+    'output.dir': null, 'output.name': null, 'output.save_every': null, 'output.keep_last': 3,
+    'output.save_precision': lora ? 'fp16' : 'fp32', 'output.sample_every': null, 'output.sample_prompts': [],
+    'output.sample_seed': 42, 'output.sample_steps': 20, 'output.sample_sampler': null, 'output.log_dir': null,
+    'output.also_diffusers_format': false,
+  };
+}
+
+// ---- unknown keys: kohya / diffusers spellings first, then the closest valid key ----
+
+const ALIASES: Record<string, string> = {
+  learning_rate: 'train.lr', unet_lr: 'train.lr', max_train_steps: 'train.max_steps', num_train_epochs: 'train.epochs',
+  max_train_epochs: 'train.epochs', train_batch_size: 'train.batch_size', gradient_accumulation_steps: 'train.gradient_accumulation',
+  lr_scheduler_num_cycles: 'train.lr_num_cycles', adam_weight_decay: 'train.weight_decay', snr_gamma: 'train.min_snr_gamma',
+  network_dim: 'lora.rank', r: 'lora.rank', network_alpha: 'lora.alpha', lora_alpha: 'lora.alpha', network_dropout: 'lora.dropout',
+  lora_dropout: 'lora.dropout', train_text_encoder: 'lora.text_encoder', target_modules: 'lora.targets',
+  placeholder_token: 'textual_inversion.token', token_string: 'textual_inversion.token', initializer_token: 'textual_inversion.init_word',
+  num_vectors: 'textual_inversion.vectors', num_vectors_per_token: 'textual_inversion.vectors',
+  pretrained_model_name_or_path: 'model.path', tokenizer_name: 'model.tokenizer', v_parameterization: 'model.prediction_type',
+  train_data_dir: 'data.dir', num_repeats: 'data.repeats', dataset_repeats: 'data.repeats', random_flip: 'data.flip',
+  flip_aug: 'data.flip', enable_bucket: 'data.buckets.enabled', min_bucket_reso: 'data.buckets.min_side',
+  max_bucket_reso: 'data.buckets.max_side', bucket_reso_steps: 'data.buckets.step', caption_dropout_rate: 'data.caption_dropout',
+  output_dir: 'output.dir', output_name: 'output.name', logging_dir: 'output.log_dir', save_every_n_steps: 'output.save_every',
+  checkpointing_steps: 'output.save_every', checkpoints_total_limit: 'output.keep_last', sample_every_n_steps: 'output.sample_every',
+  validation_steps: 'output.sample_every', validation_prompt: 'output.sample_prompts',
+};
+const NOTES: Record<string, string> = {
+  optimizer_type: 'sdtune always uses AdamW (train.adam_*, train.weight_decay)',
+  optimizer: 'sdtune always uses AdamW (train.adam_*, train.weight_decay)',
+  use_8bit_adam: 'sdtune always uses AdamW (train.adam_*, train.weight_decay)',
+};
+
+/** Edit distance (Levenshtein), for "did you mean". */
+function levenshtein(a: string, b: string): number {
+  let prev = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const cur = [i];
+    for (let j = 1; j <= b.length; j++) cur[j] = Math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
+    prev = cur;
+  }
+  return prev[b.length];
+}
+
+const sectionOf = (key: string) => key.split('.')[0];
+const isMethodSection = (s: string): s is Method => (METHODS as readonly string[]).includes(s);
+const validKeys = (method: Method) => [...Object.keys(SCHEMA), ...GROUPS].filter((k) => !isMethodSection(sectionOf(k)) || sectionOf(k) === method);
+
+/** The valid key a user most likely meant by `key`, if any. */
+function suggest(key: string, method: Method): string | undefined {
+  const leaf = key.slice(key.lastIndexOf('.') + 1);
+  const valid = validKeys(method);
+  const alias = ALIASES[leaf];
+  if (alias && valid.includes(alias)) return alias;
+  const sameLeaf = valid.find((k) => k.endsWith(`.${leaf}`));
+  if (sameLeaf) return sameLeaf;
+  let best: string | undefined;
+  let bestD = Infinity;
+  for (const k of valid) {
+    const d = levenshtein(key, k);
+    if (d < bestD) [best, bestD] = [k, d];
+  }
+  if (bestD <= Math.max(2, Math.floor(leaf.length / 3))) return best;
+  const depth = (k: string) => k.split('.').length;
+  return valid.find((k) => depth(k) === depth(key) && (k.startsWith(key) || key.startsWith(k)));
+}
+
+// ---- values ----
+
+const isMap = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
+const show = (v: unknown): string =>
+  v === null ? 'null' : Array.isArray(v) ? JSON.stringify(v) : isMap(v) ? 'a mapping' : typeof v === 'string' ? JSON.stringify(v) : String(v);
+
+function expected(s: Spec): string {
+  const range = (what: string) => {
+    if (s.max === undefined) return `${what} ${s.minOpen ? '>' : '>='} ${s.min}`;
+    return `${what} in ${s.minOpen ? '(' : '['}${s.min}, ${s.max}${s.maxOpen ? ')' : ']'}`;
+  };
+  const base = {
+    str: 'a string',
+    int: range('an integer') + (s.mult ? `, a multiple of ${s.mult}` : ''),
+    num: range('a number'),
+    bool: 'true or false',
+    enum: `one of ${(s.values ?? []).map((v) => JSON.stringify(v)).join(', ')}`,
+    strs: 'a list of strings',
+    size: 'a size in pixels, multiple of 8: 512 or [width, height]',
+  }[s.t];
+  return s.nullable ? `${base} or null` : base;
+}
+
+/** Command-line values arrive as strings: read them as YAML scalars (1e-4, true, null, [512, 768]) where the key
+ *  is not a string; "768x512" / "768,512" are sizes; a single prompt is a list of one. */
+function coerceFlag(s: Spec, v: unknown): unknown {
+  if (typeof v !== 'string') return v;
+  if (s.t === 'strs') return [v];
+  if (s.t === 'size' && /^\d+\s*[x,]\s*\d+$/.test(v.trim())) return v.split(/[x,]/).map((p) => Number(p.trim()));
+  if (s.t === 'str') return v;
+  try {
+    return YAML.parse(v) ?? null;
+  } catch {
+    return v;
+  }
+}
+
+/** The value if it fits the spec (sizes normalised to [w, h]), else undefined. */
+function conform(s: Spec, v: unknown): unknown {
+  if (v === null) return s.nullable ? null : undefined;
+  const inRange = (x: number) =>
+    (s.min === undefined || (s.minOpen ? x > s.min : x >= s.min)) && (s.max === undefined || (s.maxOpen ? x < s.max : x <= s.max));
+  switch (s.t) {
+    case 'str':
+      return typeof v === 'string' ? v : undefined;
+    case 'bool':
+      return typeof v === 'boolean' ? v : undefined;
+    case 'num':
+      return typeof v === 'number' && Number.isFinite(v) && inRange(v) ? v : undefined;
+    case 'int':
+      return Number.isInteger(v) && inRange(v as number) && (!s.mult || (v as number) % s.mult === 0) ? v : undefined;
+    case 'enum':
+      return typeof v === 'string' && s.values!.includes(v) ? v : undefined;
+    case 'strs':
+      return Array.isArray(v) && v.every((x) => typeof x === 'string') ? [...v] : undefined;
+    case 'size': {
+      const wh = typeof v === 'number' ? [v, v] : v;
+      const ok = Array.isArray(wh) && wh.length === 2 && wh.every((x) => Number.isInteger(x) && x >= 8 && x % 8 === 0);
+      return ok ? [wh[0], wh[1]] : undefined;
+    }
+  }
+}
+
+// ---- resolve ----
+
+type Origin = Map<string, string>; // dotted key -> "file.yaml:12" or "--lr"
+
+/** "file.yaml:12 " / "--lr " / "" before a key in messages. */
+const at = (origin: Origin, key: string) => (origin.has(key) ? `${origin.get(key)}: ` : '');
+
+/** Line of every key in a YAML mapping tree, for messages. */
+function keyLines(doc: YAML.Document, lc: YAML.LineCounter, source: string): Origin {
+  const out: Origin = new Map();
+  const walk = (node: unknown, prefix: string) => {
+    if (!YAML.isMap(node)) return;
+    for (const it of node.items) {
+      const k = YAML.isScalar(it.key) ? String(it.key.value) : String(it.key);
+      const key = prefix ? `${prefix}.${k}` : k;
+      const range = YAML.isNode(it.key) ? it.key.range : undefined;
+      if (range) out.set(key, `${source}:${lc.linePos(range[0]).line}`);
+      walk(it.value, key);
+    }
+  };
+  walk(doc.contents, '');
+  return out;
+}
+
+/** "unknown key x (did you mean y?)", with a note for options sdtune does not have. */
+function unknownKey(key: string, method: Method, origin: Origin): SdtuneError {
+  const leaf = key.slice(key.lastIndexOf('.') + 1);
+  const sec = sectionOf(key);
+  const guess = suggest(key, method);
+  const inSection = GROUPS.has(sec) ? validKeys(method).filter((k) => sectionOf(k) === sec && k !== sec) : [];
+  const hint =
+    NOTES[leaf] ??
+    (guess ? `did you mean ${guess}?`
+      : inSection.length ? `valid keys: ${inSection.join(', ')}`
+      : `valid sections: ${SECTIONS.filter((s) => !isMethodSection(s) || s === method).join(', ')}`);
+  return usageError(`${at(origin, key)}unknown key ${key} (${hint})`);
+}
+
+/** Put a leaf or a whole group (mapping) under `key` into the flat map, rejecting keys the schema does not know. */
+function addFlat(flat: Map<string, unknown>, key: string, v: unknown, method: Method, origin: Origin): void {
+  if (!GROUPS.has(key)) {
+    if (!(key in SCHEMA)) throw unknownKey(key, method, origin);
+    flat.set(key, v);
+    return;
+  }
+  if (v === null) return; // an empty section ("lora:" with nothing under it)
+  if (!isMap(v)) {
+    const inner = validKeys(method).filter((k) => k.startsWith(`${key}.`) && !k.slice(key.length + 1).includes('.'));
+    throw usageError(`${at(origin, key)}${key}: expected a mapping with keys ${inner.map((k) => k.slice(key.length + 1)).join(', ')}, found ${show(v)}`);
+  }
+  for (const [k, x] of Object.entries(v)) {
+    if (origin.has(key) && !origin.has(`${key}.${k}`)) origin.set(`${key}.${k}`, origin.get(key)!);
+    addFlat(flat, `${key}.${k}`, x, method, origin);
+  }
+}
+
+/** Set a dotted key in a nested object. */
+function setPath(obj: Record<string, unknown>, key: string, v: unknown): void {
+  const parts = key.split('.');
+  let o = obj;
+  for (const p of parts.slice(0, -1)) o = (o[p] ??= {}) as Record<string, unknown>;
+  o[parts[parts.length - 1]] = v;
+}
+
+/**
+ * Parse YAML text (`source` names it in messages), merge flag overrides (dotted keys like 'train.lr' or the FLAG_KEYS
+ * names; undefined values ignored; strings read as YAML scalars), fill the method's defaults and validate types,
+ * ranges and cross-field rules. Every problem is an SdtuneError('usage') naming the key, expected vs found.
+ */
+export function resolveConfig(method: Method, yamlText: string | null, overrides: Record<string, unknown>, source?: string): TrainConfig {
+  if (!isMethodSection(method)) throw usageError(`unknown training method ${show(method)}; valid: ${METHODS.join(', ')}`);
+  const src = source ?? '<config>';
+  const origin: Origin = new Map();
+  const flat = new Map<string, unknown>();
+
+  // 1. the file
+  if (yamlText !== null && yamlText.trim() !== '') {
+    const lc = new YAML.LineCounter();
+    const doc = YAML.parseDocument(yamlText, { lineCounter: lc, prettyErrors: false });
+    if (doc.errors.length) {
+      const e = doc.errors[0];
+      throw fileError(`${src}:${lc.linePos(e.pos[0]).line}: invalid YAML: ${e.message.split('\n')[0]}`);
+    }
+    for (const [k, v] of keyLines(doc, lc, src)) origin.set(k, v);
+    const root: unknown = doc.toJS();
+    if (root !== null && !isMap(root)) throw usageError(`${src}: expected a mapping with sections ${SECTIONS.join(', ')}, found ${show(root)}`);
+    for (const [k, v] of Object.entries(root ?? {})) {
+      if (isMethodSection(k) && k !== method) {
+        throw usageError(`${at(origin, k)}the config has a ${k} section, but this command trains ${method}: a config holds exactly one method section, the command's`);
+      }
+      addFlat(flat, k, v, method, origin);
+    }
+  }
+
+  // 2. the flags
+  for (const [name, raw] of Object.entries(overrides)) {
+    if (raw === undefined || NON_CONFIG_FLAGS.has(name)) continue;
+    const key = FLAG_KEYS[name] ?? name;
+    const label = FLAG_KEYS[name] ? `--${name}` : `override ${name}`;
+    if (!(key in SCHEMA) && !GROUPS.has(key)) {
+      if (!key.includes('.')) throw usageError(`unknown option --${name}${suggestFlag(name)}`);
+      throw unknownKey(key, method, new Map([[key, label]]));
+    }
+    if (isMethodSection(sectionOf(key)) && sectionOf(key) !== method) {
+      throw usageError(`${label}: ${key} is a ${sectionOf(key)} setting, but this command trains ${method}`);
+    }
+    origin.set(key, label);
+    if (GROUPS.has(key)) addFlat(flat, key, raw, method, origin);
+    else flat.set(key, coerceFlag(SCHEMA[key], raw));
+  }
+
+  // 3. defaults, required keys, types and ranges
+  const values = new Map<string, unknown>(Object.entries(defaults(method)));
+  for (const [k, v] of flat) values.set(k, v);
+  const cfg: Record<string, unknown> = {};
+  for (const [key, spec] of Object.entries(SCHEMA)) {
+    if (isMethodSection(sectionOf(key)) && sectionOf(key) !== method) continue;
+    const v = values.get(key);
+    if (v === undefined) {
+      const flag = Object.keys(FLAG_KEYS).find((f) => FLAG_KEYS[f] === key);
+      throw usageError(`${key} is required (set it in the config${flag ? ` or with --${flag}` : ''})`);
+    }
+    const ok = conform(spec, v);
+    if (ok === undefined) {
+      const hint = spec.t === 'strs' && typeof v === 'string' ? ' (write a YAML list, one "- item" per line)' : '';
+      throw usageError(`${at(origin, key)}${key}: expected ${expected(spec)}, found ${show(v)}${hint}`);
+    }
+    setPath(cfg, key, ok);
+  }
+  const c = cfg as unknown as TrainConfig;
+
+  // 4. rules between keys and beyond types
+  crossCheck(c, method, origin);
+
+  // 5. derived values
+  c.output.name ??= source ? path.basename(source).replace(/\.(ya?ml)$/i, '') : method;
+  c.output.dir ??= `output/${c.output.name}`;
+  c.output.log_dir ??= path.posix.join(c.output.dir.replace(/\\/g, '/'), 'logs');
+  c.data.cache_dir ??= c.output.dir;
+  return c;
+}
+
+/** " (did you mean --x?)" for a mistyped flag name. */
+function suggestFlag(name: string): string {
+  const flags = Object.keys(FLAG_KEYS);
+  const best = flags.reduce((a, b) => (levenshtein(name, a) <= levenshtein(name, b) ? a : b));
+  if (levenshtein(name, best) <= 2) return ` (did you mean --${best}?)`;
+  return ` (valid: ${flags.map((f) => `--${f}`).join(', ')}; any key with --set key=value)`;
+}
+
+/** Checks that involve several keys or more than a type. */
+function crossCheck(c: TrainConfig, method: Method, origin: Origin): void {
+  const fail = (key: string, msg: string) => {
+    throw usageError(`${at(origin, key)}${msg}`);
+  };
+  const nonEmpty = (key: string, v: string) => {
+    if (v.trim() === '') fail(key, `${key}: expected a non-empty string, found ${show(v)}`);
+  };
+  nonEmpty('model.path', c.model.path);
+  nonEmpty('data.dir', c.data.dir);
+  const { train: t, data: d, output: o } = c;
+
+  if (t.mixed_precision !== 'no') {
+    const msg = `train.mixed_precision: ${show(t.mixed_precision)} is not supported: TensorFlow.js trains in float32; use "no" (output.save_precision still writes fp16 files)`;
+    if (['fp16', 'bf16', 'fp8'].includes(t.mixed_precision)) throw new SdtuneError('unsupported', `${at(origin, 'train.mixed_precision')}${msg}`);
+    fail('train.mixed_precision', `train.mixed_precision: expected "no", found ${show(t.mixed_precision)}`);
+  }
+  if (t.lr_scheduler === 'constant' && t.lr_warmup_steps > 0) {
+    fail('train.lr_warmup_steps', `train.lr_warmup_steps is ${t.lr_warmup_steps} but train.lr_scheduler "constant" has no warmup (use "constant_with_warmup")`);
+  }
+  if (t.max_steps !== null && t.lr_warmup_steps > t.max_steps) {
+    fail('train.lr_warmup_steps', `train.lr_warmup_steps (${t.lr_warmup_steps}) exceeds train.max_steps (${t.max_steps})`);
+  }
+  if (!d.caption_extension.startsWith('.') || d.caption_extension.length < 2) {
+    fail('data.caption_extension', `data.caption_extension: expected an extension starting with "." (e.g. ".txt"), found ${show(d.caption_extension)}`);
+  }
+  const bad = d.templates?.find((s) => !s.includes('{}'));
+  if (bad !== undefined) fail('data.templates', `data.templates: every template needs {} where the token goes, found ${show(bad)}`);
+  const b = d.buckets;
+  if (b.min_side > b.max_side) fail('data.buckets.min_side', `data.buckets.min_side (${b.min_side}) exceeds data.buckets.max_side (${b.max_side})`);
+  const [w, h] = d.resolution;
+  if (b.enabled && (Math.min(w, h) < b.min_side || Math.max(w, h) > b.max_side)) {
+    fail('data.resolution', `data.resolution ${w}x${h} must lie within data.buckets.min_side..max_side (${b.min_side}..${b.max_side}) when buckets are enabled`);
+  }
+  if (o.sample_every !== null && o.sample_prompts.length === 0) {
+    fail('output.sample_every', 'output.sample_every is set but output.sample_prompts is empty (list the prompts to sample)');
+  }
+  if (o.sample_sampler !== null) {
+    try {
+      o.sample_sampler = resolveSampler(o.sample_sampler);
+    } catch (e) {
+      fail('output.sample_sampler', `output.sample_sampler: ${(e as Error).message}`);
+    }
+  }
+  for (const key of ['output.name', 'output.dir', 'output.log_dir', 'data.cache_dir'] as const) {
+    const [sec, k] = key.split('.') as ['output' | 'data', string];
+    const v = (c[sec] as Record<string, unknown>)[k];
+    if (v === '' || (key === 'output.name' && typeof v === 'string' && (/[/\\]/.test(v) || v === '.' || v === '..'))) {
+      fail(key, `${key}: expected ${key === 'output.name' ? 'a file name without / or \\' : 'a non-empty path'}, found ${show(v)}`);
+    }
+  }
+  if (method === 'lora') {
+    const l = c.lora!;
+    if (l.text_encoder_lr !== null && !l.text_encoder) {
+      fail('lora.text_encoder_lr', 'lora.text_encoder_lr is set but lora.text_encoder is false (the text encoder is not trained)');
+    }
+  } else {
+    const ti = c.textual_inversion!;
+    if (!/^\S+$/.test(ti.token) || ti.token.includes(',')) {
+      fail('textual_inversion.token', `textual_inversion.token: expected one word without spaces or commas, like "<my-logo>", found ${show(ti.token)}`);
+    }
+    nonEmpty('textual_inversion.init_word', ti.init_word);
+    if (ti.token === ti.init_word.trim()) fail('textual_inversion.token', `textual_inversion.token must differ from textual_inversion.init_word (both ${show(ti.token)})`);
+  }
+}
+
+/** Read a YAML config file (null = flags only) and resolveConfig it; a missing file is an SdtuneError('file'). */
+export async function loadConfigFile(method: Method, file: string | null, overrides: Record<string, unknown>): Promise<TrainConfig> {
+  if (file === null) return resolveConfig(method, null, overrides);
+  let text: string;
+  try {
+    text = await readFile(file, 'utf8');
+  } catch (e) {
+    throw fileError(`cannot read config ${file}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+  }
+  return resolveConfig(method, text, overrides, file);
+}
+
+/** Split a yargs argv into config overrides (FLAG_KEYS flags and --set key=value), the --config file and --resume. */
+export function flagOverrides(argv: Record<string, unknown>): { overrides: Record<string, unknown>; configPath: string | null; resume: string | null } {
+  const overrides: Record<string, unknown> = {};
+  for (const s of [argv.set ?? []].flat()) {
+    const i = String(s).indexOf('=');
+    if (i < 1) throw usageError(`--set ${s}: expected key=value, e.g. --set train.lr=1e-4`);
+    overrides[String(s).slice(0, i).trim()] = String(s).slice(i + 1);
+  }
+  for (const flag of Object.keys(FLAG_KEYS)) if (argv[flag] !== undefined) overrides[flag] = argv[flag];
+  const opt = (k: string) => (typeof argv[k] === 'string' ? (argv[k] as string) : null);
+  return { overrides, configPath: opt('config'), resume: opt('resume') };
+}
+
+/** YAML of the resolved config (saved next to the outputs as config.resolved.yaml); resolveConfig reads it back to
+ *  an identical object. */
+export function dumpConfig(c: TrainConfig): string {
+  const method = METHODS.find((m) => c[m] !== undefined) ?? 'lora';
+  const doc = new YAML.Document(c);
+  YAML.visit(doc, {
+    Seq(_, n) {
+      if (n.items.every((i) => YAML.isScalar(i) && typeof i.value === 'number')) n.flow = true;
+    },
+  });
+  doc.commentBefore = ` sdtune ${method} training config, fully resolved (reusable with --config)`;
+  return doc.toString({ lineWidth: 0 });
+}
+
+/**
+ * How many optimizer steps training runs, as diffusers / kohya count them: batches per epoch = ceil(images x repeats /
+ * batch) (summed per aspect bucket when `bucketSizes` gives the images of each), steps per epoch = ceil(batches /
+ * gradient accumulation), total = max_steps if set (epochs = ceil(max_steps / steps per epoch)) else steps x epochs.
+ */
+export function describeSteps(
+  c: TrainConfig,
+  numImages: number,
+  bucketSizes?: number[],
+): { totalSteps: number; stepsPerEpoch: number; epochs: number; line: string } {
+  if (numImages < 1) throw fileError(`no training images found in ${c.data.dir}`);
+  const { batch_size: bs, gradient_accumulation: ga, max_steps: maxSteps } = c.train;
+  const r = c.data.repeats;
+  if (bucketSizes && bucketSizes.reduce((a, n) => a + n, 0) !== numImages) {
+    throw new Error(`describeSteps: bucket sizes ${bucketSizes.join('+')} do not add up to ${numImages} images`);
+  }
+  const batches = bucketSizes ? bucketSizes.reduce((a, n) => a + Math.ceil((n * r) / bs), 0) : Math.ceil((numImages * r) / bs);
+  const stepsPerEpoch = Math.ceil(batches / ga);
+  const totalSteps = maxSteps ?? stepsPerEpoch * c.train.epochs;
+  const epochs = maxSteps !== null ? Math.ceil(maxSteps / stepsPerEpoch) : c.train.epochs;
+  if (c.train.lr_warmup_steps > totalSteps) {
+    throw usageError(`train.lr_warmup_steps (${c.train.lr_warmup_steps}) exceeds the ${totalSteps} training steps`);
+  }
+  const perEpoch =
+    `${numImages} images x ${r} repeats = ${numImages * r} samples / batch ${bs} = ${batches} batches` +
+    (bucketSizes && bucketSizes.length > 1 ? ` (over ${bucketSizes.length} buckets)` : '') +
+    (ga > 1 ? ` / ${ga} accumulation` : '') +
+    ` = ${stepsPerEpoch} steps per epoch`;
+  const total = maxSteps !== null ? `max_steps decides: ${totalSteps} steps (${epochs} epochs)` : `x ${epochs} epochs = ${totalSteps} steps`;
+  return { totalSteps, stepsPerEpoch, epochs, line: `${perEpoch}; ${total}` };
+}

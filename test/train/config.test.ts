@@ -1,0 +1,220 @@
+// Training config: defaults per method, clear errors (unknown keys with suggestions, types, ranges, cross-field
+// rules), flag overrides, dump/reload round trip, step arithmetic.
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { SdtuneError } from '../../src/errors.js';
+import {
+  FLAG_KEYS,
+  type Method,
+  describeSteps,
+  dumpConfig,
+  flagOverrides,
+  loadConfigFile,
+  resolveConfig,
+} from '../../src/train/config.js';
+
+const BASE = 'model:\n  path: models/sd15\ndata:\n  dir: data/dog\n';
+const TI = `${BASE}textual_inversion:\n  token: "<my-logo>"\n  init_word: logo\n`;
+/** BASE with extra keys in the data section. */
+const withData = (lines: string) => BASE + lines.replace(/^/gm, '  ') + '\n';
+
+/** The SdtuneError that fn throws (fails the test if none). */
+function errorOf(fn: () => unknown): SdtuneError {
+  try {
+    fn();
+  } catch (e) {
+    if (e instanceof SdtuneError) return e;
+    throw e;
+  }
+  throw new Error('expected an SdtuneError');
+}
+const usage = (method: Method, yaml: string | null, overrides: Record<string, unknown> = {}, source?: string) => {
+  const e = errorOf(() => resolveConfig(method, yaml, overrides, source));
+  expect(e.kind).toBe('usage');
+  return e.message;
+};
+
+describe('defaults', () => {
+  it('LoRA: kohya / diffusers defaults, derived paths', () => {
+    const c = resolveConfig('lora', BASE, {});
+    expect(c.model).toEqual({ path: 'models/sd15', tokenizer: null, config: null, backend: null, prediction_type: null });
+    expect(c.data).toMatchObject({ caption_extension: '.txt', metadata: null, repeats: 1, resolution: [512, 512], center_crop: false, flip: false });
+    expect(c.data.buckets).toEqual({ enabled: false, min_side: 256, max_side: 1024, step: 64 });
+    expect(c.data).toMatchObject({ caption_dropout: 0, shuffle_captions: false, keep_tokens: 0, cache_latents: true, templates: null });
+    expect(c.train).toEqual({
+      max_steps: null, epochs: 1, batch_size: 1, gradient_accumulation: 1, lr: 1e-4, lr_scheduler: 'constant',
+      lr_warmup_steps: 0, lr_num_cycles: 1, adam_beta1: 0.9, adam_beta2: 0.999, adam_epsilon: 1e-8, weight_decay: 1e-2,
+      max_grad_norm: 1, seed: 42, noise_offset: 0, min_snr_gamma: null, mixed_precision: 'no',
+    });
+    expect(c.lora).toEqual({ rank: 16, alpha: 8, targets: 'attn', text_encoder: false, text_encoder_lr: null, dropout: 0 });
+    expect(c.textual_inversion).toBeUndefined();
+    expect(c.output).toEqual({
+      dir: 'output/lora', name: 'lora', save_every: null, keep_last: 3, save_precision: 'fp16', sample_every: null,
+      sample_prompts: [], sample_seed: 42, sample_steps: 20, sample_sampler: null, log_dir: 'output/lora/logs',
+      also_diffusers_format: false,
+    });
+    expect(c.data.cache_dir).toBe('output/lora');
+  });
+
+  it('textual inversion: A1111 lr and no weight decay, fp32 embeddings, name from the config file', () => {
+    const c = resolveConfig('textual_inversion', TI, {}, 'configs/my-logo.yaml');
+    expect(c.train.lr).toBe(5e-3);
+    expect(c.train.weight_decay).toBe(0);
+    expect(c.textual_inversion).toEqual({ token: '<my-logo>', init_word: 'logo', vectors: 1 });
+    expect(c.lora).toBeUndefined();
+    expect(c.output).toMatchObject({ name: 'my-logo', dir: 'output/my-logo', log_dir: 'output/my-logo/logs', save_precision: 'fp32' });
+  });
+
+  it('explicit values win over derived ones', () => {
+    const c = resolveConfig('lora', `${withData('cache_dir: /cache')}output:\n  dir: /tmp/run\n  log_dir: /tmp/tb\n`, {});
+    expect(c.output).toMatchObject({ dir: '/tmp/run', name: 'lora', log_dir: '/tmp/tb' });
+    expect(c.data.cache_dir).toBe('/cache');
+  });
+});
+
+describe('errors name the key, expected vs found', () => {
+  it('unknown keys: kohya / diffusers names and typos get a suggestion, with the file line', () => {
+    expect(usage('lora', `${BASE}train:\n  learning_rate: 1e-4\n`, {}, 'my.yaml')).toBe('my.yaml:6: unknown key train.learning_rate (did you mean train.lr?)');
+    expect(usage('lora', `${BASE}train:\n  lr_schedular: cosine\n`)).toMatch(/unknown key train.lr_schedular \(did you mean train.lr_scheduler\?\)/);
+    expect(usage('lora', `${BASE}train:\n  rank: 4\n`)).toMatch(/unknown key train.rank \(did you mean lora.rank\?\)/);
+    expect(usage('lora', `${BASE}lora:\n  network_dim: 4\n`)).toMatch(/did you mean lora.rank\?/);
+    expect(usage('lora', `${BASE}training:\n  lr: 1\n`)).toMatch(/unknown key training \(did you mean train\?\)/);
+    expect(usage('lora', withData('buckets:\n  enable: true'))).toMatch(/did you mean data.buckets.enabled\?/);
+    expect(usage('textual_inversion', `${BASE}textual_inversion:\n  placeholder_token: x\n`)).toMatch(/did you mean textual_inversion.token\?/);
+    expect(usage('lora', `${BASE}train:\n  optimizer_type: AdamW8bit\n`)).toMatch(/unknown key train.optimizer_type \(sdtune always uses AdamW/);
+    expect(usage('lora', `${BASE}train:\n  zzzzzz: 1\n`)).toMatch(/unknown key train.zzzzzz \(valid keys: train.max_steps, /);
+  });
+
+  it('wrong types and ranges', () => {
+    expect(usage('lora', `${BASE}train:\n  lr: fast\n`, {}, 'a.yaml')).toBe('a.yaml:6: train.lr: expected a number > 0, found "fast"');
+    expect(usage('lora', `${BASE}lora:\n  rank: 0\n`)).toMatch(/lora.rank: expected an integer >= 1, found 0$/);
+    expect(usage('lora', `${BASE}lora:\n  rank: 4.5\n`)).toMatch(/lora.rank: expected an integer >= 1, found 4.5$/);
+    expect(usage('lora', withData('resolution: 500'))).toMatch(
+      /data.resolution: expected a size in pixels, multiple of 8: 512 or \[width, height\], found 500/,
+    );
+    expect(usage('lora', `${BASE}train:\n  lr_scheduler: cosin\n`)).toMatch(/train.lr_scheduler: expected one of "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", found "cosin"/);
+    expect(usage('lora', `${BASE}train:\n  adam_beta2: 1\n`)).toMatch(/train.adam_beta2: expected a number in \[0, 1\), found 1/);
+    expect(usage('lora', withData('flip: yes'))).toMatch(/data.flip: expected true or false, found "yes"/);
+    expect(usage('lora', `${BASE}train: 5\n`)).toMatch(/train: expected a mapping with keys max_steps, epochs, .*found 5/);
+    expect(usage('lora', `${BASE}output:\n  sample_sampler: nope\n`)).toMatch(/output.sample_sampler: unknown sampler "nope"/);
+  });
+
+  it('required keys name the flag that sets them', () => {
+    expect(usage('lora', 'data:\n  dir: d\n')).toBe('model.path is required (set it in the config or with --model)');
+    expect(usage('textual_inversion', BASE)).toBe('textual_inversion.token is required (set it in the config or with --token)');
+  });
+
+  it('cross-field rules', () => {
+    expect(usage('lora', `${TI}lora:\n  rank: 4\n`)).toMatch(/has a textual_inversion section, but this command trains lora/);
+    expect(usage('textual_inversion', `${TI}lora:\n`)).toMatch(/has a lora section, but this command trains textual_inversion/);
+    expect(usage('lora', BASE, { rank: 4, token: 'x' })).toMatch(/--token: textual_inversion.token is a textual_inversion setting, but this command trains lora/);
+    expect(usage('lora', `${BASE}train:\n  lr_warmup_steps: 100\n`)).toMatch(/lr_warmup_steps is 100 but train.lr_scheduler "constant" has no warmup/);
+    expect(usage('lora', `${BASE}train:\n  lr_scheduler: linear\n  lr_warmup_steps: 100\n  max_steps: 50\n`)).toMatch(/train.lr_warmup_steps \(100\) exceeds train.max_steps \(50\)/);
+    expect(usage('lora', `${BASE}lora:\n  text_encoder_lr: 1e-5\n`)).toMatch(/lora.text_encoder_lr is set but lora.text_encoder is false/);
+    expect(usage('lora', `${BASE}output:\n  sample_every: 100\n`)).toMatch(/sample_prompts is empty/);
+    expect(usage('lora', BASE, { 'data.buckets': { enabled: true, min_side: 640 } })).toMatch(/data.buckets.min_side \(640\) exceeds|within data.buckets/);
+    expect(usage('lora', BASE, { 'data.templates': ['a photo'] })).toMatch(/data.templates: every template needs \{\}/);
+    expect(usage('lora', BASE, { 'data.caption_extension': 'txt' })).toMatch(/starting with "."/);
+    expect(usage('textual_inversion', TI, { token: 'my logo' })).toMatch(/--token: textual_inversion.token: expected one word/);
+    expect(usage('textual_inversion', TI, { token: 'logo' })).toMatch(/must differ from textual_inversion.init_word/);
+    expect(usage('lora', BASE, { name: 'a/b' })).toMatch(/output.name: expected a file name/);
+  });
+
+  it('mixed precision is refused as unsupported, with the reason', () => {
+    const e = errorOf(() => resolveConfig('lora', `${BASE}train:\n  mixed_precision: fp16\n`, {}));
+    expect(e.kind).toBe('unsupported');
+    expect(e.message).toMatch(/train.mixed_precision: "fp16" is not supported: TensorFlow.js trains in float32/);
+  });
+
+  it('invalid YAML and unreadable files are file errors with the line', async () => {
+    const e = errorOf(() => resolveConfig('lora', 'model:\n  path: [unclosed\n', {}, 'x.yaml'));
+    expect(e.kind).toBe('file');
+    expect(e.message).toMatch(/^x.yaml:\d+: invalid YAML/);
+    await expect(loadConfigFile('lora', '/nonexistent/sdtune.yaml', {})).rejects.toMatchObject({ kind: 'file', message: /cannot read config \/nonexistent\/sdtune.yaml: ENOENT/ });
+  });
+});
+
+describe('overrides', () => {
+  it('short flags and dotted keys override the file; command-line strings are read as YAML scalars', () => {
+    const c = resolveConfig('lora', `${BASE}train:\n  lr: 1e-4\n  seed: 1\n`, {
+      lr: 3e-4, 'max-steps': '500', 'train.seed': '7', resolution: '768x512', 'sample-prompt': 'a dog', 'sample-every': 50,
+      'data.buckets': { enabled: true }, 'lora.text_encoder': 'true', 'model.prediction_type': 'null', alpha: undefined,
+    });
+    expect(c.train).toMatchObject({ lr: 3e-4, max_steps: 500, seed: 7 });
+    expect(c.data.resolution).toEqual([768, 512]);
+    expect(c.data.buckets.enabled).toBe(true);
+    expect(c.output.sample_prompts).toEqual(['a dog']);
+    expect(c.lora).toMatchObject({ text_encoder: true, alpha: 8 });
+    expect(c.model.prediction_type).toBeNull();
+    expect(resolveConfig('lora', null, { model: 'm', data: 'd', resolution: [640, 448] }).data.resolution).toEqual([640, 448]);
+  });
+
+  it('every FLAG_KEYS target is a real key; bad flags and keys are named', () => {
+    for (const key of Object.values(FLAG_KEYS)) expect(key).toMatch(/^(model|data|train|lora|textual_inversion|output)\.\w+$/);
+    expect(usage('lora', BASE, { 'max-step': 5 })).toMatch(/unknown option --max-step \(did you mean --max-steps\?\)/);
+    expect(usage('lora', BASE, { 'train.learning_rate': 5 })).toBe('override train.learning_rate: unknown key train.learning_rate (did you mean train.lr?)');
+    expect(usage('lora', BASE, { 'max-steps': 'many' })).toBe('--max-steps: train.max_steps: expected an integer >= 1 or null, found "many"');
+  });
+
+  it('flagOverrides picks the config flags, --set pairs, --config and --resume from an argv', () => {
+    const argv = { _: [], $0: 'sdtune', config: 'c.yaml', resume: 'out/ckpt-100', lr: 1e-3, maxSteps: 9, 'max-steps': 9, rank: undefined, set: ['train.seed=3', 'data.flip=true'] };
+    const r = flagOverrides(argv);
+    expect(r).toEqual({ configPath: 'c.yaml', resume: 'out/ckpt-100', overrides: { 'train.seed': '3', 'data.flip': 'true', lr: 1e-3, 'max-steps': 9 } });
+    const c = resolveConfig('lora', BASE, r.overrides);
+    expect(c.train).toMatchObject({ seed: 3, lr: 1e-3, max_steps: 9 });
+    expect(c.data.flip).toBe(true);
+    expect(() => flagOverrides({ set: 'oops' })).toThrow(/--set oops: expected key=value/);
+  });
+});
+
+describe('dumpConfig', () => {
+  const dir = mkdtemp(path.join(os.tmpdir(), 'sdtune-config-'));
+  afterAll(async () => rm(await dir, { recursive: true, force: true }));
+
+  it('round trips through resolveConfig for both methods, with every kind of value', async () => {
+    const lora = resolveConfig('lora', `${BASE}lora:\n  targets: attn+ff\n  text_encoder: true\n  text_encoder_lr: 5e-5\n`, {
+      resolution: [768, 512], 'sample-prompt': 'a "quoted": prompt, with # hash', 'sample-every': 10, 'output.sample_sampler': 'Euler a',
+      'train.min_snr_gamma': 5, 'train.adam_epsilon': 1e-10, 'data.templates': ['a {}'], 'output.keep_last': null, seed: 1234567,
+    }, 'configs/run.yml');
+    expect(lora.output.sample_sampler).toBe('euler_a');
+    const ti = resolveConfig('textual_inversion', TI, { vectors: 4, 'max-steps': 3000 });
+    for (const [method, c] of [['lora', lora], ['textual_inversion', ti]] as const) {
+      const text = dumpConfig(c);
+      expect(text.startsWith(`# sdtune ${method} training config`)).toBe(true);
+      expect(resolveConfig(method, text, {})).toEqual(c);
+      const file = path.join(await dir, 'config.resolved.yaml');
+      await writeFile(file, text);
+      expect(await loadConfigFile(method, file, {})).toEqual(c);
+    }
+    expect(dumpConfig(lora)).toMatch(/resolution: \[ 768, 512 \]/);
+  });
+});
+
+describe('describeSteps', () => {
+  const cfg = (o: Record<string, unknown>) => resolveConfig('lora', BASE, o);
+
+  it('images x repeats / batch / accumulation x epochs, as diffusers and kohya count optimizer steps', () => {
+    const r = describeSteps(cfg({ repeats: 10, 'batch-size': 4, 'gradient-accumulation': 2, epochs: 3 }), 12);
+    expect(r).toEqual({
+      totalSteps: 45, stepsPerEpoch: 15, epochs: 3,
+      line: '12 images x 10 repeats = 120 samples / batch 4 = 30 batches / 2 accumulation = 15 steps per epoch; x 3 epochs = 45 steps',
+    });
+    // partial batches and partial accumulations round up
+    expect(describeSteps(cfg({ 'batch-size': 2, 'gradient-accumulation': 2 }), 5)).toMatchObject({ stepsPerEpoch: 2, totalSteps: 2 });
+  });
+
+  it('max_steps decides over epochs', () => {
+    const r = describeSteps(cfg({ 'max-steps': 100, repeats: 10, 'batch-size': 4, 'gradient-accumulation': 2, epochs: 3 }), 12);
+    expect(r).toMatchObject({ totalSteps: 100, stepsPerEpoch: 15, epochs: 7 });
+    expect(r.line).toMatch(/max_steps decides: 100 steps \(7 epochs\)$/);
+  });
+
+  it('counts batches per bucket, and refuses impossible warmups or no images', () => {
+    expect(describeSteps(cfg({ 'batch-size': 2 }), 5, [3, 2])).toMatchObject({ stepsPerEpoch: 3 });
+    expect(describeSteps(cfg({ 'batch-size': 2 }), 5, [3, 2]).line).toMatch(/= 3 batches \(over 2 buckets\)/);
+    expect(errorOf(() => describeSteps(cfg({ 'lr-scheduler': 'linear', 'lr-warmup-steps': 50 }), 10)).message).toMatch(/lr_warmup_steps \(50\) exceeds the 10 training steps/);
+    expect(errorOf(() => describeSteps(cfg({}), 0)).kind).toBe('file');
+  });
+});
