@@ -4,6 +4,7 @@ import { hideBin } from 'yargs/helpers';
 import { registerConvert } from './commands/convert.js';
 import { registerInspect } from './commands/inspect.js';
 import { registerSample } from './commands/sample.js';
+import { registerTrain } from './commands/train.js';
 
 let cli = yargs(hideBin(process.argv))
   .scriptName('sdtune')
@@ -22,4 +23,5 @@ let cli = yargs(hideBin(process.argv))
 cli = registerInspect(cli);
 cli = registerConvert(cli);
 cli = registerSample(cli);
+cli = registerTrain(cli);
 await cli.parseAsync();
