@@ -40,6 +40,13 @@ function nodeAt(tree: ParamTree, module: string): ParamTree {
 
 let varCounter = 0;
 
+/** A trainable variable that takes over `init` (tf.variable keeps the initial tensor object alive otherwise). */
+export function ownedVariable(init: tf.Tensor, name: string): tf.Variable {
+  const v = tf.variable(init, true, name);
+  init.dispose();
+  return v;
+}
+
 /**
  * Add trainable factors to every target module: down initialised as torch's kaiming_uniform(a=sqrt(5)) of a
  * Linear/Conv (U(-1/sqrt(fan_in), 1/sqrt(fan_in))) from the torch-compatible generator, up = 0 (so training starts
@@ -68,8 +75,8 @@ export function injectLora(
     const u = gen.rand([rank * fanIn]).map((v) => (2 * v - 1) * bound);
     // drawn in torch's [r, in(, kh, kw)] order, then moved to tfjs layout
     const downTf = torchToTfLayout(`${module}.lora_down.weight`, { shape: conv ? [rank, inDim, kh, kw] : [rank, inDim], data: u });
-    const down = tf.variable(tf.tensor(downTf.data as Float32Array, downTf.shape), true, `${opts.prefix ?? 'lora'}/${module}.lora_down#${varCounter++}`);
-    const up = tf.variable(tf.zeros(conv ? [1, 1, rank, outDim] : [rank, outDim]), true, `${opts.prefix ?? 'lora'}/${module}.lora_up#${varCounter++}`);
+    const down = ownedVariable(tf.tensor(downTf.data as Float32Array, downTf.shape), `${opts.prefix ?? 'lora'}/${module}.lora_down#${varCounter++}`);
+    const up = ownedVariable(tf.zeros(conv ? [1, 1, rank, outDim] : [rank, outDim]), `${opts.prefix ?? 'lora'}/${module}.lora_up#${varCounter++}`);
     node.lora_down = { weight: down };
     node.lora_up = { weight: up };
     node.lora_scale = tf.scalar(alpha / rank);

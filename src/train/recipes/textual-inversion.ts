@@ -6,6 +6,7 @@
 import * as tf from '@tensorflow/tfjs';
 import path from 'node:path';
 import { writeEmbeddingA1111, writeEmbeddingDiffusers } from '../../adapters/embeddings.js';
+import { ownedVariable } from '../../adapters/lora-inject.js';
 import { usageError } from '../../errors.js';
 import type { LoadedModel } from '../../io/model.js';
 import { leaf, sub } from '../../models/params.js';
@@ -51,9 +52,8 @@ export function createTiRecipe(model: LoadedModel, o: TiRecipeOptions): Recipe &
   const ids = tok.addTokens(tokens);
   if (ids[0] !== base.shape[0]) throw usageError(`tokenizer has ${ids[0]} ids but the token table has ${base.shape[0]} rows`);
   // rows start as the init word's embedding (cycled over its tokens for multi-vector placeholders)
-  const rows = tf.variable(
+  const rows = ownedVariable(
     tf.tidy(() => tf.gather(base, tf.tensor1d(tokens.map((_, i) => initIds[i % initIds.length]), 'int32'))),
-    true,
     `ti/${o.token}#${tiCounter++}`,
   );
   const placeholder = tokens.join(' ');

@@ -1,0 +1,55 @@
+// `sdtune lora` / `sdtune textual-inversion` as a user runs them, then `sdtune sample` on their outputs.
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterAll, describe, expect, it } from 'vitest';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const BIN = path.join(ROOT, 'bin/sdtune.js');
+const tmp = mkdtempSync(path.join(os.tmpdir(), 'sdtune-train-cli-'));
+afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+const sdtune = (...args: string[]) => {
+  const r = spawnSync(process.execPath, [BIN, ...args], { cwd: ROOT, encoding: 'utf8', env: { ...process.env, SDTUNE_BACKEND: 'cpu' } });
+  return { code: r.status, out: r.stdout, err: r.stderr };
+};
+
+describe('training commands', () => {
+  it('lora --config configs/style.yaml (shortened) then sample --lora', () => {
+    const out = path.join(tmp, 'style');
+    const r = sdtune('lora', '--config', 'configs/style.yaml', '--max-steps', '3', '--output', out, '--set', 'output.sample_every=null', '--set', 'output.save_every=null', '--set', 'train.lr_warmup_steps=0');
+    expect(r.code, r.err).toBe(0);
+    expect(r.err).toMatch(/backend: cpu/);
+    expect(r.err).toMatch(/trainable parameters: [\d,]+/);
+    expect(r.err).toMatch(/16 images x repeats = 16 samples \/ batch 2/);
+    const lora = path.join(out, 'style.safetensors');
+    expect(existsSync(lora)).toBe(true);
+    expect(existsSync(path.join(out, 'config.resolved.yaml'))).toBe(true);
+    const s = sdtune('sample', '--model', 'checkpoints/tiny-sd-v1', '--prompt', 'a red circle, outlined style', '--lora', `${lora}:0.7`, '--steps', '3', '--seed', '1', '--out', path.join(tmp, 'lora.png'));
+    expect(s.code, s.err).toBe(0);
+    expect(existsSync(path.join(tmp, 'lora.png'))).toBe(true);
+  });
+
+  it('textual-inversion with flags only, then sample --embedding', () => {
+    const out = path.join(tmp, 'logo');
+    const r = sdtune('textual-inversion', '--token', '<my-logo>', '--init-word', 'logo', '--data', 'datasets/logo', '--model', 'checkpoints/tiny-sd-v1', '--resolution', '64', '--max-steps', '2', '--output', out);
+    expect(r.code, r.err).toBe(0);
+    const emb = path.join(out, 'textual_inversion.safetensors');
+    expect(existsSync(emb), r.out + r.err).toBe(true);
+    const s = sdtune('sample', '--model', 'checkpoints/tiny-sd-v1', '--prompt', 'a photo of <my-logo>', '--embedding', `${emb}:<my-logo>`, '--steps', '3', '--seed', '1', '--out', path.join(tmp, 'ti.png'));
+    expect(s.code, s.err).toBe(0);
+  });
+
+  it('config errors are one clear line naming the key', () => {
+    const cfg = path.join(tmp, 'bad.yaml');
+    writeFileSync(cfg, 'model:\n  path: checkpoints/tiny-sd-v1\ndata:\n  dir: datasets/shapes\ntrain:\n  learning_rate: 1e-4\n');
+    const r = sdtune('lora', '--config', cfg);
+    expect(r.code).toBe(2);
+    expect(r.err).toMatch(/error: .*train\.learning_rate.*did you mean train\.lr\?/);
+    const empty = path.join(tmp, 'empty');
+    const e = sdtune('lora', '--model', 'checkpoints/tiny-sd-v1', '--data', empty, '--max-steps', '1', '--output', path.join(tmp, 'x'));
+    expect(e.code).not.toBe(0);
+    expect(e.err.trim().split('\n').at(-1)).toMatch(/^error: .*empty/);
+  });
+});
