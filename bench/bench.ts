@@ -1,87 +1,162 @@
 /**
- * `npm run bench`: seconds and peak tensor memory of the three networks, per backend, for the tiny golden model
- * (when ../shared is present) and for SD v1 shapes with random weights at a selectable latent size.
- *   npm run bench -- [--backend cpu|wasm|tensorflow] [--latent 8] [--batch 2] [--skip-sd] [--tiny DIR]
+ * `npm run bench`: one table of seconds and peak tensor memory per backend for
+ *   - the networks: text encoder, UNet forward at batch 2 (one CFG step), VAE decode;
+ *   - sampling: seconds per sampler step (CFG UNet + scheduler) and per image (encode + steps + decode);
+ *   - training: one LoRA step (rank 4, batch 1) and one textual-inversion step (loss, gradients, AdamW);
+ * on the bundled tiny model, the golden tiny model when ../shared is there, and SD v1 shapes with random weights.
+ *   npm run bench -- [--backend cpu|wasm|tensorflow] [--latent 8] [--steps 10] [--skip-sd] [--only nets,sample,train]
  */
 import * as tf from '@tensorflow/tfjs';
 import { existsSync } from 'node:fs';
 import path from 'node:path';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { loadModel } from '../src/io/model.js';
+import { injectLora, loraTargetModules, ownedVariable } from '../src/adapters/lora-inject.js';
+import { type LoadedModel, loadModel } from '../src/io/model.js';
 import { randomParams } from '../src/models/build.js';
 import { clipText, clipTextParamShapes } from '../src/models/clip-text.js';
-import { type ClipTextConfig, type UNetConfig, type VaeConfig, clipTextConfig, unetConfig, vaeConfig } from '../src/models/configs.js';
-import { type ParamTree, disposeParams } from '../src/models/params.js';
-import { SD15_TEXT_ENCODER_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG } from '../src/models/presets.js';
+import { clipTextConfig, unetConfig, vaeConfig } from '../src/models/configs.js';
+import { disposeParams, leaf, sub } from '../src/models/params.js';
+import { SD15_SCHEDULER_CONFIG, SD15_TEXT_ENCODER_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG } from '../src/models/presets.js';
 import { unet, unetParamShapes } from '../src/models/unet.js';
 import { vaeDecode, vaeParamShapes } from '../src/models/vae.js';
 import { selectBackend } from '../src/runtime/backend.js';
+import { TorchGenerator } from '../src/runtime/rng.js';
+import { disposeState, initialState, planSampler, scaleModelInput, scheduleFromConfig, step } from '../src/schedulers/index.js';
+import { diffusionLoss } from '../src/train/loss.js';
+import { adamwStep, createAdamW, disposeAdamW } from '../src/train/optim.js';
 
+const here = import.meta.dirname;
 const argv = await yargs(hideBin(process.argv))
   .option('backend', { type: 'string' })
   .option('latent', { type: 'number', default: 8, describe: 'latent side for SD v1 shapes (64 = 512x512)' })
-  .option('batch', { type: 'number', default: 2, describe: 'UNet batch (2 = one image with CFG)' })
-  .option('skip-sd', { type: 'boolean', default: false, describe: 'only the tiny model' })
-  .option('tiny', { type: 'string', default: path.resolve(import.meta.dirname, '../../shared/golden/tiny-sd') })
+  .option('steps', { type: 'number', default: 10, describe: 'sampler steps for the per-image figure' })
+  .option('skip-sd', { type: 'boolean', default: false, describe: 'only the tiny models' })
+  .option('only', { type: 'string', default: 'nets,sample,train' })
   .strict()
   .parse();
+const parts = new Set(argv.only.split(','));
 
 const backend = await selectBackend(argv.backend);
 console.error(backend.message);
 
 interface Row {
-  backend: string;
   model: string;
   resolution: string;
   batch: number;
-  component: string;
+  what: string;
   seconds: number;
   peakMB: number;
 }
 const rows: Row[] = [];
 
-/** Time one forward (result read back so lazy backends finish) and record tfjs' peak bytes during it. */
-async function measure(model: string, latent: number, batch: number, component: string, fn: () => tf.Tensor): Promise<void> {
+/** Time `fn` (its result read back so lazy backends finish) and record tfjs' peak bytes above the baseline. */
+async function measure(model: string, latent: number, batch: number, what: string, fn: () => tf.Tensor | tf.Tensor[]): Promise<number> {
   const base = tf.memory().numBytes;
   const t0 = performance.now();
-  let out: tf.Tensor | undefined;
+  let out: tf.Tensor[] = [];
   const prof = await tf.profile(async () => {
-    out = fn();
-    await out.data();
+    const r = fn();
+    out = Array.isArray(r) ? r : [r];
+    await Promise.all(out.map((t) => t.data()));
   });
   const seconds = (performance.now() - t0) / 1000;
-  out?.dispose();
-  rows.push({ backend: backend.name, model, resolution: `${latent * 8}x${latent * 8}`, batch, component, seconds, peakMB: (prof.peakBytes - base) / 1e6 });
-  console.error(`  ${model} ${component}: ${seconds.toFixed(2)} s`);
+  tf.dispose(out);
+  rows.push({ model, resolution: `${latent * 8}x${latent * 8}`, batch, what, seconds, peakMB: (prof.peakBytes - base) / 1e6 });
+  console.error(`  ${model} ${what}: ${seconds.toFixed(2)} s`);
+  return seconds;
 }
 
-async function benchModel(
-  model: string,
-  nets: { te: { config: ClipTextConfig; params: ParamTree }; unet: { config: UNetConfig; params: ParamTree }; vae: { config: VaeConfig; params: ParamTree } },
-  latent: number,
-): Promise<void> {
-  const ids = tf.tensor2d(Array.from({ length: 77 }, (_, i) => (i === 0 ? 49406 : i < 10 ? 320 + i : 49407)), [1, 77], 'int32');
-  await measure(model, latent, 1, 'text encoder', () => {
-    const o = clipText(nets.te.params, nets.te.config, ids);
-    tf.dispose([o.hiddenRaw, o.pooled]);
-    return o.hidden;
-  });
-  const b = argv.batch;
-  const x = tf.randomNormal([b, latent, latent, nets.unet.config.in_channels], 0, 1, 'float32', 1) as tf.Tensor4D;
-  const ctx = tf.randomNormal([b, 77, nets.unet.config.cross_attention_dim], 0, 1, 'float32', 2) as tf.Tensor3D;
-  await measure(model, latent, b, 'unet forward', () => unet(nets.unet.params, nets.unet.config, x, 500, ctx));
-  const z = tf.randomNormal([1, latent, latent, nets.vae.config.latent_channels], 0, 1, 'float32', 3) as tf.Tensor4D;
-  await measure(model, latent, 1, 'vae decode', () => vaeDecode(nets.vae.params, nets.vae.config, z));
-  tf.dispose([ids, x, ctx, z]);
+type Nets = Pick<LoadedModel, 'unet' | 'vae' | 'textEncoder' | 'schedulerConfig'>;
+
+async function benchModel(model: string, m: Nets, latent: number): Promise<void> {
+  const te = m.textEncoder!;
+  const un = m.unet!;
+  const vae = m.vae!;
+  const eos = te.config.eos_token_id;
+  const ids = tf.tensor2d(Array.from({ length: 77 }, (_, i) => (i === 0 ? te.config.bos_token_id : i < 10 ? 300 + i : eos)), [1, 77], 'int32');
+  const x1 = tf.randomNormal([1, latent, latent, un.config.in_channels], 0, 1, 'float32', 1) as tf.Tensor4D;
+  const ctx1 = tf.randomNormal([1, 77, un.config.cross_attention_dim], 0, 1, 'float32', 2) as tf.Tensor3D;
+  let teS = 0, unetS = 0, vaeS = 0;
+  if (parts.has('nets') || parts.has('sample')) {
+    teS = await measure(model, latent, 1, 'text encoder', () => {
+      const o = clipText(te.params, te.config, ids);
+      tf.dispose([o.hiddenRaw, o.pooled]);
+      return o.hidden;
+    });
+    const x2 = tf.concat([x1, x1]) as tf.Tensor4D;
+    const ctx2 = tf.concat([ctx1, ctx1]) as tf.Tensor3D;
+    unetS = await measure(model, latent, 2, 'unet forward', () => unet(un.params, un.config, x2, 500, ctx2));
+    const z = tf.randomNormal([1, latent, latent, vae.config.latent_channels], 0, 1, 'float32', 3) as tf.Tensor4D;
+    vaeS = await measure(model, latent, 1, 'vae decode', () => vaeDecode(vae.params, vae.config, z));
+    if (parts.has('sample')) {
+      // one sampler step: CFG UNet pass + DPM++ 2M update (the scheduler math is negligible next to the UNet)
+      const plan = planSampler('dpmpp_2m', m.schedulerConfig, argv.steps);
+      const state = initialState(plan);
+      const stepS = await measure(model, latent, 2, 'sampler step (cfg)', () => {
+        const eps = tf.tidy(() => {
+          const out = unet(un.params, un.config, scaleModelInput(plan, state, x2, 0) as tf.Tensor4D, plan.timesteps[0], ctx2);
+          const [u, c] = tf.split(out, 2, 0);
+          return tf.add(u, tf.mul(tf.sub(c, u), 7.5));
+        });
+        const r = step(plan, state, eps, 0, x1);
+        eps.dispose();
+        disposeState(r.state);
+        r.predOriginal.dispose();
+        return r.prevSample;
+      });
+      disposeState(state);
+      rows.push({ model, resolution: `${latent * 8}x${latent * 8}`, batch: 1, what: `image, ${argv.steps} steps (derived)`, seconds: 2 * teS + argv.steps * stepS + vaeS, peakMB: NaN });
+    }
+    tf.dispose([x2, ctx2, z]);
+  }
+  if (parts.has('train')) {
+    const schedule = scheduleFromConfig(m.schedulerConfig);
+    const batch = { latents: x1, noise: tf.randomNormal(x1.shape, 0, 1, 'float32', 4) as tf.Tensor4D, timesteps: Int32Array.from([500]), context: ctx1 };
+    // LoRA rank 4 on the UNet attention projections
+    const vars = injectLora(un.params, loraTargetModules(un.params, 'unet', 'attn'), { rank: 4, alpha: 4, gen: new TorchGenerator(0) });
+    const opt = createAdamW(vars);
+    const list = [...vars.values()];
+    await measure(model, latent, 1, 'train step: LoRA r4', () => {
+      const { value, grads } = tf.variableGrads(() => diffusionLoss(un.params, un.config, schedule, batch, { predictionType: 'epsilon' }), list);
+      adamwStep(opt, vars, new Map([...vars].map(([k, v]) => [k, grads[v.name]])), { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 1e-2 });
+      tf.dispose(Object.values(grads));
+      return value;
+    });
+    disposeAdamW(opt);
+    const { removeLora } = await import('../src/adapters/lora-inject.js');
+    removeLora(un.params);
+    // textual inversion: one trainable row through the text encoder and the UNet
+    const table = leaf(sub(te.params, 'text_model', 'embeddings', 'token_embedding'), 'weight');
+    const row = ownedVariable(table.slice([320, 0], [1, -1]).clone(), `bench/ti#${model}`);
+    const rowVars = new Map([['row', row]]);
+    const opt2 = createAdamW(rowVars);
+    await measure(model, latent, 1, 'train step: TI', () => {
+      const { value, grads } = tf.variableGrads(() => {
+        const tok = tf.gather(table, ids);
+        const emb = tf.concat([tok.slice([0, 0, 0], [1, 5, -1]), row.reshape([1, 1, -1]), tok.slice([0, 6, 0], [1, -1, -1])], 1) as tf.Tensor3D;
+        const context = clipText(te.params, te.config, ids, { inputEmbeds: emb }).hidden;
+        return diffusionLoss(un.params, un.config, schedule, { ...batch, context }, { predictionType: 'epsilon' });
+      }, [row]);
+      adamwStep(opt2, rowVars, new Map([['row', grads[row.name]]]), { lr: 5e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0 });
+      tf.dispose(Object.values(grads));
+      return value;
+    });
+    disposeAdamW(opt2);
+    row.dispose();
+    batch.noise.dispose();
+  }
+  tf.dispose([ids, x1, ctx1]);
 }
 
-if (existsSync(path.join(argv.tiny, 'model_index.json'))) {
-  const m = await loadModel(argv.tiny);
-  await benchModel('tiny-sd', { te: m.textEncoder!, unet: m.unet!, vae: m.vae! }, m.unet!.config.sample_size);
+for (const [name, dir] of [['tiny-sd-v1 (bundled)', path.resolve(here, '../checkpoints/tiny-sd-v1')], ['tiny-sd (golden)', path.resolve(here, '../../shared/golden/tiny-sd')]] as const) {
+  if (!existsSync(path.join(dir, 'model_index.json'))) {
+    console.error(`(${name} not found at ${dir}: skipped)`);
+    continue;
+  }
+  const m = await loadModel(dir);
+  await benchModel(name, m, m.unet!.config.sample_size);
   [m.textEncoder!, m.unet!, m.vae!].forEach((p) => disposeParams(p.params));
-} else {
-  console.error(`(tiny golden model not found at ${argv.tiny}: skipped)`);
 }
 
 if (!argv['skip-sd']) {
@@ -89,17 +164,18 @@ if (!argv['skip-sd']) {
   const te = clipTextConfig({ ...SD15_TEXT_ENCODER_CONFIG });
   const un = unetConfig({ ...SD15_UNET_CONFIG });
   const va = vaeConfig({ ...SD15_VAE_CONFIG });
-  const nets = {
-    te: { config: te, params: randomParams(clipTextParamShapes(te), 10) },
+  const nets: Nets = {
+    textEncoder: { config: te, params: randomParams(clipTextParamShapes(te), 10) },
     unet: { config: un, params: randomParams(unetParamShapes(un), 20) },
     vae: { config: va, params: randomParams(vaeParamShapes(va), 30) },
+    schedulerConfig: { ...SD15_SCHEDULER_CONFIG },
   };
   await benchModel('sd-v1 (random)', nets, argv.latent);
-  Object.values(nets).forEach((p) => disposeParams(p.params));
+  [nets.textEncoder!, nets.unet!, nets.vae!].forEach((p) => disposeParams(p.params));
 }
 
-const header = ['backend', 'model', 'resolution', 'batch', 'component', 'seconds', 'peak MB'];
-const table = rows.map((r) => [r.backend, r.model, r.resolution, String(r.batch), r.component, r.seconds.toFixed(3), r.peakMB.toFixed(1)]);
+const header = ['backend', 'model', 'resolution', 'batch', 'what', 'seconds', 'peak MB'];
+const table = rows.map((r) => [backend.name, r.model, r.resolution, String(r.batch), r.what, r.seconds.toFixed(3), Number.isNaN(r.peakMB) ? '-' : r.peakMB.toFixed(1)]);
 const widths = header.map((h, i) => Math.max(h.length, ...table.map((r) => r[i].length)));
 const line = (cells: string[]) => '| ' + cells.map((c, i) => c.padEnd(widths[i])).join(' | ') + ' |';
 console.log(line(header));
