@@ -9,7 +9,7 @@ import * as tf from '@tensorflow/tfjs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { makeBuckets } from '../data/buckets.js';
-import { LatentCache, sampleLatents } from '../data/cache.js';
+import { LatentCache, TextCache, sampleLatents } from '../data/cache.js';
 import { DataLoader, disposeBatch } from '../data/loader.js';
 import { scanDataset } from '../data/dataset.js';
 import { SdtuneError } from '../errors.js';
@@ -59,6 +59,7 @@ export interface TrainResult {
 function makeRecipe(method: Method, model: LoadedModel, c: TrainConfig, gen: TorchGenerator): Recipe {
   if (method === 'lora') {
     const l = c.lora!;
+    if (l.dropout) throw new SdtuneError('unsupported', `lora.dropout = ${l.dropout}: LoRA dropout is not implemented yet; set it to 0`);
     return createLoraRecipe(model, {
       rank: l.rank,
       alpha: l.alpha,
@@ -119,6 +120,10 @@ export async function train(method: Method, c: TrainConfig, o: TrainOptions = {}
     };
     const cache = c.data.cache_latents ? new LatentCache(encodePixels, { dir: path.join(c.data.cache_dir, 'latents'), encoderId: path.resolve(c.model.path) }) : undefined;
     if (cache) cleanups.push(() => cache.dispose());
+    const textCache = recipe.textEncoderTrainable
+      ? undefined
+      : new TextCache((caption) => tf.tidy(() => recipe.encodeIds(captionIds(model, [caption])).squeeze([0])));
+    if (textCache) cleanups.push(() => textCache.dispose());
     const loaderOpts = {
       batchSize: c.train.batch_size,
       resolution: c.data.resolution as [number, number],
@@ -193,7 +198,8 @@ export async function train(method: Method, c: TrainConfig, o: TrainOptions = {}
         const timesteps = gen.randint(0, T, [b]);
         const captions = batch.captions.map((cap) => recipe.captionFor(cap, pick));
         const ids = captionIds(model, captions);
-        const frozenCtx = recipe.textEncoderTrainable ? undefined : tf.tidy(() => recipe.encodeIds(ids));
+        // a frozen text encoder gives the same embedding for the same caption: cache it
+        const frozenCtx = textCache ? tf.tidy(() => tf.stack(captions.map((cap) => textCache.get(cap))) as tf.Tensor3D) : undefined;
         const { value, grads } = tf.variableGrads(
           () => diffusionLoss(unetP.params, unetP.config, schedule, { latents, noise, timesteps, context: frozenCtx ?? recipe.encodeIds(ids) }, { predictionType: pred, minSnrGamma: c.train.min_snr_gamma }),
           [...vars.values()],

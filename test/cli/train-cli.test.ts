@@ -1,5 +1,6 @@
 // `sdtune lora` / `sdtune textual-inversion` as a user runs them, then `sdtune sample` on their outputs.
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
+import { readdirSync } from 'node:fs';
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -39,6 +40,34 @@ describe('training commands', () => {
     expect(existsSync(emb), r.out + r.err).toBe(true);
     const s = sdtune('sample', '--model', 'checkpoints/tiny-sd-v1', '--prompt', 'a photo of <my-logo>', '--embedding', `${emb}:<my-logo>`, '--steps', '3', '--seed', '1', '--out', path.join(tmp, 'ti.png'));
     expect(s.code, s.err).toBe(0);
+  });
+
+  it('Ctrl-C saves a checkpoint and the adapter, and --resume continues from it', async () => {
+    const out = path.join(tmp, 'sigint');
+    const child = spawn(process.execPath, [BIN, 'lora', '--config', 'configs/style.yaml', '--max-steps', '500', '--output', out, '--set', 'output.sample_every=null', '--set', 'train.lr_scheduler=constant', '--set', 'train.lr_warmup_steps=0'], {
+      cwd: ROOT,
+      env: { ...process.env, SDTUNE_BACKEND: 'cpu' },
+    });
+    let err = '';
+    let scheduled = false;
+    const code = await new Promise<number | null>((resolve) => {
+      child.stderr.on('data', (d) => {
+        err += String(d);
+        if (/trainable parameters/.test(err) && !scheduled) {
+          scheduled = true; // one Ctrl-C: a second one quits at once
+          setTimeout(() => child.kill('SIGINT'), 3000);
+        }
+      });
+      child.on('exit', (c) => resolve(c));
+    });
+    expect(code, err).toBe(130);
+    expect(err).toMatch(/interrupted at step (\d+): checkpoint .*step-0+\d+/);
+    const step = Number(/interrupted at step (\d+)/.exec(err)![1]);
+    expect(readdirSync(path.join(out, 'checkpoints'))).toEqual([`step-${String(step).padStart(6, '0')}`]);
+    expect(existsSync(path.join(out, `style-step-${String(step).padStart(6, '0')}.safetensors`))).toBe(true);
+    const r = sdtune('lora', '--config', 'configs/style.yaml', '--max-steps', String(step + 1), '--output', out, '--resume', out, '--set', 'output.sample_every=null', '--set', 'train.lr_scheduler=constant', '--set', 'train.lr_warmup_steps=0');
+    expect(r.code, r.err).toBe(0);
+    expect(r.err).toMatch(new RegExp(`resumed from .* at step ${step}`));
   });
 
   it('config errors are one clear line naming the key', () => {

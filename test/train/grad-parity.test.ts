@@ -82,7 +82,7 @@ describeGolden('training step vs diffusers (textual inversion)', () => {
       const c = goldenCase('train_ti_step');
       const tol = c.tolerance as { atol_loss: number; rtol_grad: number };
       const ref = await caseTensors('train_ti_step');
-      const r = createTiRecipe(m, { token: '<my-token>', initWord: 'dog', vectors: 1, templates: TI_TEMPLATES });
+      const r = createTiRecipe(m, { token: '<my-token>', initWord: 'dog', vectors: 1, templates: [...TI_TEMPLATES] });
       expect(r.ids).toEqual([c.new_token_id]);
       const rows = [...r.trainables.values()][0];
       expect(maxAbsDiff(rows.dataSync(), ref.get('new_embedding_init')!.data)).toBe(0);
