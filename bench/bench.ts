@@ -20,7 +20,7 @@ import { disposeParams, leaf, sub } from '../src/models/params.js';
 import { SD15_SCHEDULER_CONFIG, SD15_TEXT_ENCODER_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG } from '../src/models/presets.js';
 import { unet, unetParamShapes } from '../src/models/unet.js';
 import { vaeDecode, vaeParamShapes } from '../src/models/vae.js';
-import { selectBackend } from '../src/runtime/backend.js';
+import { assertFitsBackend, selectBackend } from '../src/runtime/backend.js';
 import { TorchGenerator } from '../src/runtime/rng.js';
 import { disposeState, initialState, planSampler, scaleModelInput, scheduleFromConfig, step } from '../src/schedulers/index.js';
 import { diffusionLoss } from '../src/train/loss.js';
@@ -159,11 +159,19 @@ for (const [name, dir] of [['tiny-sd-v1 (bundled)', path.resolve(here, '../check
   [m.textEncoder!, m.unet!, m.vae!].forEach((p) => disposeParams(p.params));
 }
 
-if (!argv['skip-sd']) {
+const te = clipTextConfig({ ...SD15_TEXT_ENCODER_CONFIG });
+const un = unetConfig({ ...SD15_UNET_CONFIG });
+const va = vaeConfig({ ...SD15_VAE_CONFIG });
+const sdBytes = [clipTextParamShapes(te), unetParamShapes(un), vaeParamShapes(va)].reduce((a, m) => a + [...m.values()].reduce((b, s) => b + 4 * s.reduce((x, y) => x * y, 1), 0), 0);
+let fits = true;
+try {
+  assertFitsBackend(sdBytes, 'SD v1 (random weights)');
+} catch (e) {
+  fits = false;
+  console.error(`(SD v1 shapes skipped: ${(e as Error).message})`);
+}
+if (!argv['skip-sd'] && fits) {
   console.error('SD v1 shapes, random weights (initialising ~1.07 B parameters)...');
-  const te = clipTextConfig({ ...SD15_TEXT_ENCODER_CONFIG });
-  const un = unetConfig({ ...SD15_UNET_CONFIG });
-  const va = vaeConfig({ ...SD15_VAE_CONFIG });
   const nets: Nets = {
     textEncoder: { config: te, params: randomParams(clipTextParamShapes(te), 10) },
     unet: { config: un, params: randomParams(unetParamShapes(un), 20) },
