@@ -1,6 +1,7 @@
 /** Small numeric helpers for tests. */
 import * as tf from '@tensorflow/tfjs';
 import type { RawTensor } from '../src/io/safetensors.js';
+import { clipTextConfig, unetConfig, vaeConfig } from '../src/models/configs.js';
 
 /** max |a - b| over all elements (shapes must match). */
 export function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
@@ -30,3 +31,17 @@ export function rawTensor(t: RawTensor | undefined, name: string): RawTensor {
   if (!t) throw new Error(`golden tensor ${name} missing`);
   return t;
 }
+
+/** Tiny random-model configs shared by the unit tests (two UNet levels, 16-wide CLIP, two-level VAE). */
+export const TINY_UNET = unetConfig({
+  block_out_channels: [32, 64],
+  down_block_types: ['CrossAttnDownBlock2D', 'DownBlock2D'],
+  up_block_types: ['UpBlock2D', 'CrossAttnUpBlock2D'],
+  layers_per_block: 1,
+  cross_attention_dim: 16,
+  attention_head_dim: 4,
+  norm_num_groups: 8,
+  sample_size: 8,
+});
+export const TINY_CLIP = clipTextConfig({ hidden_size: 16, intermediate_size: 24, num_hidden_layers: 2, num_attention_heads: 2, vocab_size: 100, max_position_embeddings: 12, eos_token_id: 99 });
+export const TINY_VAE = vaeConfig({ block_out_channels: [16, 32], down_block_types: ['DownEncoderBlock2D', 'DownEncoderBlock2D'], up_block_types: ['UpDecoderBlock2D', 'UpDecoderBlock2D'], layers_per_block: 1, norm_num_groups: 8 });

@@ -12,11 +12,10 @@ import { type LoadedModel, disposeModel, loadModel } from '../../src/io/model.js
 import { type WritableTensor, SafetensorsFile, writeSafetensors } from '../../src/io/safetensors.js';
 import { randomParams } from '../../src/models/build.js';
 import { clipText, clipTextParamShapes } from '../../src/models/clip-text.js';
-import { clipTextConfig, unetConfig } from '../../src/models/configs.js';
 import { type ParamTree, disposeParams, flattenParams } from '../../src/models/params.js';
 import { unet, unetParamShapes } from '../../src/models/unet.js';
 import { atolOf, caseTensors, describeGolden, golden } from '../golden.js';
-import { maxAbsDiff, nhwc, toNchwData } from '../helpers.js';
+import { TINY_CLIP, TINY_UNET, maxAbsDiff, nhwc, toNchwData } from '../helpers.js';
 
 /** Host copies of every weight, to check that restore() is exact. */
 const snapshot = (trees: ParamTree[]) => trees.map((t) => new Map([...flattenParams(t)].map(([k, v]) => [k, { t: v, data: (v.dataSync() as Float32Array).slice() }])));
@@ -99,17 +98,8 @@ describeGolden('LoRA vs diffusers (tiny-sd)', () => {
 
 // ---- tiny random model ------------------------------------------------------------------------------------------
 
-const UNET = unetConfig({
-  block_out_channels: [32, 64],
-  down_block_types: ['CrossAttnDownBlock2D', 'DownBlock2D'],
-  up_block_types: ['UpBlock2D', 'CrossAttnUpBlock2D'],
-  layers_per_block: 1,
-  cross_attention_dim: 16,
-  attention_head_dim: 4,
-  norm_num_groups: 8,
-  sample_size: 8,
-});
-const CLIP = clipTextConfig({ hidden_size: 16, intermediate_size: 24, num_hidden_layers: 2, num_attention_heads: 2, vocab_size: 100, max_position_embeddings: 12, eos_token_id: 99 });
+const UNET = TINY_UNET;
+const CLIP = TINY_CLIP;
 
 let seed = 1;
 const rand = (shape: number[]) => {

@@ -4,25 +4,15 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { tensorFromTorch, tensorToTorch, torchToTfLayout, tfToTorchLayout } from '../../src/io/layout.js';
 import { randomParams } from '../../src/models/build.js';
 import { clipText, clipTextParamShapes } from '../../src/models/clip-text.js';
-import { clipTextConfig, unetConfig, vaeConfig } from '../../src/models/configs.js';
 import { attention, groupNorm, setAttentionChunkElements, getAttentionChunkElements, timestepEmbedding } from '../../src/models/layers.js';
 import { countParams, disposeParams, flattenParams } from '../../src/models/params.js';
 import { unet, unetParamShapes } from '../../src/models/unet.js';
 import { vaeDecode, vaeEncode, vaeParamShapes } from '../../src/models/vae.js';
-import { maxAbsDiff } from '../helpers.js';
+import { TINY_CLIP, TINY_UNET, TINY_VAE, maxAbsDiff } from '../helpers.js';
 
-const UNET = unetConfig({
-  block_out_channels: [32, 64],
-  down_block_types: ['CrossAttnDownBlock2D', 'DownBlock2D'],
-  up_block_types: ['UpBlock2D', 'CrossAttnUpBlock2D'],
-  layers_per_block: 1,
-  cross_attention_dim: 16,
-  attention_head_dim: 4,
-  norm_num_groups: 8,
-  sample_size: 8,
-});
-const VAE = vaeConfig({ block_out_channels: [16, 32], down_block_types: ['DownEncoderBlock2D', 'DownEncoderBlock2D'], up_block_types: ['UpDecoderBlock2D', 'UpDecoderBlock2D'], layers_per_block: 1, norm_num_groups: 8 });
-const CLIP = clipTextConfig({ hidden_size: 16, intermediate_size: 24, num_hidden_layers: 2, num_attention_heads: 2, vocab_size: 100, max_position_embeddings: 12, eos_token_id: 99 });
+const UNET = TINY_UNET;
+const VAE = TINY_VAE;
+const CLIP = TINY_CLIP;
 
 describe('layout conversion', () => {
   it('torch <-> tf round trips conv and linear weights and keeps embeddings', async () => {
