@@ -60,6 +60,9 @@ function makeRecipe(method: Method, model: LoadedModel, c: TrainConfig, gen: Tor
   if (method === 'lora') {
     const l = c.lora!;
     if (l.dropout) throw new SdtuneError('unsupported', `lora.dropout = ${l.dropout}: LoRA dropout is not implemented yet; set it to 0`);
+    if (l.targets === 'attn+ff+conv' && tf.getBackend() === 'wasm') {
+      throw new SdtuneError('backend', 'lora.targets attn+ff+conv needs convolution weight gradients, which the wasm backend lacks; use --backend tensorflow or cpu, or targets attn / attn+ff');
+    }
     return createLoraRecipe(model, {
       rank: l.rank,
       alpha: l.alpha,
