@@ -63,13 +63,16 @@ function shapesOf(src: ComponentSource): Map<string, number[]> {
 }
 
 /** Check a component's keys and shapes against its config without reading tensor data. */
-function checkComponent(ck: CheckpointSource, name: Component): { config: UNetConfig | VaeConfig | ClipTextConfig; params: number } {
+function checkComponent(
+  ck: CheckpointSource,
+  name: Component,
+): { config: UNetConfig | VaeConfig | ClipTextConfig; spec: Map<string, number[]>; params: number } {
   const src = ck.components[name]!;
   const { config, spec } = SPECS[name](src.config);
   checkAgainstSpec(`${ck.path} (${name})`, spec, shapesOf(src));
   let params = 0;
   for (const s of spec.values()) params += s.reduce((a, b) => a * b, 1);
-  return { config, params };
+  return { config, spec, params };
 }
 
 /** Load a model's networks (and tokenizer, when there is a text encoder) into memory. */
@@ -84,9 +87,9 @@ export async function loadModel(path: string, opts: OpenModelOptions = {}): Prom
     }
     const checked = want.map((c) => [c, checkComponent(ck, c)] as const);
     assertFitsBackend(checked.reduce((a, [, r]) => a + r.params * 4, 0), path);
-    for (const [name, { config }] of checked) {
+    for (const [name, { config, spec }] of checked) {
       const tensors = await readComponent(ck.components[name]!);
-      const params = buildParams(`${path} (${name})`, SPECS[name](ck.components[name]!.config).spec, tensors);
+      const params = buildParams(`${path} (${name})`, spec, tensors);
       if (name === 'unet') loaded.unet = { config: config as UNetConfig, params };
       else if (name === 'vae') loaded.vae = { config: config as VaeConfig, params };
       else loaded.textEncoder = { config: config as ClipTextConfig, params };
