@@ -19,8 +19,7 @@ export const golden = (...parts: string[]) => path.join(GOLDEN, ...parts);
  * golden files at collection time); one skipped entry names the suite, and test/global-setup.ts says why, once.
  */
 export function describeGolden(name: string, fn: () => void): void {
-  if (HAVE_GOLDEN) describe(name, fn);
-  else describe.skip(name, () => it('needs ../shared/golden', () => {}));
+  describe.skipIf(!HAVE_GOLDEN)(name, HAVE_GOLDEN ? fn : () => it('needs ../shared/golden', () => {}));
 }
 
 export interface GoldenCase {
