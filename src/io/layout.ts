@@ -94,8 +94,3 @@ export async function tensorToTorch(key: string, t: tf.Tensor): Promise<HostTens
   const data = (await t.data()) as Float32Array | Int32Array;
   return tfToTorchLayout(key, { shape: [...t.shape], data });
 }
-
-/** NCHW host/tensor -> NHWC tf tensor (used at the edges: tests, images). */
-export const nchwToNhwc = (x: tf.Tensor4D) => tf.transpose(x, [0, 2, 3, 1]) as tf.Tensor4D;
-/** NHWC -> NCHW. */
-export const nhwcToNchw = (x: tf.Tensor4D) => tf.transpose(x, [0, 3, 1, 2]) as tf.Tensor4D;
