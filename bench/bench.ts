@@ -4,7 +4,7 @@
  *   - sampling: seconds per sampler step (CFG UNet + scheduler) and per image (encode + steps + decode);
  *   - training: one LoRA step (rank 4, batch 1) and one textual-inversion step (loss, gradients, AdamW);
  * on the bundled tiny model, the golden tiny model when ../shared is there, and SD v1 shapes with random weights.
- *   npm run bench -- [--backend cpu|wasm|tensorflow] [--latent 8] [--steps 10] [--skip-sd] [--only nets,sample,train]
+ *   npm run bench -- [--backend cpu|wasm|tensorflow] [--latent 8] [--steps 10] [--no-random-weights] [--only nets,sample,train]
  */
 import * as tf from '@tensorflow/tfjs';
 import { existsSync } from 'node:fs';
@@ -31,7 +31,8 @@ const argv = await yargs(hideBin(process.argv))
   .option('backend', { type: 'string' })
   .option('latent', { type: 'number', default: 8, describe: 'latent side for SD v1 shapes (64 = 512x512)' })
   .option('steps', { type: 'number', default: 10, describe: 'sampler steps for the per-image figure' })
-  .option('skip-sd', { type: 'boolean', default: false, describe: 'only the tiny models' })
+  .option('random-weights', { type: 'boolean', default: true, describe: 'also SD v1 shapes with random weights (--no-random-weights: only the tiny models)' })
+  .option('skip-sd', { type: 'boolean', default: false, describe: 'same as --no-random-weights' })
   .option('only', { type: 'string', default: 'nets,sample,train' })
   .strict()
   .parse();
@@ -170,7 +171,7 @@ try {
   fits = false;
   console.error(`(SD v1 shapes skipped: ${(e as Error).message})`);
 }
-if (!argv['skip-sd'] && fits) {
+if (argv['random-weights'] && !argv['skip-sd'] && fits) {
   console.error('SD v1 shapes, random weights (initialising ~1.07 B parameters)...');
   const nets: Nets = {
     textEncoder: { config: te, params: randomParams(clipTextParamShapes(te), 10) },
