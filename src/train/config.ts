@@ -568,21 +568,20 @@ export function dumpConfig(c: TrainConfig): string {
 
 /**
  * How many optimizer steps training runs, as diffusers / kohya count them: batches per epoch = ceil(images x repeats /
- * batch) (summed per aspect bucket when `bucketSizes` gives the images of each), steps per epoch = ceil(batches /
- * gradient accumulation), total = max_steps if set (epochs = ceil(max_steps / steps per epoch)) else steps x epochs.
+ * batch), or, when `bucketSamples` gives the samples of each aspect bucket (repeats already applied, so kohya's
+ * per-folder repeats count), the sum of ceil(samples / batch) over buckets; steps per epoch = ceil(batches / gradient
+ * accumulation); total = max_steps if set (epochs = ceil(max_steps / steps per epoch)) else steps x epochs.
  */
 export function describeSteps(
   c: TrainConfig,
   numImages: number,
-  bucketSizes?: number[],
+  bucketSamples?: number[],
 ): { totalSteps: number; stepsPerEpoch: number; epochs: number; line: string } {
   if (numImages < 1) throw fileError(`no training images found in ${c.data.dir}`);
   const { batch_size: bs, gradient_accumulation: ga, max_steps: maxSteps } = c.train;
   const r = c.data.repeats;
-  if (bucketSizes && bucketSizes.reduce((a, n) => a + n, 0) !== numImages) {
-    throw new Error(`describeSteps: bucket sizes ${bucketSizes.join('+')} do not add up to ${numImages} images`);
-  }
-  const batches = bucketSizes ? bucketSizes.reduce((a, n) => a + Math.ceil((n * r) / bs), 0) : Math.ceil((numImages * r) / bs);
+  const samples = bucketSamples ? bucketSamples.reduce((a, n) => a + n, 0) : numImages * r;
+  const batches = bucketSamples ? bucketSamples.reduce((a, n) => a + Math.ceil(n / bs), 0) : Math.ceil(samples / bs);
   const stepsPerEpoch = Math.ceil(batches / ga);
   const totalSteps = maxSteps ?? stepsPerEpoch * c.train.epochs;
   const epochs = maxSteps !== null ? Math.ceil(maxSteps / stepsPerEpoch) : c.train.epochs;
@@ -590,8 +589,8 @@ export function describeSteps(
     throw usageError(`train.lr_warmup_steps (${c.train.lr_warmup_steps}) exceeds the ${totalSteps} training steps`);
   }
   const perEpoch =
-    `${numImages} images x ${r} repeats = ${numImages * r} samples / batch ${bs} = ${batches} batches` +
-    (bucketSizes && bucketSizes.length > 1 ? ` (over ${bucketSizes.length} buckets)` : '') +
+    `${numImages} images x ${bucketSamples ? '' : `${r} `}repeats = ${samples} samples / batch ${bs} = ${batches} batches` +
+    (bucketSamples && bucketSamples.length > 1 ? ` (over ${bucketSamples.length} buckets)` : '') +
     (ga > 1 ? ` / ${ga} accumulation` : '') +
     ` = ${stepsPerEpoch} steps per epoch`;
   const total = maxSteps !== null ? `max_steps decides: ${totalSteps} steps (${epochs} epochs)` : `x ${epochs} epochs = ${totalSteps} steps`;

@@ -22,7 +22,7 @@ import { currentBackend } from '../runtime/backend.js';
 import { progress } from '../runtime/progress.js';
 import { TorchGenerator, randnNHWC } from '../runtime/rng.js';
 import { type Schedule, samplerFromConfig, scheduleFromConfig } from '../schedulers/index.js';
-import { type Method, type TrainConfig, dumpConfig } from './config.js';
+import { type Method, type TrainConfig, describeSteps, dumpConfig } from './config.js';
 import { checkpointName, loadCheckpoint, resolveResume, saveCheckpoint } from './checkpoint.js';
 import { type PredictionType, diffusionLoss } from './loss.js';
 import { lrFactor } from './lr.js';
@@ -137,12 +137,11 @@ export async function train(method: Method, c: TrainConfig, o: TrainOptions = {}
       seed: c.train.seed + 1,
       latentCache: cache,
     };
-    // 2. steps: batches per epoch come from the loader (aspect buckets and per-folder repeats included)
+    // 2. steps: samples per bucket come from the loader (aspect buckets and per-folder repeats included)
     let loader = new DataLoader(items, loaderOpts);
+    const steps = describeSteps(c, items.length, loader.bucketSummary().map((b) => b.samples));
+    const total = steps.totalSteps;
     const ga = c.train.gradient_accumulation;
-    const stepsPerEpoch = Math.ceil(loader.stepsPerEpoch / ga);
-    const total = c.train.max_steps ?? stepsPerEpoch * c.train.epochs;
-    const samples = loader.bucketSummary().reduce((a, b) => a + b.samples, 0);
     // 3. optimizer, resume
     const vars = recipe.trainables;
     let opt: AdamWState = createAdamW(vars);
@@ -167,11 +166,7 @@ export async function train(method: Method, c: TrainConfig, o: TrainOptions = {}
     tb = await TensorBoardWriter.create(c.output.log_dir);
     const nParams = [...vars.values()].reduce((a, v) => a + v.size, 0);
     log(`backend: ${currentBackend()?.name ?? tf.getBackend()}; method: ${method}; trainable parameters: ${nParams.toLocaleString('en-US')}`);
-    log(
-      `steps: ${items.length} images x repeats = ${samples} samples / batch ${c.train.batch_size} = ${loader.stepsPerEpoch} batches per epoch` +
-        (ga > 1 ? ` / ${ga} accumulation = ${stepsPerEpoch} steps` : '') +
-        (c.train.max_steps !== null ? `; max_steps decides: ${total} steps` : ` x ${c.train.epochs} epochs = ${total} steps`),
-    );
+    log(`steps: ${steps.line}`);
     const T = schedule.config.numTrainTimesteps;
     const pick = (n: number) => gen.randint(0, n, [1])[0];
     const ckRoot = path.join(c.output.dir, 'checkpoints');
