@@ -87,9 +87,8 @@ function validate(m: LoadedModel, o: GenerateOptions): void {
   if (o.strength !== undefined && !(o.strength > 0 && o.strength <= 1)) throw usageError(`--strength must be in (0, 1], got ${o.strength}`);
 }
 
-/** [H,W,3] images in [0,1] -> [B,H,W,3] in [-1,1] (diffusers VaeImageProcessor normalize). */
-const toModelRange = (img: RgbImage, b: number) =>
-  tf.tidy(() => tf.tile(tf.sub(tf.mul(tf.tensor4d(img.data, [1, img.height, img.width, 3]), 2), 1), [b, 1, 1, 1]) as tf.Tensor4D);
+/** An [H,W,3] image in [0,1] -> [1,H,W,3] in [-1,1] (diffusers VaeImageProcessor normalize). */
+const toModelRange = (img: RgbImage) => tf.tidy(() => tf.sub(tf.mul(tf.tensor4d(img.data, [1, img.height, img.width, 3]), 2), 1) as tf.Tensor4D);
 
 /** One NCHW-ordered torch draw per image from its own generator, as an NHWC batch. */
 const drawNoise = (gens: TorchGenerator[], shape: [number, number, number, number]) =>
@@ -99,7 +98,7 @@ const drawNoise = (gens: TorchGenerator[], shape: [number, number, number, numbe
 function encodeImage(m: LoadedModel, image: tf.Tensor4D, gens: TorchGenerator[]): tf.Tensor4D {
   const vae = m.vae!;
   return tf.tidy(() => {
-    const d = vaeEncode(vae.params, vae.config, image.slice([0, 0, 0, 0], [1, -1, -1, -1]));
+    const d = vaeEncode(vae.params, vae.config, image);
     const [, h, w, c] = d.mean.shape;
     const noise = drawNoise(gens, [1, c, h, w]);
     return tf.mul(tf.add(d.mean, tf.mul(d.std, noise)), vae.config.scaling_factor) as tf.Tensor4D;
@@ -136,7 +135,7 @@ export function generate(m: LoadedModel, o: GenerateOptions): GenerateResult {
     const fromImage = Boolean(o.initImage) && strength < 1;
     if (o.initImage && strength < 1) plan = truncateForStrength(plan, strength).plan;
     // 3. initial latents, drawing noise in diffusers' order for each pipeline
-    const image = o.initImage ? keep(toModelRange(o.initImage, 1)) : undefined;
+    const image = o.initImage ? keep(toModelRange(o.initImage)) : undefined;
     let imageLatents: tf.Tensor4D | undefined;
     let latents: tf.Tensor4D;
     let noise: tf.Tensor4D | undefined;
