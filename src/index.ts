@@ -1,8 +1,10 @@
 /** sdtune's library surface: everything the CLI does, as typed functions. */
 export * from './errors.js';
-export { selectBackend, currentBackend, assertFitsBackend, type BackendInfo, type BackendName } from './runtime/backend.js';
+export { selectBackend, currentBackend, assertFitsBackend, fitBackend, type BackendInfo, type BackendName } from './runtime/backend.js';
+export { assertDeviceHealthy, probeAdapter, type AdapterSummary } from './runtime/webgpu.js';
 export { TorchGenerator, randnNHWC, batchGenerators, randomSeed } from './runtime/rng.js';
 export { progress } from './runtime/progress.js';
+export { measurePeak, checkpoint, trainableIn, type PeakMeasurement } from './runtime/memory.js';
 export { SafetensorsFile, readSafetensorsHeader, writeSafetensors } from './io/safetensors.js';
 export { openCheckpoint } from './io/checkpoint.js';
 export { convertCheckpoint } from './io/convert.js';
@@ -10,7 +12,7 @@ export { loadModel, disposeModel, inspectModel, type LoadedModel, type ModelRepo
 export { formatInfotext, parseInfotext, readPngText, writePng, readImageRgb } from './io/png.js';
 export { TensorBoardWriter, readEventFile } from './io/tensorboard.js';
 export { clipText, clipTextParamShapes } from './models/clip-text.js';
-export { unet, unetParamShapes } from './models/unet.js';
+export { unet, unetParamShapes, CHECKPOINT_DENSE, type UNetOptions, type CheckpointSite } from './models/unet.js';
 export { vaeEncode, vaeDecode, vaeParamShapes } from './models/vae.js';
 export { clipTextConfig, unetConfig, vaeConfig, type ClipTextConfig, type UNetConfig, type VaeConfig } from './models/configs.js';
 export { setAttentionChunkElements } from './models/layers.js';

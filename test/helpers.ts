@@ -19,12 +19,25 @@ export function nhwc(t: RawTensor): tf.Tensor4D {
   return tf.tidy(() => tf.tensor4d(t.data as Float32Array, t.shape as [number, number, number, number]).transpose([0, 2, 3, 1]));
 }
 
-/** A tf NHWC result as NCHW host data, for comparing with goldens. */
+/** NHWC host data of `shape` reordered to NCHW (on the host: no kernel, so it also works inside onStep callbacks). */
+export function nhwcToNchw(d: ArrayLike<number>, shape: readonly number[]): Float32Array {
+  const [n, h, w, c] = shape;
+  const out = new Float32Array(n * c * h * w);
+  for (let b = 0; b < n; b++)
+    for (let y = 0; y < h; y++)
+      for (let x = 0; x < w; x++)
+        for (let k = 0; k < c; k++) out[((b * c + k) * h + y) * w + x] = d[((b * h + y) * w + x) * c + k];
+  return out;
+}
+
+/** A tf NHWC result as NCHW host data, for comparing with goldens (an async read: GPU backends have no sync one). */
+export async function toNchw(x: tf.Tensor4D): Promise<Float32Array> {
+  return nhwcToNchw((await x.data()) as Float32Array, x.shape);
+}
+
+/** Sync variant for a tensor whose data is already on the host (e.g. the pipeline's latents in onStep, read after each step). */
 export function toNchwData(x: tf.Tensor4D): Float32Array {
-  const t = x.transpose([0, 3, 1, 2]);
-  const d = t.dataSync() as Float32Array;
-  t.dispose();
-  return d;
+  return nhwcToNchw(x.dataSync() as Float32Array, x.shape);
 }
 
 export function rawTensor(t: RawTensor | undefined, name: string): RawTensor {

@@ -1,5 +1,5 @@
-// Every test runs on the pure-TS cpu backend (deterministic, available everywhere).
-import * as tf from '@tensorflow/tfjs';
+// Each vitest project runs its files on one backend (vitest.config.ts): wasm for the suite, cpu as the reference
+// for parity, webgpu (software adapter where no GPU) for parity where an adapter exists.
+import { selectBackend } from '../src/runtime/backend.js';
 
-await tf.setBackend('cpu');
-await tf.ready();
+await selectBackend(process.env.SDTUNE_TEST_BACKEND ?? 'cpu');

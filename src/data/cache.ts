@@ -157,8 +157,8 @@ export class LatentCache {
       for (const [id, d] of this.mem) {
         if (!id.startsWith(`${hash}/`)) continue;
         const v = id.slice(hash.length + 1);
-        tensors.set(`${v}.mean`, { shape: d.mean.shape, data: d.mean.dataSync() as Float32Array });
-        tensors.set(`${v}.std`, { shape: d.std.shape, data: d.std.dataSync() as Float32Array });
+        tensors.set(`${v}.mean`, { shape: d.mean.shape, data: (await d.mean.data()) as Float32Array });
+        tensors.set(`${v}.std`, { shape: d.std.shape, data: (await d.std.data()) as Float32Array });
       }
       await writeSafetensors(this.file(hash), tensors, { metadata: { format: FORMAT, encoder: this.opts.encoderId ?? '', hash } });
       this.onDisk.set(hash, Promise.resolve(new Set([...tensors.keys()].filter((k) => k.endsWith('.mean')).map((k) => k.slice(0, -5)))));

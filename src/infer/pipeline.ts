@@ -106,7 +106,7 @@ function encodeImage(m: LoadedModel, image: tf.Tensor4D, gens: TorchGenerator[])
 }
 
 /** Run the sampler loop and decode; see the module comment. */
-export function generate(m: LoadedModel, o: GenerateOptions): GenerateResult {
+export async function generate(m: LoadedModel, o: GenerateOptions): Promise<GenerateResult> {
   validate(m, o);
   const un = m.unet!;
   const vae = m.vae!;
@@ -213,6 +213,8 @@ export function generate(m: LoadedModel, o: GenerateOptions): GenerateResult {
         latents.dispose();
         latents = next;
       }
+      // wait for the step's result: on a GPU backend work is queued, and progress must count finished steps
+      await latents.data();
       o.onStep?.(i, n, latents);
     }
     disposeState(state);
@@ -223,7 +225,7 @@ export function generate(m: LoadedModel, o: GenerateOptions): GenerateResult {
         const z = tf.div(latents.slice([k, 0, 0, 0], [1, -1, -1, -1]), vae.config.scaling_factor) as tf.Tensor4D;
         return tf.clipByValue(tf.add(tf.div(vaeDecode(vae.params, vae.config, z), 2), 0.5), 0, 1);
       });
-      images.push({ data: data.dataSync() as Float32Array, width: o.width, height: o.height });
+      images.push({ data: (await data.data()) as Float32Array, width: o.width, height: o.height });
       data.dispose();
     }
     latents.dispose();

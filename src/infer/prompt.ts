@@ -21,6 +21,8 @@ export function encodeChunks(te: TextEncoder, chunks: PromptChunk[], clipSkip = 
     const weights = tf.tensor2d(chunks.flatMap((c) => Array.from(c.weights)), [1, chunks.length * chunks[0].ids.length]);
     const z = clipText(te.params, te.config, ids, { clipSkip }).hidden; // [k, 77, C]
     const [k, l, c] = z.shape;
+    // no emphasis anywhere: the rescale is the identity (diffusers' encode_prompt), skip it
+    if (chunks.every((ch) => Array.prototype.every.call(ch.weights, (w: number) => w === 1))) return z.reshape([1, k * l, c]) as tf.Tensor3D;
     return applyEmphasis(z.reshape([1, k * l, c]), weights, l);
   });
 }

@@ -139,7 +139,7 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
     for (let it = 0; it < nIter; it++) {
       const seed = baseSeed + it * batch;
       let done = 0;
-      const r = generate(m, {
+      const r = await generate(m, {
         prompt: rewrite(o.prompt),
         negativePrompt: rewrite(o.negativePrompt ?? ''),
         sampler: name,

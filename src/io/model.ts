@@ -3,7 +3,7 @@
  * what each network reads, and describing a model without reading its tensors (`sdtune inspect`).
  */
 import { SdtuneError } from '../errors.js';
-import { assertFitsBackend } from '../runtime/backend.js';
+import { fitBackend } from '../runtime/backend.js';
 import { ClipTokenizer } from '../tokenizer/clip.js';
 import { buildParams } from '../models/build.js';
 import { clipTextParamShapes } from '../models/clip-text.js';
@@ -86,7 +86,12 @@ export async function loadModel(path: string, opts: OpenModelOptions = {}): Prom
       if (missing.length) throw new SdtuneError('format', `${path}: the model has no ${missing.join(', ')} component`);
     }
     const checked = want.map((c) => [c, checkComponent(ck, c)] as const);
-    assertFitsBackend(checked.reduce((a, [, r]) => a + r.params * 4, 0), path);
+    const stepDown = await fitBackend(checked.reduce((a, [, r]) => a + r.params * 4, 0), path);
+    if (stepDown) {
+      // the backend line the user saw no longer holds: say which backend runs now
+      loaded.notes.push(stepDown);
+      process.stderr.write(stepDown + '\n');
+    }
     for (const [name, { config, spec }] of checked) {
       const tensors = await readComponent(ck.components[name]!);
       const params = buildParams(`${path} (${name})`, spec, tensors);

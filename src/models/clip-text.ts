@@ -103,9 +103,20 @@ export function clipText(params: ParamTree, cfg: ClipTextConfig, inputIds: tf.Te
     const hidden = skip === 1 ? last : (layerNorm(fln, skipped!, cfg.layer_norm_eps) as tf.Tensor3D);
     // 4. pooled output: transformers takes argmax(ids) when eos_token_id == 2 (legacy configs), else the first EOS
     const ids = inputIds.toInt();
-    const eosPos = cfg.eos_token_id === 2 ? tf.argMax(ids, 1) : tf.argMax(tf.equal(ids, cfg.eos_token_id).toInt(), 1);
+    const eosPos = firstArgMax((cfg.eos_token_id === 2 ? ids : tf.equal(ids, cfg.eos_token_id).toInt()) as tf.Tensor2D);
     const flat = last.reshape([b * len, -1]);
     const pooled = tf.gather(flat, tf.add(tf.range(0, b * len, len, 'int32'), eosPos.toInt())) as tf.Tensor2D;
     return { hidden, hiddenRaw: skipped!, pooled };
   });
+}
+
+/**
+ * Index of the first maximum along axis 1, as torch.argmax. tf.argMax leaves ties to the backend (a parallel GPU
+ * reduction may return any of them), and the pooled position is a tie by construction (padding repeats EOS).
+ */
+function firstArgMax(x: tf.Tensor2D): tf.Tensor1D {
+  const len = x.shape[1];
+  const isMax = tf.equal(x, tf.max(x, 1, true));
+  const pos = tf.broadcastTo(tf.range(0, len, 1, 'int32').reshape([1, len]), x.shape);
+  return tf.min(tf.where(isMax, pos, tf.fill(x.shape, len, 'int32')), 1) as tf.Tensor1D;
 }

@@ -49,8 +49,10 @@ export function conv2d(p: ParamTree, x: tf.Tensor4D, opts: { stride?: number; pa
   if (bias) y = tf.add(y, bias);
   if (has(p, 'lora_down')) {
     // LoCon: the down kernel has the layer's size and stride, the up kernel is 1x1
-    const d = leaf(sub(p, 'lora_down'), 'weight') as tf.Tensor4D;
-    const u = leaf(sub(p, 'lora_up'), 'weight') as tf.Tensor4D;
+    // a 1x1 conv's factors are held as 2-D linear ones (lora-inject): view them as 1x1 kernels
+    const k4 = (t: tf.Tensor) => (t.rank === 2 ? t.reshape([1, 1, t.shape[0]!, t.shape[1]!]) : t) as tf.Tensor4D;
+    const d = k4(leaf(sub(p, 'lora_down'), 'weight'));
+    const u = k4(leaf(sub(p, 'lora_up'), 'weight'));
     y = tf.add(y, tf.mul(tf.conv2d(tf.conv2d(input, d, stride, mode), u, 1, 'valid'), leaf(p, 'lora_scale')));
   }
   return y;
@@ -98,22 +100,32 @@ export function activation(name: string): <T extends tf.Tensor>(x: T) => T {
 }
 
 let attentionChunkElements = 32 * 1024 * 1024;
+let deviceMaxElements = Infinity;
 
 /**
  * Largest attention score tensor (elements) materialised at once. Attention is computed in query-row chunks so
  * that batch*heads*rows*keys stays under this (128 MB of float32 by default), which keeps 512x512 on real SD
- * weights within memory and under webgpu's buffer limits.
+ * weights within memory.
  */
 export function setAttentionChunkElements(n: number): void {
   if (!(n >= 1)) throw new Error('attention chunk size must be >= 1 element');
   attentionChunkElements = Math.floor(n);
 }
-export const getAttentionChunkElements = () => attentionChunkElements;
+export const getAttentionChunkElements = () => Math.min(attentionChunkElements, deviceMaxElements);
+
+/**
+ * The largest tensor (elements) the active device can bind (a WebGPU device's maxStorageBufferBindingSize / 4;
+ * Infinity elsewhere). Set by runtime/backend.ts; attention chunks never exceed it, whatever the user asked for.
+ */
+export function setDeviceMaxTensorElements(n: number): void {
+  deviceMaxElements = n >= 1 ? Math.floor(n) : Infinity;
+}
 
 /**
  * Multi-head scaled dot-product attention: softmax(q k^T / sqrt(d) + mask) v.
  * q [B,Nq,C], k/v [B,Nk,C] (already projected) -> [B,Nq,C]. `mask` broadcasts to [Nq,Nk] and is added to the
- * scores (0 keep, large negative drop).
+ * scores (0 keep, large negative drop). The scores are computed in chunks of query rows (and, when even one row
+ * of every head is too large, of batch*head groups) of at most getAttentionChunkElements() elements.
  */
 export function attention(q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, heads: number, mask?: tf.Tensor2D): tf.Tensor3D {
   const [b, nq, c] = q.shape;
@@ -124,16 +136,28 @@ export function attention(q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, heads:
   const qh = tf.mul(split(q, nq), 1 / Math.sqrt(d)) as tf.Tensor3D;
   const kh = split(k, nk);
   const vh = split(v, nk);
-  const rows = Math.max(1, Math.min(nq, Math.floor(attentionChunkElements / (b * heads * nk))));
-  const outs: tf.Tensor3D[] = [];
-  for (let start = 0; start < nq; start += rows) {
-    const n = Math.min(rows, nq - start);
-    const qc = n === nq ? qh : qh.slice([0, start, 0], [-1, n, -1]);
-    let scores: tf.Tensor3D = tf.matMul(qc, kh, false, true);
-    if (mask) scores = tf.add(scores, n === nq ? mask : mask.slice([start, 0], [n, -1]));
-    outs.push(tf.matMul(tf.softmax(scores), vh));
+  const budget = getAttentionChunkElements();
+  const bh = b * heads;
+  const group = Math.max(1, Math.min(bh, Math.floor(budget / nk)));
+  const rows = Math.max(1, Math.min(nq, Math.floor(budget / (group * nk))));
+  const groups: tf.Tensor3D[] = [];
+  for (let g0 = 0; g0 < bh; g0 += group) {
+    const gn = Math.min(group, bh - g0);
+    const whole = gn === bh;
+    const qg = whole ? qh : qh.slice([g0, 0, 0], [gn, -1, -1]);
+    const kg = whole ? kh : kh.slice([g0, 0, 0], [gn, -1, -1]);
+    const vg = whole ? vh : vh.slice([g0, 0, 0], [gn, -1, -1]);
+    const outs: tf.Tensor3D[] = [];
+    for (let start = 0; start < nq; start += rows) {
+      const n = Math.min(rows, nq - start);
+      const qc = n === nq ? qg : qg.slice([0, start, 0], [-1, n, -1]);
+      let scores: tf.Tensor3D = tf.matMul(qc, kg, false, true);
+      if (mask) scores = tf.add(scores, n === nq ? mask : mask.slice([start, 0], [n, -1]));
+      outs.push(tf.matMul(tf.softmax(scores), vg));
+    }
+    groups.push(outs.length === 1 ? outs[0] : tf.concat(outs, 1));
   }
-  const o = outs.length === 1 ? outs[0] : tf.concat(outs, 1);
+  const o = groups.length === 1 ? groups[0] : tf.concat(groups, 0);
   return o.reshape([b, heads, nq, d]).transpose([0, 2, 1, 3]).reshape([b, nq, c]) as tf.Tensor3D;
 }
 

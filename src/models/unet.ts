@@ -7,6 +7,7 @@ import { type ShapeSpec, downsample, resnet, resnetShapes, transformer2d, transf
 import type { UNetConfig } from './configs.js';
 import { conv2d, groupNorm, linear, silu, timestepEmbedding } from './layers.js';
 import { type ParamTree, sub } from './params.js';
+import { checkpoint, trainableIn } from '../runtime/memory.js';
 
 const hasAttn = (type: string) => type.startsWith('CrossAttn');
 
@@ -62,12 +63,49 @@ export function unetParamShapes(cfg: UNetConfig): ShapeSpec {
   return m;
 }
 
+/** A place the UNet can checkpoint: the block kind and its resolution level (0 = the latent's own size). */
+export interface CheckpointSite {
+  kind: 'resnet' | 'transformer' | 'downsample' | 'upsample' | 'head';
+  level: number;
+}
+
+export interface UNetOptions {
+  /**
+   * Recompute blocks in the backward pass instead of keeping their activations (diffusers'
+   * enable_gradient_checkpointing, kohya --gradient_checkpointing). true = the sites in CHECKPOINT_DENSE, 'all' =
+   * every resnet, transformer, sampler and the output stage (least memory, ~1.5x the step time), or a function
+   * that picks the sites. Only acts while a gradient tape records; inference is unchanged.
+   */
+  gradientCheckpointing?: boolean | 'all' | ((site: CheckpointSite) => boolean);
+}
+
+/**
+ * The sites `gradientCheckpointing: true` recomputes: every transformer (attention scores and the 4-8x wide GEGLU
+ * activations make them the densest in memory per FLOP at every level), the resnets and output stage at the finest
+ * level, no samplers. Coarser resnets keep activations ~1/channels per FLOP and the upsamplers' 3x3 convs are costly
+ * and small to keep, so recomputing them buys little memory for much time (SD v1 LoRA step, latent 16, cpu:
+ * see the README).
+ */
+export const CHECKPOINT_DENSE = (s: CheckpointSite): boolean => s.kind === 'transformer' || ((s.kind === 'resnet' || s.kind === 'head') && s.level === 0);
+
 /**
  * Predict noise (or v) for `sample` at `timesteps` (scalar or one per batch item) given text `context`.
  * Stages as diffusers: 1 time embedding, 2 conv_in, 3 down blocks (collecting skips), 4 mid block,
  * 5 up blocks (consuming skips), 6 norm-SiLU-conv_out.
  */
-export function unet(params: ParamTree, cfg: UNetConfig, sample: tf.Tensor4D, timesteps: tf.Tensor | number, context: tf.Tensor3D): tf.Tensor4D {
+export function unet(
+  params: ParamTree,
+  cfg: UNetConfig,
+  sample: tf.Tensor4D,
+  timesteps: tf.Tensor | number,
+  context: tf.Tensor3D,
+  opts: UNetOptions = {},
+): tf.Tensor4D {
+  const gc = opts.gradientCheckpointing;
+  const pick = gc === 'all' ? () => true : gc === true ? CHECKPOINT_DENSE : gc || (() => false);
+  // a block: fn over activation inputs, checkpointed (its trainable weights found in its params sub-trees) when picked
+  const block = <A extends tf.Tensor[], T extends tf.Tensor>(site: CheckpointSite, ps: ParamTree[], fn: (...xs: A) => T, xs: [...A]): T =>
+    pick(site) ? checkpoint(fn, xs, ps.flatMap(trainableIn)) : fn(...xs);
   return tf.tidy(() => {
     const [b] = sample.shape;
     const n = cfg.block_out_channels.length;
@@ -87,37 +125,52 @@ export function unet(params: ParamTree, cfg: UNetConfig, sample: tf.Tensor4D, ti
     for (let i = 0; i < n; i++) {
       const bp = sub(params, 'down_blocks', i);
       for (let j = 0; j < cfg.layers_per_block; j++) {
-        x = resnet(sub(bp, 'resnets', j), x, temb, ro);
-        if (hasAttn(cfg.down_block_types[i])) x = transformer2d(sub(bp, 'attentions', j), x, context, cfg.heads[i], cfg.norm_num_groups);
+        const rp = sub(bp, 'resnets', j);
+        x = block({ kind: 'resnet', level: i }, [rp], (h, te) => resnet(rp, h, te, ro), [x, temb]);
+        if (hasAttn(cfg.down_block_types[i])) {
+          const ap = sub(bp, 'attentions', j);
+          x = block({ kind: 'transformer', level: i }, [ap], (h, c) => transformer2d(ap, h, c, cfg.heads[i], cfg.norm_num_groups), [x, context]);
+        }
         skips.push(x);
       }
       if (i < n - 1) {
-        x = downsample(sub(bp, 'downsamplers', 0), x, cfg.downsample_padding);
+        const dp = sub(bp, 'downsamplers', 0);
+        x = block({ kind: 'downsample', level: i }, [dp], (h) => downsample(dp, h, cfg.downsample_padding), [x]);
         skips.push(x);
       }
     }
     // 4. mid block
     const mp = sub(params, 'mid_block');
     const mo = { ...ro, outputScale: cfg.mid_block_scale_factor };
-    x = resnet(sub(mp, 'resnets', 0), x, temb, mo);
-    x = transformer2d(sub(mp, 'attentions', 0), x, context, cfg.heads[n - 1], cfg.norm_num_groups);
-    x = resnet(sub(mp, 'resnets', 1), x, temb, mo);
+    const [mr0, ma, mr1] = [sub(mp, 'resnets', 0), sub(mp, 'attentions', 0), sub(mp, 'resnets', 1)];
+    x = block({ kind: 'resnet', level: n - 1 }, [mr0], (h, te) => resnet(mr0, h, te, mo), [x, temb]);
+    x = block({ kind: 'transformer', level: n - 1 }, [ma], (h, c) => transformer2d(ma, h, c, cfg.heads[n - 1], cfg.norm_num_groups), [x, context]);
+    x = block({ kind: 'resnet', level: n - 1 }, [mr1], (h, te) => resnet(mr1, h, te, mo), [x, temb]);
     // 5. up blocks
     const heads = [...cfg.heads].reverse();
     for (let i = 0; i < n; i++) {
       const bp = sub(params, 'up_blocks', i);
       for (let j = 0; j <= cfg.layers_per_block; j++) {
         const skip = skips.pop()!;
-        x = resnet(sub(bp, 'resnets', j), tf.concat([x, skip], 3) as tf.Tensor4D, temb, ro);
-        if (hasAttn(cfg.up_block_types[i])) x = transformer2d(sub(bp, 'attentions', j), x, context, heads[i], cfg.norm_num_groups);
+        const rp = sub(bp, 'resnets', j);
+        // the concat is inside the block so that checkpointing keeps x and skip (alive anyway), not their concat
+        x = block({ kind: 'resnet', level: n - 1 - i }, [rp], (h, s, te) => resnet(rp, tf.concat([h, s], 3), te, ro), [x, skip, temb]);
+        if (hasAttn(cfg.up_block_types[i])) {
+          const ap = sub(bp, 'attentions', j);
+          x = block({ kind: 'transformer', level: n - 1 - i }, [ap], (h, c) => transformer2d(ap, h, c, heads[i], cfg.norm_num_groups), [x, context]);
+        }
       }
       if (i < n - 1) {
         // upsample to the next skip's size (differs from 2x only when the latent size is not a multiple of 2^levels)
         const next = skips[skips.length - 1];
-        x = upsample(sub(bp, 'upsamplers', 0), x, [next.shape[1], next.shape[2]]);
+        const size: [number, number] = [next.shape[1], next.shape[2]];
+        const upP = sub(bp, 'upsamplers', 0);
+        x = block({ kind: 'upsample', level: n - 1 - i }, [upP], (h) => upsample(upP, h, size), [x]);
       }
     }
     // 6. output
-    return conv2d(sub(params, 'conv_out'), act(groupNorm(sub(params, 'conv_norm_out'), x, cfg.norm_num_groups, cfg.norm_eps)));
+    const [normP, outP] = [sub(params, 'conv_norm_out'), sub(params, 'conv_out')];
+    const head = (h: tf.Tensor4D) => tf.tidy(() => conv2d(outP, act(groupNorm(normP, h, cfg.norm_num_groups, cfg.norm_eps))));
+    return block({ kind: 'head', level: 0 }, [normP, outP], head, [x]);
   });
 }

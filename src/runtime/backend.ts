@@ -1,13 +1,21 @@
 /**
- * Backend selection. Order when nothing is requested: tfjs-node-gpu, tfjs-node (both register "tensorflow"),
- * then the pure-TS "cpu" backend. "wasm" is never picked by default: it lacks Conv2DBackpropFilter (no training
- * of convolutions) and silently corrupts data past ~3.9 GB of heap.
+ * Backend selection. Order when nothing is requested:
+ *   1. webgpu on a real (hardware) adapter: Dawn + tfjs-backend-webgpu, both optional dependencies;
+ *   2. tensorflow: tfjs-node-gpu, then tfjs-node, where installed (frozen upstream at CUDA 11.2);
+ *   3. wasm (XNNPACK, SIMD) with the training kernels it lacks registered from our side (runtime/wasm-kernels.ts),
+ *      for models that fit its safe heap (its 32-bit heap corrupts data silently near 4 GB);
+ *   4. cpu (pure TypeScript, ~1 GFLOP/s).
+ * A software WebGPU adapter (lavapipe, SwiftShader) is never picked by default: it is slower than wasm.
+ * Every choice is reported in one line saying what runs and what to install for something faster.
  */
 import * as tf from '@tensorflow/tfjs';
+import os from 'node:os';
 import { SdtuneError } from '../errors.js';
+import { setDeviceMaxTensorElements } from '../models/layers.js';
+import { type AdapterSummary, activateWebgpu, adapterName, probeAdapter } from './webgpu.js';
 
 export type BackendName = 'tensorflow' | 'cpu' | 'wasm' | 'webgpu';
-export const BACKENDS: readonly BackendName[] = ['tensorflow', 'cpu', 'wasm', 'webgpu'];
+export const BACKENDS: readonly BackendName[] = ['webgpu', 'tensorflow', 'wasm', 'cpu'];
 
 export interface BackendInfo {
   name: BackendName;
@@ -15,13 +23,19 @@ export interface BackendInfo {
   provider: string;
   /** one line for the user: what runs, and how to get something faster when it is slow */
   message: string;
+  /** chosen by the default order rather than asked for (an automatic wasm choice may step down to cpu for a big model) */
+  auto: boolean;
+  /** the WebGPU adapter, on webgpu */
+  adapter?: AdapterSummary;
 }
 
 /** Max bytes of tensors we allow on wasm: its 32-bit heap corrupts data silently near 4 GB. */
 export const WASM_SAFE_BYTES = 3.5 * 1024 ** 3;
 
-const INSTALL_HINT =
-  'for a fast backend install one of: `npm install @tensorflow/tfjs-node-gpu` (CUDA) or `npm install @tensorflow/tfjs-node` (CPU, libtensorflow)';
+const GPU_HINT =
+  'for a GPU: a Vulkan (Linux), Metal (macOS) or D3D12 (Windows) driver for your GPU, used through the `webgpu` package (installed with sdtune unless optional packages were skipped: `npm install webgpu @tensorflow/tfjs-backend-webgpu`)';
+const TF_HINT =
+  '`npm install @tensorflow/tfjs-node-gpu` (CUDA 11.2 + cuDNN 8.1) or `npm install @tensorflow/tfjs-node` (CPU, libtensorflow)';
 
 let current: BackendInfo | undefined;
 
@@ -44,13 +58,78 @@ async function activate(name: string): Promise<boolean> {
   }
 }
 
-async function useTensorflow(): Promise<BackendInfo | undefined> {
+async function useTensorflow(auto: boolean): Promise<BackendInfo | undefined> {
   for (const pkg of ['@tensorflow/tfjs-node-gpu', '@tensorflow/tfjs-node']) {
     if ((await tryImport(pkg)) && (await activate('tensorflow'))) {
-      return { name: 'tensorflow', provider: pkg, message: `backend: tensorflow (${pkg})` };
+      return { name: 'tensorflow', provider: pkg, auto, message: `backend: tensorflow (${pkg})` };
     }
   }
   return undefined;
+}
+
+/**
+ * Threads for wasm from SDTUNE_WASM_THREADS (a number, or `auto` = every core). Opt-in: upstream disables threads
+ * in Node and runtime/wasm-threads.ts re-enables them from outside the package; on a busy machine they bring nothing.
+ */
+function wasmThreadsWanted(): number {
+  const v = (process.env.SDTUNE_WASM_THREADS ?? '').trim().toLowerCase();
+  if (!v || v === '1') return 1;
+  if (v === 'auto') return os.availableParallelism();
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1) throw new SdtuneError('backend', `SDTUNE_WASM_THREADS must be a positive integer or "auto", got "${v}"`);
+  return n;
+}
+
+let wasmThreads = 1;
+
+async function useWasm(auto: boolean, why: string): Promise<BackendInfo | undefined> {
+  if (!(await tryImport('@tensorflow/tfjs-backend-wasm'))) return undefined;
+  const want = wasmThreadsWanted();
+  let threadNote = '';
+  if (want > 1) {
+    const r = await (await import('./wasm-threads.js')).enableWasmThreads(want);
+    if ('reason' in r) threadNote = ` (threads unavailable: ${r.reason})`;
+    else wasmThreads = r.threads;
+  }
+  if (!(await activate('wasm'))) return undefined;
+  (await import('./wasm-kernels.js')).registerWasmKernels();
+  const threads = wasmThreads > 1 ? `${wasmThreads} threads` : `1 thread${threadNote || '; SDTUNE_WASM_THREADS=auto for more'}`;
+  return {
+    name: 'wasm',
+    provider: '@tensorflow/tfjs-backend-wasm',
+    auto,
+    message: `backend: wasm (CPU, XNNPACK SIMD, ${threads}; models over ${(WASM_SAFE_BYTES / 1024 ** 3).toFixed(1)} GB use cpu)${why ? `; ${why}` : ''}`,
+  };
+}
+
+async function useCpu(auto: boolean, why: string): Promise<BackendInfo> {
+  if (!(await activate('cpu'))) throw new SdtuneError('backend', 'the cpu backend failed to initialise');
+  return { name: 'cpu', provider: '@tensorflow/tfjs-backend-cpu', auto, message: `backend: cpu (pure TypeScript, slow)${why ? `; ${why}` : ''}` };
+}
+
+async function useWebgpu(auto: boolean): Promise<{ info?: BackendInfo; reason: string }> {
+  if (auto) {
+    // probe before starting tfjs' backend: a software adapter is skipped without paying for its start
+    const p = await probeAdapter();
+    if (!p.adapter) return { reason: p.reason ?? 'no WebGPU adapter' };
+    if (p.adapter.fallback) return { reason: `only a software WebGPU adapter (${adapterName(p.adapter)}) was found, slower than wasm` };
+  }
+  const r = await activateWebgpu();
+  if (!r.adapter) return { reason: r.reason ?? 'no WebGPU adapter' };
+  if (tf.getBackend() !== 'webgpu') return { reason: 'tfjs could not start its webgpu backend' };
+  const a = r.adapter;
+  setDeviceMaxTensorElements(Math.floor(a.maxBindingBytes / 4));
+  const kind = a.fallback ? 'software adapter: correct but slow, meant for tests' : 'GPU';
+  return {
+    info: {
+      name: 'webgpu',
+      provider: '@tensorflow/tfjs-backend-webgpu + webgpu (Dawn)',
+      auto,
+      adapter: a,
+      message: `backend: webgpu (${adapterName(a)}; ${kind}; max tensor ${(a.maxBindingBytes / 2 ** 20).toFixed(0)} MiB)`,
+    },
+    reason: '',
+  };
 }
 
 /**
@@ -62,38 +141,34 @@ export async function selectBackend(requested?: string): Promise<BackendInfo> {
   if (want && !(BACKENDS as readonly string[]).includes(want)) {
     throw new SdtuneError('backend', `unknown backend "${want}"; valid: ${BACKENDS.join(', ')}`);
   }
+  setDeviceMaxTensorElements(Infinity);
   let info: BackendInfo | undefined;
   switch (want) {
     case 'tensorflow':
-      info = await useTensorflow();
-      if (!info) throw new SdtuneError('backend', `backend "tensorflow" is not installed; ${INSTALL_HINT}`);
+      info = await useTensorflow(false);
+      if (!info) throw new SdtuneError('backend', `backend "tensorflow" is not installed; ${TF_HINT}`);
       break;
     case 'cpu':
-      if (!(await activate('cpu'))) throw new SdtuneError('backend', 'the cpu backend failed to initialise');
-      info = { name: 'cpu', provider: '@tensorflow/tfjs-backend-cpu', message: `backend: cpu (pure TypeScript, slow; ${INSTALL_HINT})` };
+      info = await useCpu(false, '');
       break;
     case 'wasm':
-      if (!(await tryImport('@tensorflow/tfjs-backend-wasm')) || !(await activate('wasm'))) {
-        throw new SdtuneError('backend', 'backend "wasm" failed to load (@tensorflow/tfjs-backend-wasm)');
-      }
-      info = {
-        name: 'wasm',
-        provider: '@tensorflow/tfjs-backend-wasm',
-        message: 'backend: wasm (inference only: no conv weight gradients; models over 3.5 GB refused)',
-      };
+      info = await useWasm(false, '');
+      if (!info) throw new SdtuneError('backend', 'backend "wasm" failed to load (@tensorflow/tfjs-backend-wasm)');
       break;
-    case 'webgpu':
-      if (!(await tryImport('@tensorflow/tfjs-backend-webgpu')) || !(await activate('webgpu'))) {
-        throw new SdtuneError('backend', 'backend "webgpu" is not available (install @tensorflow/tfjs-backend-webgpu; needs a WebGPU runtime)');
-      }
-      info = { name: 'webgpu', provider: '@tensorflow/tfjs-backend-webgpu', message: 'backend: webgpu' };
+    case 'webgpu': {
+      const r = await useWebgpu(false);
+      if (!r.info) throw new SdtuneError('backend', `backend "webgpu" is not available: ${r.reason}; ${GPU_HINT}`);
+      info = r.info;
       break;
-    default:
-      info = await useTensorflow();
+    }
+    default: {
+      const gpu = await useWebgpu(true);
+      info = gpu.info ?? (await useTensorflow(true));
       if (!info) {
-        await activate('cpu');
-        info = { name: 'cpu', provider: '@tensorflow/tfjs-backend-cpu', message: `backend: cpu (pure TypeScript, slow; ${INSTALL_HINT})` };
+        const why = `no GPU backend (${gpu.reason}); ${GPU_HINT}`;
+        info = (await useWasm(true, why)) ?? (await useCpu(true, `wasm failed to load; ${why}`));
       }
+    }
   }
   // production mode: skips tfjs' debug checks and its console banner (we print our own backend line)
   tf.enableProdMode();
@@ -106,13 +181,29 @@ export function currentBackend(): BackendInfo | undefined {
   return current;
 }
 
+/**
+ * Make sure a model of `weightBytes` float32 weights can live on the backend. wasm corrupts data instead of
+ * failing past ~3.9 GB: an automatic wasm choice steps down to cpu (returning the line to tell the user), a
+ * requested one is refused with a clear error.
+ */
+export async function fitBackend(weightBytes: number, what: string): Promise<string | undefined> {
+  if (tf.getBackend() !== 'wasm' || weightBytes <= WASM_SAFE_BYTES) return undefined;
+  const gb = (weightBytes / 1024 ** 3).toFixed(2);
+  if (current?.name === 'wasm' && current.auto) {
+    current = await useCpu(true, `${what} needs ${gb} GB of float32 weights, over wasm's safe ${(WASM_SAFE_BYTES / 1024 ** 3).toFixed(1)} GB; ${GPU_HINT}`);
+    return current.message;
+  }
+  assertFitsBackend(weightBytes, what);
+  return undefined;
+}
+
 /** Refuse a model whose float32 weights would not fit the wasm heap (which corrupts data instead of failing). */
 export function assertFitsBackend(weightBytes: number, what: string): void {
   if (tf.getBackend() === 'wasm' && weightBytes > WASM_SAFE_BYTES) {
     throw new SdtuneError(
       'backend',
       `${what} needs ${(weightBytes / 1024 ** 3).toFixed(2)} GB of float32 weights; the wasm backend is limited to ` +
-        `${(WASM_SAFE_BYTES / 1024 ** 3).toFixed(1)} GB (it corrupts data silently beyond ~3.9 GB). Use --backend tensorflow or cpu.`,
+        `${(WASM_SAFE_BYTES / 1024 ** 3).toFixed(1)} GB (it corrupts data silently beyond ~3.9 GB). Use --backend webgpu, tensorflow or cpu.`,
     );
   }
 }

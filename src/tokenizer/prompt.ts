@@ -198,6 +198,8 @@ export function applyEmphasis(z: tf.Tensor3D, weights: tf.Tensor2D, chunkLength 
     const before = zc.mean([0, 2, 3], true);
     const scaled = zc.mul(weights.reshape([b, k, chunkLength, 1]));
     const after = scaled.mean([0, 2, 3], true);
-    return scaled.mul(before.div(after)).reshape([b, t, c]) as tf.Tensor3D;
+    // a mean of exactly 0 (a layer norm without bias gives per-token means of ~0) would make the ratio 0/0 = NaN
+    const ratio = tf.where(tf.equal(after, 0), tf.onesLike(after), before.div(after));
+    return scaled.mul(ratio).reshape([b, t, c]) as tf.Tensor3D;
   });
 }

@@ -66,6 +66,7 @@ export interface TrainConfig {
     noise_offset: number; // Crosslabs noise offset (diffusers --noise_offset); 0 = off
     min_snr_gamma: number | null; // Min-SNR loss weighting gamma (Hang et al. 2023; 5 is usual); null = off
     mixed_precision: 'no'; // fp16/bf16 training is not supported on tfjs
+    gradient_checkpointing: boolean; // recompute UNet blocks in the backward pass: far less memory, ~1 more forward
   };
   lora?: {
     rank: number; // kohya network_dim / PEFT r
@@ -114,7 +115,7 @@ export const FLAG_KEYS: Record<string, string> = {
   data: 'data.dir', repeats: 'data.repeats', resolution: 'data.resolution',
   'max-steps': 'train.max_steps', epochs: 'train.epochs', 'batch-size': 'train.batch_size',
   'gradient-accumulation': 'train.gradient_accumulation', lr: 'train.lr', 'lr-scheduler': 'train.lr_scheduler',
-  'lr-warmup-steps': 'train.lr_warmup_steps', seed: 'train.seed',
+  'lr-warmup-steps': 'train.lr_warmup_steps', seed: 'train.seed', 'gradient-checkpointing': 'train.gradient_checkpointing',
   rank: 'lora.rank', alpha: 'lora.alpha', 'train-text-encoder': 'lora.text_encoder',
   token: 'textual_inversion.token', 'init-word': 'textual_inversion.init_word', vectors: 'textual_inversion.vectors',
   output: 'output.dir', name: 'output.name', 'save-every': 'output.save_every', 'save-precision': 'output.save_precision',
@@ -155,6 +156,7 @@ const SCHEMA: Record<string, Spec> = {
   'train.adam_beta1': num(0, { max: 1, maxOpen: true }), 'train.adam_beta2': num(0, { max: 1, maxOpen: true }),
   'train.adam_epsilon': num(0), 'train.weight_decay': num(0), 'train.max_grad_norm': num(0), 'train.seed': int(0, { max: Number.MAX_SAFE_INTEGER }),
   'train.noise_offset': num(0), 'train.min_snr_gamma': num(0, { minOpen: true, nullable: true }), 'train.mixed_precision': str(),
+  'train.gradient_checkpointing': bool,
   'lora.rank': int(1), 'lora.alpha': num(0, { minOpen: true }), 'lora.targets': oneOf(LORA_TARGETS), 'lora.text_encoder': bool,
   'lora.text_encoder_lr': num(0, { minOpen: true, nullable: true }), 'lora.dropout': num(0, { max: 1, maxOpen: true }),
   'textual_inversion.token': str(), 'textual_inversion.init_word': str(), 'textual_inversion.vectors': int(1, { max: 75 }),
@@ -180,6 +182,7 @@ function defaults(method: Method): Record<string, unknown> {
     'train.lr': lora ? 1e-4 : 5e-3, 'train.lr_scheduler': 'constant', 'train.lr_warmup_steps': 0, 'train.lr_num_cycles': 1,
     'train.adam_beta1': 0.9, 'train.adam_beta2': 0.999, 'train.adam_epsilon': 1e-8, 'train.weight_decay': lora ? 1e-2 : 0,
     'train.max_grad_norm': 1, 'train.seed': 42, 'train.noise_offset': 0, 'train.min_snr_gamma': null, 'train.mixed_precision': 'no',
+    'train.gradient_checkpointing': false,
     ...(lora
       ? { 'lora.rank': 16, 'lora.alpha': 8, 'lora.targets': 'attn', 'lora.text_encoder': false, 'lora.text_encoder_lr': null, 'lora.dropout': 0 }
       : { 'textual_inversion.vectors': 1 }),
@@ -195,7 +198,7 @@ function defaults(method: Method): Record<string, unknown> {
 const ALIASES: Record<string, string> = {
   learning_rate: 'train.lr', unet_lr: 'train.lr', max_train_steps: 'train.max_steps', num_train_epochs: 'train.epochs',
   max_train_epochs: 'train.epochs', train_batch_size: 'train.batch_size', gradient_accumulation_steps: 'train.gradient_accumulation',
-  lr_scheduler_num_cycles: 'train.lr_num_cycles', adam_weight_decay: 'train.weight_decay', snr_gamma: 'train.min_snr_gamma',
+  lr_scheduler_num_cycles: 'train.lr_num_cycles', gradient_checkpointing: 'train.gradient_checkpointing', adam_weight_decay: 'train.weight_decay', snr_gamma: 'train.min_snr_gamma',
   network_dim: 'lora.rank', r: 'lora.rank', network_alpha: 'lora.alpha', lora_alpha: 'lora.alpha', network_dropout: 'lora.dropout',
   lora_dropout: 'lora.dropout', train_text_encoder: 'lora.text_encoder', target_modules: 'lora.targets',
   placeholder_token: 'textual_inversion.token', token_string: 'textual_inversion.token', initializer_token: 'textual_inversion.init_word',

@@ -60,9 +60,6 @@ function makeRecipe(method: Method, model: LoadedModel, c: TrainConfig, gen: Tor
   if (method === 'lora') {
     const l = c.lora!;
     if (l.dropout) throw new SdtuneError('unsupported', `lora.dropout = ${l.dropout}: LoRA dropout is not implemented yet; set it to 0`);
-    if (l.targets === 'attn+ff+conv' && tf.getBackend() === 'wasm') {
-      throw new SdtuneError('backend', 'lora.targets attn+ff+conv needs convolution weight gradients, which the wasm backend lacks; use --backend tensorflow or cpu, or targets attn / attn+ff');
-    }
     return createLoraRecipe(model, {
       rank: l.rank,
       alpha: l.alpha,
@@ -81,6 +78,7 @@ function makeRecipe(method: Method, model: LoadedModel, c: TrainConfig, gen: Tor
         ss_seed: String(c.train.seed),
         ss_noise_offset: String(c.train.noise_offset),
         ss_min_snr_gamma: String(c.train.min_snr_gamma ?? ''),
+        ss_gradient_checkpointing: c.train.gradient_checkpointing ? 'True' : 'False',
         ss_network_module: 'networks.lora',
         ss_sd_model_name: path.basename(c.model.path),
         ss_base_model_version: 'sd_v1',
@@ -165,7 +163,7 @@ export async function train(method: Method, c: TrainConfig, o: TrainOptions = {}
     await writeFile(path.join(c.output.dir, 'config.resolved.yaml'), configYaml);
     tb = await TensorBoardWriter.create(c.output.log_dir);
     const nParams = [...vars.values()].reduce((a, v) => a + v.size, 0);
-    log(`backend: ${currentBackend()?.name ?? tf.getBackend()}; method: ${method}; trainable parameters: ${nParams.toLocaleString('en-US')}`);
+    log(`backend: ${currentBackend()?.name ?? tf.getBackend()}; method: ${method}; trainable parameters: ${nParams.toLocaleString('en-US')}${c.train.gradient_checkpointing ? '; gradient checkpointing' : ''}`);
     log(`steps: ${steps.line}`);
     const T = schedule.config.numTrainTimesteps;
     const pick = (n: number) => gen.randint(0, n, [1])[0];
@@ -199,7 +197,7 @@ export async function train(method: Method, c: TrainConfig, o: TrainOptions = {}
         // a frozen text encoder gives the same embedding for the same caption: cache it
         const frozenCtx = textCache ? tf.tidy(() => tf.stack(captions.map((cap) => textCache.get(cap))) as tf.Tensor3D) : undefined;
         const { value, grads } = tf.variableGrads(
-          () => diffusionLoss(unetP.params, unetP.config, schedule, { latents, noise, timesteps, context: frozenCtx ?? recipe.encodeIds(ids) }, { predictionType: pred, minSnrGamma: c.train.min_snr_gamma }),
+          () => diffusionLoss(unetP.params, unetP.config, schedule, { latents, noise, timesteps, context: frozenCtx ?? recipe.encodeIds(ids) }, { predictionType: pred, minSnrGamma: c.train.min_snr_gamma, gradientCheckpointing: c.train.gradient_checkpointing }),
           [...vars.values()],
         );
         lossSum += (await value.data())[0];
@@ -223,7 +221,7 @@ export async function train(method: Method, c: TrainConfig, o: TrainOptions = {}
           `loss became ${loss} at step ${step + 1}; training stopped. The last checkpoint (${checkpoint || 'none yet'}) is intact. Try a lower learning rate.`,
         );
       }
-      const { grads: clipped, totalNorm } = clipGradNorm(acc, c.train.max_grad_norm);
+      const { grads: clipped, totalNorm } = await clipGradNorm(acc, c.train.max_grad_norm);
       const factor = lrFactor(c.train, step, total);
       const lr = c.train.lr * factor;
       adamwStep(opt, vars, clipped, {
@@ -274,7 +272,7 @@ async function sampleImages(model: LoadedModel, recipe: Recipe, c: TrainConfig, 
   await recipe.withInference(async () => {
     for (const [i, prompt] of c.output.sample_prompts.entries()) {
       const text = recipe.method === 'textual_inversion' ? recipe.captionFor(prompt, () => 0) : prompt;
-      const r = generate(model, {
+      const r = await generate(model, {
         prompt: text,
         sampler: (c.output.sample_sampler as never) ?? samplerFromConfig(model.schedulerConfig),
         steps: c.output.sample_steps,

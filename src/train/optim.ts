@@ -99,11 +99,11 @@ export function clipCoefficient(totalNorm: number, maxNorm: number): number {
  * Returns new tensors (the caller still owns and disposes the inputs) and the total norm (NaN/Infinity pass through,
  * as in torch with error_if_nonfinite=False, so the loop can report them).
  */
-export function clipGradNorm(grads: Map<string, tf.Tensor>, maxNorm: number): { grads: Map<string, tf.Tensor>; totalNorm: number } {
+export async function clipGradNorm(grads: Map<string, tf.Tensor>, maxNorm: number): Promise<{ grads: Map<string, tf.Tensor>; totalNorm: number }> {
   const out = new Map<string, tf.Tensor>();
   if (grads.size === 0) return { grads: out, totalNorm: 0 };
   const normT = tf.tidy(() => tf.norm(tf.stack([...grads.values()].map((g) => tf.norm(g)))));
-  const totalNorm = normT.dataSync()[0];
+  const totalNorm = (await normT.data())[0];
   normT.dispose();
   const coef = maxNorm > 0 ? clipCoefficient(totalNorm, maxNorm) : 1;
   for (const [name, g] of grads) out.set(name, coef === 1 ? g.clone() : tf.mul(g, coef));

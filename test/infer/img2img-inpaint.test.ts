@@ -39,9 +39,9 @@ describeGolden('img2img and inpaint vs diffusers', () => {
     const call = c.call as Record<string, unknown>;
     const ref = await caseTensors('pipe_img2img');
     const init = ref.get('init_image_nhwc01')!.data as Float32Array;
-    const run = (delta: number) => {
+    const run = async (delta: number) => {
       const lat: Float32Array[] = [];
-      const r = generate(m, {
+      const r = await generate(m, {
         prompt: call.prompt as string,
         negativePrompt: call.negative_prompt as string,
         sampler: 'pndm',
@@ -56,7 +56,7 @@ describeGolden('img2img and inpaint vs diffusers', () => {
       });
       return { r, lat };
     };
-    const { r, lat } = run(0);
+    const { r, lat } = await run(0);
     expect(r.timesteps).toEqual(c.timesteps_used);
     const errs = lat.map((l, i) => maxAbsDiff(l, ref.get(`latents_after_step_${i}`)!.data));
     const imgErr = maxAbsDiff(r.images[0].data, ref.get('image')!.data);
@@ -64,7 +64,7 @@ describeGolden('img2img and inpaint vs diffusers', () => {
     console.log(`img2img: latents err per step ${errs.map((e) => e.toExponential(1)).join(' ')}; image ${imgErr.toExponential(2)}, PNG ${maxAbsDiff(toUint8(r.images[0]), png.data)}/255`);
     for (const e of errs.slice(0, 3)) expect(e).toBeLessThanOrEqual(atolOf('unet'));
     // the sensitivity: a 1e-6 change of the input image moves the result by more than the image tolerance
-    const moved = maxAbsDiff(run(1e-6).r.images[0].data, r.images[0].data);
+    const moved = maxAbsDiff((await run(1e-6)).r.images[0].data, r.images[0].data);
     console.log(`img2img: a 1e-6 input perturbation moves the image by ${moved.toExponential(2)}`);
     expect(moved).toBeGreaterThan((c.tolerance as { atol_image: number }).atol_image);
   });
@@ -75,7 +75,7 @@ describeGolden('img2img and inpaint vs diffusers', () => {
     const ref = await caseTensors('pipe_inpaint');
     const errs: number[] = [];
     const before = tf.memory().numTensors;
-    const r = generate(inpaint, {
+    const r = await generate(inpaint, {
       prompt: call.prompt as string,
       negativePrompt: call.negative_prompt as string,
       sampler: 'pndm',
@@ -97,12 +97,12 @@ describeGolden('img2img and inpaint vs diffusers', () => {
     expect(maxAbsDiff(toUint8(r.images[0]), png.data)).toBeLessThanOrEqual(1);
   });
 
-  it('inpaint with a regular 4-channel model keeps the unmasked region (latent blending)', () => {
+  it('inpaint with a regular 4-channel model keeps the unmasked region (latent blending)', async () => {
     const w = 64;
     const init = new Float32Array(w * w * 3).map((_, i) => (i % 7) / 7);
     const mask = new Float32Array(w * w * 3).map((_, i) => (Math.floor(i / 3) % w < w / 2 ? 1 : 0)); // left half repaints
-    const r = generate(m, { prompt: 'a cat', sampler: 'euler', steps: 4, cfg: 3, width: w, height: w, seed: 1, initImage: { data: init, width: w, height: w }, mask: { data: mask, width: w, height: w } });
-    const plain = generate(m, { prompt: 'a cat', sampler: 'euler', steps: 4, cfg: 3, width: w, height: w, seed: 1 });
+    const r = await generate(m, { prompt: 'a cat', sampler: 'euler', steps: 4, cfg: 3, width: w, height: w, seed: 1, initImage: { data: init, width: w, height: w }, mask: { data: mask, width: w, height: w } });
+    const plain = await generate(m, { prompt: 'a cat', sampler: 'euler', steps: 4, cfg: 3, width: w, height: w, seed: 1 });
     // the kept (right) half is pulled to the init image's latents: far closer to it than an unconstrained sample
     let keptErr = 0;
     let freeErr = 0;

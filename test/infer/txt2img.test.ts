@@ -34,7 +34,7 @@ describeGolden('txt2img vs diffusers StableDiffusionPipeline', () => {
       const ref = await caseTensors(name);
       const stepErr: number[] = [];
       const before = tf.memory().numTensors;
-      const r = generate(m, {
+      const r = await generate(m, {
         prompt: call.prompt as string,
         negativePrompt: call.negative_prompt as string,
         sampler,

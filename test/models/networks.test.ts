@@ -4,7 +4,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { tensorFromTorch, tensorToTorch, torchToTfLayout, tfToTorchLayout } from '../../src/io/layout.js';
 import { randomParams } from '../../src/models/build.js';
 import { clipText, clipTextParamShapes } from '../../src/models/clip-text.js';
-import { attention, groupNorm, setAttentionChunkElements, getAttentionChunkElements, timestepEmbedding } from '../../src/models/layers.js';
+import { attention, groupNorm, setAttentionChunkElements, getAttentionChunkElements, setDeviceMaxTensorElements, timestepEmbedding } from '../../src/models/layers.js';
 import { countParams, disposeParams, flattenParams } from '../../src/models/params.js';
 import { unet, unetParamShapes } from '../../src/models/unet.js';
 import { vaeDecode, vaeEncode, vaeParamShapes } from '../../src/models/vae.js';
@@ -78,6 +78,28 @@ describe('layers', () => {
     } finally {
       setAttentionChunkElements(saved);
     }
+  });
+
+  it('a device cap below one row of every head chunks over batch*head groups too, and wins over a larger request', async () => {
+    const q = tf.randomNormal([2, 10, 8], 0, 1, 'float32', 6) as tf.Tensor3D;
+    const k = tf.randomNormal([2, 6, 8], 0, 1, 'float32', 7) as tf.Tensor3D;
+    const v = tf.randomNormal([2, 6, 8], 0, 1, 'float32', 8) as tf.Tensor3D;
+    const full = attention(q, k, v, 2).dataSync();
+    try {
+      setDeviceMaxTensorElements(6 * 3); // below one row of every head (b*heads*keys = 24): 3 heads x 1 row at a time
+      expect(getAttentionChunkElements()).toBe(18);
+      let chunked: Float32Array | undefined;
+      const prof = await tf.profile(() => {
+        chunked = attention(q, k, v, 2).dataSync() as Float32Array;
+      });
+      expect(maxAbsDiff(chunked!, full)).toBeLessThan(1e-6);
+      const mm = prof.kernels.filter((kn) => kn.name === 'BatchMatMul').map((kn) => (kn.outputShapes[0] as number[]).reduce((a, b) => a * b, 1));
+      expect(mm.length).toBe(2 * 10 * 2); // 2 head groups (3 + 1) x 10 one-row chunks x (scores, output)
+      expect(Math.max(...mm)).toBeLessThanOrEqual(18); // every scores / output tensor within the cap
+    } finally {
+      setDeviceMaxTensorElements(Infinity);
+    }
+    expect(getAttentionChunkElements()).toBe(32 * 1024 * 1024);
   });
 });
 

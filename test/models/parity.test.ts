@@ -9,7 +9,7 @@ import { type ParamTree, flattenParams } from '../../src/models/params.js';
 import { unet } from '../../src/models/unet.js';
 import { vaeDecode, vaeEncode } from '../../src/models/vae.js';
 import { atolOf, caseTensors, describeGolden, golden } from '../golden.js';
-import { maxAbsDiff, nhwc, toNchwData } from '../helpers.js';
+import { maxAbsDiff, nhwc, toNchw } from '../helpers.js';
 
 /**
  * Tolerance for fp16 weights against the fp32 reference, derived from the rounding: every weight is rounded to
@@ -61,10 +61,10 @@ for (const [label, file, opts, half] of SOURCES) {
       const before = tf.memory().numTensors;
       const o1 = clipText(params, config, ids);
       const o2 = clipText(params, config, ids, { clipSkip: 2 });
-      check('last_hidden_state', params, o1.hidden.dataSync(), c.get('last_hidden_state')!.data, 'text_encoder');
-      check('pooler_output', params, o1.pooled.dataSync(), c.get('pooler_output')!.data, 'text_encoder');
-      check('clip_skip_2', params, o2.hidden.dataSync(), c.get('clip_skip_2')!.data, 'text_encoder');
-      check('hidden_states[-2] raw', params, o2.hiddenRaw.dataSync(), c.get('hidden_states_minus2_raw')!.data, 'text_encoder');
+      check('last_hidden_state', params, (await o1.hidden.data()), c.get('last_hidden_state')!.data, 'text_encoder');
+      check('pooler_output', params, (await o1.pooled.data()), c.get('pooler_output')!.data, 'text_encoder');
+      check('clip_skip_2', params, (await o2.hidden.data()), c.get('clip_skip_2')!.data, 'text_encoder');
+      check('hidden_states[-2] raw', params, (await o2.hiddenRaw.data()), c.get('hidden_states_minus2_raw')!.data, 'text_encoder');
       tf.dispose([o1, o2].flatMap((o) => [o.hidden, o.hiddenRaw, o.pooled]));
       expect(tf.memory().numTensors).toBe(before); // a forward leaks nothing
       ids.dispose();
@@ -80,8 +80,8 @@ for (const [label, file, opts, half] of SOURCES) {
       const before = tf.memory().numTensors;
       const y = unet(params, config, x, ts, ctx);
       const y500 = unet(params, config, x, 500, ctx);
-      check('unet noise_pred', params, toNchwData(y), c.get('noise_pred')!.data, 'unet');
-      check('unet noise_pred t=500', params, toNchwData(y500), c.get('noise_pred_t500')!.data, 'unet');
+      check('unet noise_pred', params, await toNchw(y), c.get('noise_pred')!.data, 'unet');
+      check('unet noise_pred t=500', params, await toNchw(y500), c.get('noise_pred_t500')!.data, 'unet');
       tf.dispose([y, y500]);
       expect(tf.memory().numTensors).toBe(before);
       tf.dispose([x, ctx, ts]);
@@ -96,10 +96,10 @@ for (const [label, file, opts, half] of SOURCES) {
       const before = tf.memory().numTensors;
       const dist = vaeEncode(params, config, img);
       const dec = vaeDecode(params, config, z);
-      check('vae latent mean', params, toNchwData(dist.mean), c.get('latent_mean')!.data, 'vae');
-      check('vae latent std', params, toNchwData(dist.std), c.get('latent_std')!.data, 'vae');
-      check('vae latent logvar', params, toNchwData(dist.logvar), c.get('latent_logvar')!.data, 'vae');
-      check('vae decoded', params, toNchwData(dec), c.get('decoded')!.data, 'vae');
+      check('vae latent mean', params, await toNchw(dist.mean), c.get('latent_mean')!.data, 'vae');
+      check('vae latent std', params, await toNchw(dist.std), c.get('latent_std')!.data, 'vae');
+      check('vae latent logvar', params, await toNchw(dist.logvar), c.get('latent_logvar')!.data, 'vae');
+      check('vae decoded', params, await toNchw(dec), c.get('decoded')!.data, 'vae');
       tf.dispose([dist.mean, dist.std, dist.logvar, dec]);
       expect(tf.memory().numTensors).toBe(before);
       tf.dispose([img, z]);
@@ -119,8 +119,8 @@ describeGolden('networks vs diffusers: other architectures', () => {
       const x = nhwc(c.get('sample')!);
       const y = unet(params, config, x, tf.tensor1d(c.get('timesteps')!.data as Int32Array, 'int32'), ctx);
       const y500 = unet(params, config, x, 500, ctx);
-      expect(maxAbsDiff(toNchwData(y), c.get('noise_pred')!.data)).toBeLessThanOrEqual(atolOf('unet_inpaint'));
-      expect(maxAbsDiff(toNchwData(y500), c.get('noise_pred_t500')!.data)).toBeLessThanOrEqual(atolOf('unet_inpaint'));
+      expect(maxAbsDiff(await toNchw(y), c.get('noise_pred')!.data)).toBeLessThanOrEqual(atolOf('unet_inpaint'));
+      expect(maxAbsDiff(await toNchw(y500), c.get('noise_pred_t500')!.data)).toBeLessThanOrEqual(atolOf('unet_inpaint'));
       tf.dispose([x, ctx, y, y500]);
     } finally {
       disposeModel(m);
@@ -135,9 +135,9 @@ describeGolden('networks vs diffusers: other architectures', () => {
       const o = clipText(m.textEncoder!.params, m.textEncoder!.config, ids);
       const o2 = clipText(m.textEncoder!.params, m.textEncoder!.config, ids, { clipSkip: 2 });
       const atol = atolOf('sd2_text_encoder');
-      expect(maxAbsDiff(o.hidden.dataSync(), te.get('last_hidden_state')!.data)).toBeLessThanOrEqual(atol);
-      expect(maxAbsDiff(o.pooled.dataSync(), te.get('pooler_output')!.data)).toBeLessThanOrEqual(atol);
-      expect(maxAbsDiff(o2.hidden.dataSync(), te.get('clip_skip_2')!.data)).toBeLessThanOrEqual(atol);
+      expect(maxAbsDiff((await o.hidden.data()), te.get('last_hidden_state')!.data)).toBeLessThanOrEqual(atol);
+      expect(maxAbsDiff((await o.pooled.data()), te.get('pooler_output')!.data)).toBeLessThanOrEqual(atol);
+      expect(maxAbsDiff((await o2.hidden.data()), te.get('clip_skip_2')!.data)).toBeLessThanOrEqual(atol);
       const c = await caseTensors('sd2_unet');
       expect(m.unet!.config.use_linear_projection).toBe(true);
       expect(m.unet!.config.heads).toEqual([2, 4, 8, 8]);
@@ -146,8 +146,8 @@ describeGolden('networks vs diffusers: other architectures', () => {
       const x = nhwc(c.get('sample')!);
       const y = unet(m.unet!.params, m.unet!.config, x, tf.tensor1d(c.get('timesteps')!.data as Int32Array, 'int32'), ctx);
       const y500 = unet(m.unet!.params, m.unet!.config, x, 500, ctx);
-      expect(maxAbsDiff(toNchwData(y), c.get('noise_pred')!.data)).toBeLessThanOrEqual(atolOf('sd2_unet'));
-      expect(maxAbsDiff(toNchwData(y500), c.get('noise_pred_t500')!.data)).toBeLessThanOrEqual(atolOf('sd2_unet'));
+      expect(maxAbsDiff(await toNchw(y), c.get('noise_pred')!.data)).toBeLessThanOrEqual(atolOf('sd2_unet'));
+      expect(maxAbsDiff(await toNchw(y500), c.get('noise_pred_t500')!.data)).toBeLessThanOrEqual(atolOf('sd2_unet'));
       tf.dispose([ids, o.hidden, o.hiddenRaw, o.pooled, o2.hidden, o2.hiddenRaw, o2.pooled, ctx, x, y, y500]);
     } finally {
       disposeModel(m);

@@ -168,6 +168,15 @@ describe('applyEmphasis ("Original": multiply, then restore the mean)', () => {
     }
   });
 
+  it('a chunk whose mean is exactly 0 stays finite (no 0/0 rescale)', () => {
+    // per-token zero mean, as a final layer norm without bias gives: the chunk mean is exactly 0
+    const zm = tf.tensor3d(Float32Array.from({ length: 2 * 154 * 8 }, (_, i) => (i % 2 ? -1 : 2) * (1 + (i % 5))).map((v, i, a) => (i % 2 ? -a[i - 1] : v)), [2, 154, 8]);
+    const w = tf.fill([2, 154], 1.1) as tf.Tensor2D;
+    const out = applyEmphasis(zm, w).dataSync();
+    expect(out.every(Number.isFinite)).toBe(true);
+    expect(out[0]).toBeCloseTo(zm.dataSync()[0] * 1.1, 5);
+  });
+
   it('rejects mismatched shapes', () => {
     expect(() => applyEmphasis(z, tf.ones([2, 77]) as tf.Tensor2D)).toThrow(SdtuneError);
     expect(() => applyEmphasis(z.slice([0, 0, 0], [2, 100, 8]), tf.ones([2, 100]) as tf.Tensor2D)).toThrow(SdtuneError);

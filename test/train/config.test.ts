@@ -46,7 +46,7 @@ describe('defaults', () => {
     expect(c.train).toEqual({
       max_steps: null, epochs: 1, batch_size: 1, gradient_accumulation: 1, lr: 1e-4, lr_scheduler: 'constant',
       lr_warmup_steps: 0, lr_num_cycles: 1, adam_beta1: 0.9, adam_beta2: 0.999, adam_epsilon: 1e-8, weight_decay: 1e-2,
-      max_grad_norm: 1, seed: 42, noise_offset: 0, min_snr_gamma: null, mixed_precision: 'no',
+      max_grad_norm: 1, seed: 42, noise_offset: 0, min_snr_gamma: null, mixed_precision: 'no', gradient_checkpointing: false,
     });
     expect(c.lora).toEqual({ rank: 16, alpha: 8, targets: 'attn', text_encoder: false, text_encoder_lr: null, dropout: 0 });
     expect(c.textual_inversion).toBeUndefined();
@@ -80,6 +80,7 @@ describe('errors name the key, expected vs found', () => {
     expect(usage('lora', `${BASE}train:\n  lr_schedular: cosine\n`)).toMatch(/unknown key train.lr_schedular \(did you mean train.lr_scheduler\?\)/);
     expect(usage('lora', `${BASE}train:\n  rank: 4\n`)).toMatch(/unknown key train.rank \(did you mean lora.rank\?\)/);
     expect(usage('lora', `${BASE}lora:\n  network_dim: 4\n`)).toMatch(/did you mean lora.rank\?/);
+    expect(usage('lora', `${BASE}gradient_checkpointing: true\n`)).toMatch(/unknown key gradient_checkpointing \(did you mean train.gradient_checkpointing\?\)/);
     expect(usage('lora', `${BASE}training:\n  lr: 1\n`)).toMatch(/unknown key training \(did you mean train\?\)/);
     expect(usage('lora', withData('buckets:\n  enable: true'))).toMatch(/did you mean data.buckets.enabled\?/);
     expect(usage('textual_inversion', `${BASE}textual_inversion:\n  placeholder_token: x\n`)).toMatch(/did you mean textual_inversion.token\?/);
@@ -149,6 +150,9 @@ describe('overrides', () => {
     expect(c.lora).toMatchObject({ text_encoder: true, alpha: 8 });
     expect(c.model.prediction_type).toBeNull();
     expect(resolveConfig('lora', null, { model: 'm', data: 'd', resolution: [640, 448] }).data.resolution).toEqual([640, 448]);
+    expect(resolveConfig('lora', `${BASE}train:\n  gradient_checkpointing: true\n`, {}).train.gradient_checkpointing).toBe(true);
+    expect(resolveConfig('lora', BASE, { 'gradient-checkpointing': true }).train.gradient_checkpointing).toBe(true);
+    expect(usage('lora', BASE, { 'gradient-checkpointing': 'yes' })).toBe('--gradient-checkpointing: train.gradient_checkpointing: expected true or false, found "yes"');
   });
 
   it('every FLAG_KEYS target is a real key; bad flags and keys are named', () => {
@@ -176,7 +180,7 @@ describe('dumpConfig', () => {
   it('round trips through resolveConfig for both methods, with every kind of value', async () => {
     const lora = resolveConfig('lora', `${BASE}lora:\n  targets: attn+ff\n  text_encoder: true\n  text_encoder_lr: 5e-5\n`, {
       resolution: [768, 512], 'sample-prompt': 'a "quoted": prompt, with # hash', 'sample-every': 10, 'output.sample_sampler': 'Euler a',
-      'train.min_snr_gamma': 5, 'train.adam_epsilon': 1e-10, 'data.templates': ['a {}'], 'output.keep_last': null, seed: 1234567,
+      'train.min_snr_gamma': 5, 'train.adam_epsilon': 1e-10, 'gradient-checkpointing': true, 'data.templates': ['a {}'], 'output.keep_last': null, seed: 1234567,
     }, 'configs/run.yml');
     expect(lora.output.sample_sampler).toBe('euler_a');
     const ti = resolveConfig('textual_inversion', TI, { vectors: 4, 'max-steps': 3000 });

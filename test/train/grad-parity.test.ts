@@ -50,14 +50,14 @@ describeGolden('training step vs diffusers (LoRA)', () => {
     };
     const names = [...vars.keys()];
     const { value, grads } = tf.variableGrads(() => diffusionLoss(unetP.params, unetP.config, schedule, batch, { predictionType: 'epsilon' }), [...vars.values()]);
-    const loss = value.dataSync()[0];
+    const loss = (await value.data())[0];
     console.log(`LoRA step: loss ${loss} (ref ${ref.get('loss')!.data[0]})`);
     expect(Math.abs(loss - ref.get('loss')!.data[0])).toBeLessThanOrEqual(tol.atol_loss);
     let worst = 0;
     let worstName = '';
     for (const name of names) {
       const g = grads[vars.get(name)!.name];
-      const torch = tfToTorchLayout(name, { shape: [...g.shape], data: g.dataSync() as Float32Array });
+      const torch = tfToTorchLayout(name, { shape: [...g.shape], data: (await g.data()) as Float32Array });
       const r = allcloseRatio(torch.data, ref.get(`grad/${peft(name)}`)!.data, tol.rtol_grad, tol.atol_grad);
       if (r > worst) [worst, worstName] = [r, name];
     }
@@ -66,11 +66,11 @@ describeGolden('training step vs diffusers (LoRA)', () => {
     // min-SNR(5) weights and weighted loss
     const snrT = ref.get('snr_timesteps')!.data as Int32Array;
     const s = snr(schedule, Array.from(snrT));
-    expect(allcloseRatio(s.dataSync(), ref.get('snr')!.data, 1e-6, 0)).toBeLessThanOrEqual(1); // float32 snr, relative 1e-6
+    expect(allcloseRatio((await s.data()), ref.get('snr')!.data, 1e-6, 0)).toBeLessThanOrEqual(1); // float32 snr, relative 1e-6
     const w = minSnrWeights(schedule, snrT, 5, 'epsilon');
-    expect(maxAbsDiff(w.dataSync(), ref.get('min_snr5_weights')!.data)).toBeLessThanOrEqual(1e-6);
+    expect(maxAbsDiff((await w.data()), ref.get('min_snr5_weights')!.data)).toBeLessThanOrEqual(1e-6);
     const wl = diffusionLoss(unetP.params, unetP.config, schedule, batch, { predictionType: 'epsilon', minSnrGamma: 5 });
-    expect(Math.abs(wl.dataSync()[0] - ref.get('min_snr5_weighted_loss')!.data[0])).toBeLessThanOrEqual(tol.atol_loss);
+    expect(Math.abs((await wl.data())[0] - ref.get('min_snr5_weighted_loss')!.data[0])).toBeLessThanOrEqual(tol.atol_loss);
     tf.dispose([value, ...Object.values(grads), s, w, wl, batch.latents, batch.noise, batch.context]);
   });
 });
@@ -85,20 +85,20 @@ describeGolden('training step vs diffusers (textual inversion)', () => {
       const r = createTiRecipe(m, { token: '<my-token>', initWord: 'dog', vectors: 1, templates: [...TI_TEMPLATES] });
       expect(r.ids).toEqual([c.new_token_id]);
       const rows = [...r.trainables.values()][0];
-      expect(maxAbsDiff(rows.dataSync(), ref.get('new_embedding_init')!.data)).toBe(0);
+      expect(maxAbsDiff((await rows.data()), ref.get('new_embedding_init')!.data)).toBe(0);
       const ids = tf.tensor2d(ref.get('input_ids')!.data as Int32Array, [2, 77], 'int32');
       // our tokenizer turns the case prompts into the same ids
-      expect(Array.from(captionIds(m, c.prompts as string[]).dataSync())).toEqual(Array.from(ids.dataSync()));
+      expect(Array.from((await captionIds(m, c.prompts as string[]).data()))).toEqual(Array.from((await ids.data())));
       const schedule = scheduleFromConfig(m.schedulerConfig);
       const latents = nhwc(ref.get('latents')!);
       const noise = nhwc(ref.get('noise')!);
       const table = m.textEncoder!.params.text_model as never;
-      const before = Array.from((await import('../../src/models/params.js')).leaf((table as any).embeddings.token_embedding, 'weight').dataSync());
+      const before = Array.from(await (await import('../../src/models/params.js')).leaf((table as any).embeddings.token_embedding, 'weight').data());
       const { value, grads } = tf.variableGrads(() => {
         const context = r.encodeIds(ids);
         return diffusionLoss(m.unet!.params, m.unet!.config, schedule, { latents, noise, timesteps: ref.get('timesteps')!.data as Int32Array, context }, { predictionType: 'epsilon' });
       }, [rows]);
-      const loss = value.dataSync()[0];
+      const loss = (await value.data())[0];
       console.log(`TI step: loss ${loss} (ref ${ref.get('loss')!.data[0]})`);
       expect(Math.abs(loss - ref.get('loss')!.data[0])).toBeLessThanOrEqual(tol.atol_loss);
       // The gradient reaches the embedding through every cross-attention, including the 1x1-pixel bottleneck where
@@ -106,7 +106,7 @@ describeGolden('training step vs diffusers (textual inversion)', () => {
       // ulp (1e-7 relative) of change in the latents moves this gradient by ~1%, ten times the case's rtol 1e-3.
       // So the reference gradient cannot be matched to 1e-3 by any implementation that is not bit-identical to
       // torch's kernels; we check what is well-conditioned and demonstrate the sensitivity.
-      const g = grads[rows.name].dataSync();
+      const g = (await grads[rows.name].data());
       const rg = ref.get('grad_new_embedding')!.data;
       const relErr = (a: ArrayLike<number>, b: ArrayLike<number>) => {
         let d = 0, n = 0;
@@ -118,12 +118,12 @@ describeGolden('training step vs diffusers (textual inversion)', () => {
         const l1 = tf.mul(latents, 1 + 1e-7) as tf.Tensor4D;
         return diffusionLoss(m.unet!.params, m.unet!.config, schedule, { latents: l1, noise, timesteps: ref.get('timesteps')!.data as Int32Array, context }, { predictionType: 'epsilon' });
       }, [rows]);
-      const moved = relErr(g2[rows.name].dataSync(), g);
+      const moved = relErr((await g2[rows.name].data()), g);
       console.log(`TI step: gradient relative error vs reference ${relErr(g, rg).toExponential(2)}; a 1e-7 relative change of the latents moves it by ${moved.toExponential(2)}`);
       expect(moved).toBeGreaterThan(tol.rtol_grad);
       expect(relErr(g, rg)).toBeLessThan(0.05); // same gradient up to that noise, not a different one
       tf.dispose(Object.values(g2));
-      const after = Array.from((await import('../../src/models/params.js')).leaf((table as any).embeddings.token_embedding, 'weight').dataSync());
+      const after = Array.from(await (await import('../../src/models/params.js')).leaf((table as any).embeddings.token_embedding, 'weight').data());
       expect(after).toEqual(before); // the base table is never modified
       r.dispose();
       tf.dispose([value, ...Object.values(grads), ids, latents, noise]);

@@ -131,10 +131,10 @@ describe('adamwStep', () => {
 describe('clipGradNorm', () => {
   const grads = () => new Map<string, tf.Tensor>([['a', tf.tensor1d([3, 4])], ['b', tf.tensor2d([[12]])]]); // norms 5 and 12: total 13
 
-  it('scales by max_norm / (total + 1e-6) when over the limit, as torch clip_grad_norm_', () => {
+  it('scales by max_norm / (total + 1e-6) when over the limit, as torch clip_grad_norm_', async () => {
     const g = grads();
     const before = tf.memory().numTensors;
-    const r = clipGradNorm(g, 1);
+    const r = await clipGradNorm(g, 1);
     expect(tf.memory().numTensors).toBe(before + 2); // only the two new grads
     expect(r.totalNorm).toBeCloseTo(13, 5);
     const coef = 1 / (13 + 1e-6);
@@ -143,10 +143,10 @@ describe('clipGradNorm', () => {
     disposeAll(g, r.grads);
   });
 
-  it('leaves grads unchanged under the limit or when disabled (0), still reporting the norm', () => {
+  it('leaves grads unchanged under the limit or when disabled (0), still reporting the norm', async () => {
     for (const maxNorm of [100, 0]) {
       const g = grads();
-      const r = clipGradNorm(g, maxNorm);
+      const r = await clipGradNorm(g, maxNorm);
       expect(r.totalNorm).toBeCloseTo(13, 5);
       expect([...r.grads.get('a')!.dataSync()]).toEqual([3, 4]);
       expect(r.grads.get('a')).not.toBe(g.get('a'));

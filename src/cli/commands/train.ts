@@ -19,7 +19,9 @@ const DESCRIBE: Record<string, string> = {
   token: 'the new prompt word, e.g. "<my-logo>" (textual_inversion.token)',
   'init-word': 'word whose embedding starts the token (textual_inversion.init_word)',
   vectors: 'vectors per token (textual_inversion.vectors)',
+  'gradient-checkpointing': 'recompute UNet blocks in the backward pass: far less memory, ~1 more forward (train.gradient_checkpointing)',
 };
+const BOOLEAN_FLAGS = new Set(['train-text-encoder', 'gradient-checkpointing']);
 
 function options(a: Argv, method: Method): Argv {
   let y = a
@@ -30,7 +32,7 @@ function options(a: Argv, method: Method): Argv {
   for (const flag of Object.keys(FLAG_KEYS)) {
     if (skip.includes(flag)) continue;
     // no yargs defaults: a default would override the YAML; the config supplies them
-    y = y.option(flag, { type: flag === 'train-text-encoder' ? 'boolean' : flag === 'sample-prompt' ? 'string' : undefined, describe: DESCRIBE[flag] ?? FLAG_KEYS[flag] });
+    y = y.option(flag, { type: BOOLEAN_FLAGS.has(flag) ? 'boolean' : flag === 'sample-prompt' ? 'string' : undefined, describe: DESCRIBE[flag] ?? FLAG_KEYS[flag] });
   }
   return y;
 }
