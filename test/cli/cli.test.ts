@@ -14,7 +14,7 @@ import { describeGolden, golden } from '../golden.js';
 
 const BIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../bin/sdtune.js');
 const sdtune = (...args: string[]) => {
-  const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', env: { ...process.env, SDTUNE_BACKEND: 'cpu' } });
+  const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', env: { ...process.env, SDTUNE_BACKEND: 'wasm' } });
   return { code: r.status, out: r.stdout, err: r.stderr };
 };
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'sdtune-cli-'));

@@ -12,7 +12,7 @@ const BIN = path.join(ROOT, 'bin/sdtune.js');
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'sdtune-train-cli-'));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
 const sdtune = (...args: string[]) => {
-  const r = spawnSync(process.execPath, [BIN, ...args], { cwd: ROOT, encoding: 'utf8', env: { ...process.env, SDTUNE_BACKEND: 'cpu' } });
+  const r = spawnSync(process.execPath, [BIN, ...args], { cwd: ROOT, encoding: 'utf8', env: { ...process.env, SDTUNE_BACKEND: 'wasm' } });
   return { code: r.status, out: r.stdout, err: r.stderr };
 };
 
@@ -21,7 +21,7 @@ describe('training commands', () => {
     const out = path.join(tmp, 'style');
     const r = sdtune('lora', '--config', 'configs/style.yaml', '--max-steps', '3', '--output', out, '--set', 'output.sample_every=null', '--set', 'output.save_every=null', '--set', 'train.lr_warmup_steps=0');
     expect(r.code, r.err).toBe(0);
-    expect(r.err).toMatch(/backend: cpu/);
+    expect(r.err).toMatch(/backend: wasm/);
     expect(r.err).toMatch(/trainable parameters: [\d,]+/);
     expect(r.err).toMatch(/16 images x repeats = 16 samples \/ batch 2/);
     const lora = path.join(out, 'style.safetensors');
@@ -46,7 +46,7 @@ describe('training commands', () => {
     const out = path.join(tmp, 'sigint');
     const child = spawn(process.execPath, [BIN, 'lora', '--config', 'configs/style.yaml', '--max-steps', '500', '--output', out, '--set', 'output.sample_every=null', '--set', 'train.lr_scheduler=constant', '--set', 'train.lr_warmup_steps=0'], {
       cwd: ROOT,
-      env: { ...process.env, SDTUNE_BACKEND: 'cpu' },
+      env: { ...process.env, SDTUNE_BACKEND: 'wasm' },
     });
     let err = '';
     let scheduled = false;

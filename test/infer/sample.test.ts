@@ -49,10 +49,10 @@ describeGolden('sample with adapters vs diffusers', () => {
 
   it('the command line: one PNG equal to the reference, A1111 parameters, batch into a folder with NNNNN-SEED names', () => {
     const out = path.join(tmp, 'cli.png');
-    const run = (...args: string[]) => spawnSync(process.execPath, [BIN, 'sample', '--model', golden('tiny-sd'), '--prompt', BASE.prompt, '--negative-prompt', 'blurry', '--width', '64', '--height', '64', ...args], { encoding: 'utf8', env: { ...process.env, SDTUNE_BACKEND: 'cpu' } });
+    const run = (...args: string[]) => spawnSync(process.execPath, [BIN, 'sample', '--model', golden('tiny-sd'), '--prompt', BASE.prompt, '--negative-prompt', 'blurry', '--width', '64', '--height', '64', ...args], { encoding: 'utf8', env: { ...process.env, SDTUNE_BACKEND: 'wasm' } });
     const r = run('--seed', '0', '--steps', '10', '--cfg', '7.5', '--sampler', 'Euler a', '--out', out);
     expect(r.status, r.stderr).toBe(0);
-    expect(r.stderr).toMatch(/backend: cpu/);
+    expect(r.stderr).toMatch(/backend: wasm/);
     return (async () => {
       const ours = await readImageRgb(out);
       const ref = await readImageRgb(golden('cases', 'pipe_txt2img_euler_a.png'));
