@@ -26,6 +26,7 @@ const SMALL_COPY = 32;
 let registered = false;
 let originalBackpropInput: tf.KernelFunc | undefined;
 let originalBatchMatMul: tf.KernelFunc | undefined;
+let originalSlice: tf.KernelFunc | undefined;
 
 /** Run another wasm kernel directly (no engine, no tape); the caller owns and frees the result. */
 function run(name: string, backend: BackendWasm, inputs: tf.NamedTensorInfoMap, attrs: object = {}): Info {
@@ -428,12 +429,85 @@ function batchMatMul(args: KernelArgs): Info {
   return out;
 }
 
+type Heap = Float32Array | Int32Array | Uint8Array;
+
+/**
+ * Slice by runs copied straight from the heap. wasm's own Slice first copies its whole input out of the heap
+ * (readSync) and then copies each innermost row with TypedArray.set; for the GEGLU split and attention's chunks
+ * that cost more than the matrix products around them. The trailing axes that are taken whole are merged into one
+ * contiguous run, and the outer axes are walked with an odometer.
+ */
+function slice(args: KernelArgs): Info {
+  const { inputs, backend: b, attrs } = args;
+  const backend = b as BackendWasm;
+  const x = input(inputs, 'x');
+  if (x.dtype === 'string' || x.dtype === 'complex64') return originalSlice!(args) as Info;
+  const a = attrs as unknown as { begin: number | number[]; size?: number | number[] };
+  const [begin, size] = tf.slice_util.parseSliceParams(x as unknown as tf.TensorInfo & { rank: number }, a.begin, a.size);
+  return sliceRuns(backend, x, begin, size);
+}
+
+function sliceRuns(backend: BackendWasm, x: Info, begin: number[], size: number[]): Info {
+  const out = backend.makeOutput(size, x.dtype);
+  const total = size.reduce((p, v) => p * v, 1);
+  if (total === 0) return out;
+  const xv = backend.typedArrayFromHeap(x) as Heap; // views taken after makeOutput (an allocation may grow the heap)
+  const ov = backend.typedArrayFromHeap(out) as Heap;
+  const shape = x.shape;
+  const r = shape.length;
+  if (r === 0) {
+    ov[0] = xv[0];
+    return out;
+  }
+  const strides = tf.util.computeStrides(shape);
+  const stride = (i: number) => (i === r - 1 ? 1 : strides[i]);
+  // merge trailing axes taken whole: axis k is the last one that may be partial
+  let k = r - 1;
+  let run = size[r - 1];
+  while (k > 0 && size[k] === shape[k]) run *= size[--k];
+  let base = 0;
+  for (let i = 0; i < r; i++) base += begin[i] * stride(i);
+  const idx = new Array<number>(k).fill(0);
+  let o = 0;
+  for (;;) {
+    let src = base;
+    for (let i = 0; i < k; i++) src += idx[i] * stride(i);
+    if (run < SMALL_COPY) for (let j = 0; j < run; j++) ov[o + j] = xv[src + j];
+    else ov.set(xv.subarray(src, src + run), o);
+    o += run;
+    // odometer over the outer axes 0..k-1
+    let i = k - 1;
+    while (i >= 0 && ++idx[i] === size[i]) idx[i--] = 0;
+    if (i < 0) break;
+  }
+  return out;
+}
+
+/** SplitV as consecutive fast slices along the axis (wasm's goes through its slow Slice once per part). */
+function splitV({ inputs, backend: b, attrs }: KernelArgs): Info[] {
+  const backend = b as BackendWasm;
+  const x = input(inputs, 'x');
+  const a = attrs as unknown as { numOrSizeSplits: number | number[]; axis: number | number[] };
+  const axis = tf.util.parseAxisParam(a.axis, x.shape)[0];
+  const sizes = tf.backend_util.prepareSplitSize(x as unknown as tf.Tensor, a.numOrSizeSplits, axis);
+  const begin = new Array<number>(x.shape.length).fill(0);
+  return sizes.map((n) => {
+    const size = [...x.shape];
+    size[axis] = n;
+    const part = x.dtype === 'string' ? (originalSlice!({ inputs: { x }, backend, attrs: { begin: [...begin], size } }) as Info) : sliceRuns(backend, x, [...begin], size);
+    begin[axis] += n;
+    return part;
+  });
+}
+
 const KERNELS: [string, tf.KernelFunc][] = [
   ['Identity', identity as tf.KernelFunc],
   ['Conv2DBackpropFilter', conv2DBackpropFilter as tf.KernelFunc],
   ['Conv2DBackpropInput', conv2DBackpropInput as tf.KernelFunc],
   ['UnsortedSegmentSum', unsortedSegmentSum as tf.KernelFunc],
   ['BatchMatMul', batchMatMul as tf.KernelFunc],
+  ['Slice', slice as tf.KernelFunc],
+  ['SplitV', splitV as unknown as tf.KernelFunc],
 ];
 
 /**
@@ -446,6 +520,7 @@ export function registerWasmKernels(): void {
   if (!tf.getKernel('Conv2D', 'wasm')) throw new Error('registerWasmKernels: the wasm backend is not loaded (import @tensorflow/tfjs-backend-wasm)');
   originalBackpropInput = tf.getKernel('Conv2DBackpropInput', 'wasm')?.kernelFunc;
   originalBatchMatMul = tf.getKernel('BatchMatMul', 'wasm')?.kernelFunc;
+  originalSlice = tf.getKernel('Slice', 'wasm')?.kernelFunc;
   for (const [kernelName, kernelFunc] of KERNELS) {
     const prev = tf.getKernel(kernelName, 'wasm');
     if (prev) tf.unregisterKernel(kernelName, 'wasm');

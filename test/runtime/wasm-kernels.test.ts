@@ -306,3 +306,48 @@ describe('wasm Identity shares data', () => {
     tf.dispose([value, grads[x.name], weight, x]);
   });
 });
+
+describe('wasm Slice / SplitV copy straight from the heap', () => {
+  const cases: { shape: number[]; begin: number[]; size: number[] }[] = [
+    { shape: [10], begin: [3], size: [5] },
+    { shape: [4, 7], begin: [1, 2], size: [2, 5] },
+    { shape: [4, 7], begin: [1, 0], size: [3, 7] }, // whole rows: one run
+    { shape: [3, 5, 70], begin: [0, 1, 3], size: [3, 3, 60] }, // long runs (TypedArray.set)
+    { shape: [2, 6, 5, 8], begin: [1, 2, 0, 0], size: [1, 3, 5, 8] },
+    { shape: [2, 3, 4, 5, 6], begin: [0, 1, 1, 2, 3], size: [2, 2, 3, 2, 3] },
+    { shape: [3, 4], begin: [1, 1], size: [0, 2] }, // empty
+  ];
+  const data = (shape: number[], dtype: 'float32' | 'int32', seed: number) =>
+    dtype === 'int32' ? Int32Array.from(rand(tf.util.sizeFromShape(shape), seed), (v) => Math.round(v * 1000)) : rand(tf.util.sizeFromShape(shape), seed);
+  const onBoth = async (f: () => tf.Tensor | tf.Tensor[]) => {
+    const run = () => tf.tidy(() => [f()].flat().map((t) => Array.from(t.dataSync())));
+    const w = run();
+    await tf.setBackend('cpu');
+    const c = run();
+    await tf.setBackend('wasm');
+    return { w, c };
+  };
+  for (const dtype of ['float32', 'int32'] as const) {
+    for (const [i, c] of cases.entries()) {
+      it(`${dtype} slice of ${c.shape} at ${c.begin} size ${c.size}: identical to cpu`, async () => {
+        const x = data(c.shape, dtype, 50 + i);
+        const { w, c: ref } = await onBoth(() => tf.slice(tf.tensor(x, c.shape, dtype), c.begin, c.size));
+        expect(w).toEqual(ref);
+        if (c.size.every((s) => s > 0)) expect(ref[0].length).toBe(tf.util.sizeFromShape(c.size));
+      });
+    }
+  }
+  it('split along every axis, equal and uneven parts: identical to cpu, no leaks', async () => {
+    const shape = [4, 6, 10];
+    const x = rand(tf.util.sizeFromShape(shape), 77);
+    for (let axis = 0; axis < 3; axis++) {
+      for (const parts of [2, [1, shape[axis] - 3, 2]] as const) {
+        const before = tf.memory().numTensors;
+        const { w, c } = await onBoth(() => tf.split(tf.tensor(x, shape), parts as number | number[], axis));
+        expect(w).toEqual(c);
+        expect(w.length).toBe(typeof parts === 'number' ? parts : parts.length);
+        expect(tf.memory().numTensors).toBe(before);
+      }
+    }
+  });
+});
