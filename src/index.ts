@@ -12,7 +12,7 @@ export { loadModel, disposeModel, inspectModel, type LoadedModel, type ModelRepo
 export { formatInfotext, parseInfotext, readPngText, writePng, readImageRgb } from './io/png.js';
 export { TensorBoardWriter, readEventFile } from './io/tensorboard.js';
 export { clipText, clipTextParamShapes } from './models/clip-text.js';
-export { unet, unetParamShapes, CHECKPOINT_DENSE, type UNetOptions, type CheckpointSite } from './models/unet.js';
+export { unet, unetParamShapes, CHECKPOINT_DEFAULT, type UNetOptions, type CheckpointSite } from './models/unet.js';
 export { vaeEncode, vaeDecode, vaeParamShapes } from './models/vae.js';
 export { clipTextConfig, unetConfig, vaeConfig, type ClipTextConfig, type UNetConfig, type VaeConfig } from './models/configs.js';
 export { setAttentionChunkElements } from './models/layers.js';

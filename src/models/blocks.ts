@@ -96,28 +96,40 @@ export function transformer2dShapes(m: ShapeSpec, prefix: string, c: number, ctx
 }
 
 /**
+ * Runs one segment of a block: fn(...xs) directly, or (unet's gradient checkpointing) as a checkpoint that keeps
+ * only xs for the backward pass; `ps` are the params sub-trees fn reads, whose trainable tensors it differentiates.
+ */
+export type Segment = <A extends tf.Tensor[], T extends tf.Tensor>(ps: ParamTree[], fn: (...xs: A) => T, xs: [...A]) => T;
+
+/** The plain segment runner: just call fn. */
+export const direct: Segment = (_ps, fn, xs) => fn(...xs);
+
+/**
  * Transformer2DModel: GroupNorm(eps 1e-6), proj_in (1x1 conv in SD v1, linear with use_linear_projection),
  * BasicTransformerBlocks (self-attn, cross-attn, GEGLU feed-forward; pre-LayerNorm, residuals), proj_out, + input.
+ * Each of those five stages is one segment, so a checkpointing `seg` recomputes (and holds the activations of)
+ * one stage at a time in the backward pass rather than the whole block.
  */
-export function transformer2d(p: ParamTree, x: tf.Tensor4D, ctx: tf.Tensor3D, heads: number, groups: number): tf.Tensor4D {
+export function transformer2d(p: ParamTree, x: tf.Tensor4D, ctx: tf.Tensor3D, heads: number, groups: number, seg: Segment = direct): tf.Tensor4D {
   return tf.tidy(() => {
     const [b, h, w, c] = x.shape;
+    const [norm, projIn, projOut] = [sub(p, 'norm'), sub(p, 'proj_in'), sub(p, 'proj_out')];
     // proj_in is per-pixel either way (1x1 conv == linear on NHWC), so both variants are the same op here
-    let y = linear(sub(p, 'proj_in'), groupNorm(sub(p, 'norm'), x, groups, 1e-6).reshape([b, h * w, c])) as tf.Tensor3D;
+    let y = seg([norm, projIn], (v) => tf.tidy(() => linear(projIn, groupNorm(norm, v, groups, 1e-6).reshape([b, h * w, c])) as tf.Tensor3D), [x]);
     const blocks = sub(p, 'transformer_blocks');
     for (let l = 0; has(blocks, String(l)); l++) {
-      const prev = y;
-      y = tf.tidy(() => {
-        const bp = sub(blocks, l);
-        let z = tf.add(prev, attn(sub(bp, 'attn1'), layerNorm(sub(bp, 'norm1'), prev, 1e-5) as tf.Tensor3D, undefined, heads)) as tf.Tensor3D;
-        z = tf.add(z, attn(sub(bp, 'attn2'), layerNorm(sub(bp, 'norm2'), z, 1e-5) as tf.Tensor3D, ctx, heads)) as tf.Tensor3D;
-        // GEGLU: proj -> [hidden, gate] halves -> hidden * gelu(gate) -> linear
-        const proj = linear(sub(bp, 'ff', 'net', 0, 'proj'), layerNorm(sub(bp, 'norm3'), z, 1e-5));
-        const [hid, gate] = tf.split(proj, 2, -1);
-        return tf.add(z, linear(sub(bp, 'ff', 'net', 2), tf.mul(hid, gelu(gate)))) as tf.Tensor3D;
-      });
+      const bp = sub(blocks, l);
+      const [n1, a1, n2, a2, n3, ff0, ff2] = [sub(bp, 'norm1'), sub(bp, 'attn1'), sub(bp, 'norm2'), sub(bp, 'attn2'), sub(bp, 'norm3'), sub(bp, 'ff', 'net', 0, 'proj'), sub(bp, 'ff', 'net', 2)];
+      y = seg([n1, a1], (z) => tf.tidy(() => tf.add(z, attn(a1, layerNorm(n1, z, 1e-5) as tf.Tensor3D, undefined, heads)) as tf.Tensor3D), [y]);
+      y = seg([n2, a2], (z, cc) => tf.tidy(() => tf.add(z, attn(a2, layerNorm(n2, z, 1e-5) as tf.Tensor3D, cc, heads)) as tf.Tensor3D), [y, ctx]);
+      y = seg([n3, ff0, ff2], (z) =>
+        tf.tidy(() => {
+          // GEGLU: proj -> [hidden, gate] halves -> hidden * gelu(gate) -> linear
+          const [hid, gate] = tf.split(linear(ff0, layerNorm(n3, z, 1e-5)), 2, -1);
+          return tf.add(z, linear(ff2, tf.mul(hid, gelu(gate)))) as tf.Tensor3D;
+        }), [y]);
     }
-    return tf.add(linear(sub(p, 'proj_out'), y).reshape([b, h, w, c]), x) as tf.Tensor4D;
+    return seg([projOut], (v, x0) => tf.tidy(() => tf.add(linear(projOut, v).reshape([b, h, w, c]), x0) as tf.Tensor4D), [y, x]);
   });
 }
 

@@ -3,7 +3,7 @@
  * NHWC activations: sample [B,H,W,in_channels], context [B,L,cross_attention_dim] -> [B,H,W,out_channels].
  */
 import * as tf from '@tensorflow/tfjs';
-import { type ShapeSpec, downsample, resnet, resnetShapes, transformer2d, transformer2dShapes, upsample } from './blocks.js';
+import { type Segment, type ShapeSpec, direct, downsample, resnet, resnetShapes, transformer2d, transformer2dShapes, upsample } from './blocks.js';
 import type { UNetConfig } from './configs.js';
 import { conv2d, groupNorm, linear, silu, timestepEmbedding } from './layers.js';
 import { type ParamTree, sub } from './params.js';
@@ -72,7 +72,7 @@ export interface CheckpointSite {
 export interface UNetOptions {
   /**
    * Recompute blocks in the backward pass instead of keeping their activations (diffusers'
-   * enable_gradient_checkpointing, kohya --gradient_checkpointing). true = the sites in CHECKPOINT_DENSE, 'all' =
+   * enable_gradient_checkpointing, kohya --gradient_checkpointing). true = the sites of CHECKPOINT_DEFAULT, 'all' =
    * every resnet, transformer, sampler and the output stage (least memory, ~1.5x the step time), or a function
    * that picks the sites. Only acts while a gradient tape records; inference is unchanged.
    */
@@ -80,13 +80,13 @@ export interface UNetOptions {
 }
 
 /**
- * The sites `gradientCheckpointing: true` recomputes: every transformer (attention scores and the 4-8x wide GEGLU
- * activations make them the densest in memory per FLOP at every level), the resnets and output stage at the finest
- * level, no samplers. Coarser resnets keep activations ~1/channels per FLOP and the upsamplers' 3x3 convs are costly
- * and small to keep, so recomputing them buys little memory for much time (SD v1 LoRA step, latent 16, cpu:
- * see the README).
+ * The sites `gradientCheckpointing: true` recomputes: the transformers, stage by stage (attention scores and the
+ * 4-8x wide GEGLU activations make them the densest in memory per FLOP at every level), and the output stage.
+ * Resnets and samplers are left alone: a resnet keeps ~1/channels bytes per FLOP and the upsamplers' 3x3 convs are
+ * costly to redo and small to keep. On an SD v1 LoRA step this keeps most of the memory saving of 'all' at a
+ * fraction of its extra time (numbers in the README).
  */
-export const CHECKPOINT_DENSE = (s: CheckpointSite): boolean => s.kind === 'transformer' || ((s.kind === 'resnet' || s.kind === 'head') && s.level === 0);
+export const CHECKPOINT_DEFAULT = (s: CheckpointSite): boolean => s.kind === 'transformer' || s.kind === 'head';
 
 /**
  * Predict noise (or v) for `sample` at `timesteps` (scalar or one per batch item) given text `context`.
@@ -102,10 +102,10 @@ export function unet(
   opts: UNetOptions = {},
 ): tf.Tensor4D {
   const gc = opts.gradientCheckpointing;
-  const pick = gc === 'all' ? () => true : gc === true ? CHECKPOINT_DENSE : gc || (() => false);
-  // a block: fn over activation inputs, checkpointed (its trainable weights found in its params sub-trees) when picked
-  const block = <A extends tf.Tensor[], T extends tf.Tensor>(site: CheckpointSite, ps: ParamTree[], fn: (...xs: A) => T, xs: [...A]): T =>
-    pick(site) ? checkpoint(fn, xs, ps.flatMap(trainableIn)) : fn(...xs);
+  const pick = gc === 'all' ? () => true : gc === true ? CHECKPOINT_DEFAULT : gc || (() => false);
+  const recompute: Segment = (ps, fn, xs) => checkpoint(fn, xs, ps.flatMap(trainableIn));
+  // how a site runs its segments: checkpointed (differentiating the trainables of their params sub-trees) when picked
+  const seg = (site: CheckpointSite): Segment => (pick(site) ? recompute : direct);
   return tf.tidy(() => {
     const [b] = sample.shape;
     const n = cfg.block_out_channels.length;
@@ -126,16 +126,16 @@ export function unet(
       const bp = sub(params, 'down_blocks', i);
       for (let j = 0; j < cfg.layers_per_block; j++) {
         const rp = sub(bp, 'resnets', j);
-        x = block({ kind: 'resnet', level: i }, [rp], (h, te) => resnet(rp, h, te, ro), [x, temb]);
+        x = seg({ kind: 'resnet', level: i })([rp], (h, te) => resnet(rp, h, te, ro), [x, temb]);
         if (hasAttn(cfg.down_block_types[i])) {
           const ap = sub(bp, 'attentions', j);
-          x = block({ kind: 'transformer', level: i }, [ap], (h, c) => transformer2d(ap, h, c, cfg.heads[i], cfg.norm_num_groups), [x, context]);
+          x = transformer2d(ap, x, context, cfg.heads[i], cfg.norm_num_groups, seg({ kind: 'transformer', level: i }));
         }
         skips.push(x);
       }
       if (i < n - 1) {
         const dp = sub(bp, 'downsamplers', 0);
-        x = block({ kind: 'downsample', level: i }, [dp], (h) => downsample(dp, h, cfg.downsample_padding), [x]);
+        x = seg({ kind: 'downsample', level: i })([dp], (h) => downsample(dp, h, cfg.downsample_padding), [x]);
         skips.push(x);
       }
     }
@@ -143,9 +143,9 @@ export function unet(
     const mp = sub(params, 'mid_block');
     const mo = { ...ro, outputScale: cfg.mid_block_scale_factor };
     const [mr0, ma, mr1] = [sub(mp, 'resnets', 0), sub(mp, 'attentions', 0), sub(mp, 'resnets', 1)];
-    x = block({ kind: 'resnet', level: n - 1 }, [mr0], (h, te) => resnet(mr0, h, te, mo), [x, temb]);
-    x = block({ kind: 'transformer', level: n - 1 }, [ma], (h, c) => transformer2d(ma, h, c, cfg.heads[n - 1], cfg.norm_num_groups), [x, context]);
-    x = block({ kind: 'resnet', level: n - 1 }, [mr1], (h, te) => resnet(mr1, h, te, mo), [x, temb]);
+    x = seg({ kind: 'resnet', level: n - 1 })([mr0], (h, te) => resnet(mr0, h, te, mo), [x, temb]);
+    x = transformer2d(ma, x, context, cfg.heads[n - 1], cfg.norm_num_groups, seg({ kind: 'transformer', level: n - 1 }));
+    x = seg({ kind: 'resnet', level: n - 1 })([mr1], (h, te) => resnet(mr1, h, te, mo), [x, temb]);
     // 5. up blocks
     const heads = [...cfg.heads].reverse();
     for (let i = 0; i < n; i++) {
@@ -154,10 +154,10 @@ export function unet(
         const skip = skips.pop()!;
         const rp = sub(bp, 'resnets', j);
         // the concat is inside the block so that checkpointing keeps x and skip (alive anyway), not their concat
-        x = block({ kind: 'resnet', level: n - 1 - i }, [rp], (h, s, te) => resnet(rp, tf.concat([h, s], 3), te, ro), [x, skip, temb]);
+        x = seg({ kind: 'resnet', level: n - 1 - i })([rp], (h, s, te) => resnet(rp, tf.concat([h, s], 3), te, ro), [x, skip, temb]);
         if (hasAttn(cfg.up_block_types[i])) {
           const ap = sub(bp, 'attentions', j);
-          x = block({ kind: 'transformer', level: n - 1 - i }, [ap], (h, c) => transformer2d(ap, h, c, heads[i], cfg.norm_num_groups), [x, context]);
+          x = transformer2d(ap, x, context, heads[i], cfg.norm_num_groups, seg({ kind: 'transformer', level: n - 1 - i }));
         }
       }
       if (i < n - 1) {
@@ -165,12 +165,12 @@ export function unet(
         const next = skips[skips.length - 1];
         const size: [number, number] = [next.shape[1], next.shape[2]];
         const upP = sub(bp, 'upsamplers', 0);
-        x = block({ kind: 'upsample', level: n - 1 - i }, [upP], (h) => upsample(upP, h, size), [x]);
+        x = seg({ kind: 'upsample', level: n - 1 - i })([upP], (h) => upsample(upP, h, size), [x]);
       }
     }
     // 6. output
     const [normP, outP] = [sub(params, 'conv_norm_out'), sub(params, 'conv_out')];
     const head = (h: tf.Tensor4D) => tf.tidy(() => conv2d(outP, act(groupNorm(normP, h, cfg.norm_num_groups, cfg.norm_eps))));
-    return block({ kind: 'head', level: 0 }, [normP, outP], head, [x]);
+    return seg({ kind: 'head', level: 0 })([normP, outP], head, [x]);
   });
 }
