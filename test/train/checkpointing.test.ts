@@ -11,6 +11,7 @@ import { type ParamTree, flattenParams, unflattenParams } from '../../src/models
 import { type UNetOptions, unet } from '../../src/models/unet.js';
 import { measurePeak } from '../../src/runtime/memory.js';
 import { TorchGenerator } from '../../src/runtime/rng.js';
+import { relMaxErr } from '../helpers.js';
 import { type Schedule, scheduleFromConfig } from '../../src/schedulers/index.js';
 import { type Method, resolveConfig } from '../../src/train/config.js';
 import { type DiffusionBatch, diffusionLoss } from '../../src/train/loss.js';
@@ -30,16 +31,6 @@ function makeBatch(b: number, hw: number, seed: number): DiffusionBatch {
 }
 const disposeBatch = (b: DiffusionBatch) => tf.dispose([b.latents, b.noise, b.context]);
 
-/** max |a - b| / max |b| (1e-6 = float32 summation-order noise). */
-function relErr(a: Float32Array, b: Float32Array): number {
-  let d = 0;
-  let s = 0;
-  for (let i = 0; i < a.length; i++) {
-    d = Math.max(d, Math.abs(a[i] - b[i]));
-    s = Math.max(s, Math.abs(b[i]));
-  }
-  return s === 0 ? d : d / s;
-}
 
 type Policy = UNetOptions['gradientCheckpointing'];
 
@@ -63,7 +54,7 @@ function step(params: ParamTree, m: LoadedModel, schedule: Schedule, b: Diffusio
 function expectSameGrads(a: ReturnType<typeof step>, b: ReturnType<typeof step>): number {
   expect(Math.abs(a.loss - b.loss)).toBeLessThanOrEqual(1e-6 * Math.abs(b.loss));
   let worst = 0;
-  for (let i = 0; i < a.grads.length; i++) worst = Math.max(worst, relErr(a.grads[i], b.grads[i]));
+  for (let i = 0; i < a.grads.length; i++) worst = Math.max(worst, relMaxErr(a.grads[i], b.grads[i]));
   expect(worst).toBeLessThanOrEqual(1e-5);
   // not a vacuous match: all but a few are non-zero (the mid block's self-attention over one token has no q/k gradient)
   const zero = b.grads.filter((g) => !g.some((v) => v !== 0)).length;
@@ -144,7 +135,7 @@ describe('gradient checkpointing (tiny SD v1)', () => {
     expect(fwd('all')).toEqual(fwd(false));
     const pd = plain.dataSync() as Float32Array;
     expect(pd.some((v) => v !== 0)).toBe(true);
-    expect(relErr(ck.dataSync() as Float32Array, pd)).toBeLessThanOrEqual(1e-6);
+    expect(relMaxErr(ck.dataSync() as Float32Array, pd)).toBeLessThanOrEqual(1e-6);
     tf.dispose([plain, ck]);
     disposeBatch(b);
   });

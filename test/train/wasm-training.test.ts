@@ -13,7 +13,7 @@ import { TorchGenerator } from '../../src/runtime/rng.js';
 import { scheduleFromConfig } from '../../src/schedulers/index.js';
 import { SD15_SCHEDULER_CONFIG } from '../../src/models/presets.js';
 import { diffusionLoss } from '../../src/train/loss.js';
-import { TINY_CLIP, TINY_UNET } from '../helpers.js';
+import { TINY_CLIP, TINY_UNET, relMaxErr } from '../helpers.js';
 
 type Grads = Map<string, Float32Array>;
 
@@ -70,16 +70,6 @@ async function gradsOn(backend: 'wasm' | 'cpu', method: 'locon' | 'full' | 'ti')
   return { loss, grads: out };
 }
 
-/** max |a - b| over max |b|: float32 sums in another order (XNNPACK vs the TypeScript loops) differ by ~1e-6. */
-function relErr(a: Float32Array, b: Float32Array): number {
-  let d = 0;
-  let s = 0;
-  for (let i = 0; i < a.length; i++) {
-    d = Math.max(d, Math.abs(a[i] - b[i]));
-    s = Math.max(s, Math.abs(b[i]));
-  }
-  return s === 0 ? d : d / s;
-}
 
 describe('training steps on wasm equal the cpu reference', () => {
   let backend: string;
@@ -98,7 +88,7 @@ describe('training steps on wasm equal the cpu reference', () => {
       let worst = 0;
       let nonzero = 0;
       for (const [k, g] of c.grads) {
-        worst = Math.max(worst, relErr(w.grads.get(k)!, g));
+        worst = Math.max(worst, relMaxErr(w.grads.get(k)!, g));
         if (g.some((x) => x !== 0)) nonzero++;
       }
       console.log(`${method}: ${c.grads.size} gradients, worst relative error ${worst.toExponential(2)}`);
