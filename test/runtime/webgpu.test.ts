@@ -6,6 +6,7 @@ import { getAttentionChunkElements } from '../../src/models/layers.js';
 import { currentBackend } from '../../src/runtime/backend.js';
 import { assertDeviceHealthy, webgpuBindingLimit } from '../../src/runtime/webgpu.js';
 
+// outside the webgpu project (vitest.config.ts) these are reported as skipped: they need a WebGPU adapter
 const onWebgpu = tf.getBackend() === 'webgpu';
 
 describe.skipIf(!onWebgpu)('webgpu backend guards', () => {
@@ -50,8 +51,4 @@ describe.skipIf(!onWebgpu)('webgpu backend guards', () => {
     expect(() => assertDeviceHealthy()).toThrow(/WebGPU device reported an error.*(usage|Usage)/);
     expect(() => assertDeviceHealthy()).not.toThrow(); // reported once
   });
-});
-
-describe.skipIf(onWebgpu)('webgpu backend guards', () => {
-  it.skip('run in the webgpu project of the suite (needs a WebGPU adapter)', () => {});
 });
