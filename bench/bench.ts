@@ -296,6 +296,15 @@ if (argv['random-weights'] && !argv['skip-sd'] && fits) {
   [nets.textEncoder!, nets.unet!, nets.vae!].forEach((p) => disposeParams(p.params));
 }
 
+// the torch-compatible generator on the host (no backend): latents of a batch of 2 at 1024x1024
+{
+  const g = new TorchGenerator(0);
+  g.randn([2, 4, 64, 64]); // warm-up
+  const t0 = performance.now();
+  g.randn([2, 4, 128, 128]);
+  rows.push({ model: 'torch RNG', resolution: '1024x1024', batch: 2, what: 'randn latents [2,4,128,128]', seconds: (performance.now() - t0) / 1000, peakMB: NaN });
+}
+
 // PyTorch 2 CPU (2 threads), SD v1 shapes at 512x512: one CFG UNet step at batch 2 took 14.75 s on this machine kind
 for (const r of rows) if (r.model.startsWith('sd-v1') && r.resolution === '512x512' && r.what === 'sampler step (cfg)') r.torch = 14.75;
 const header = ['backend', 'model', 'resolution', 'batch', 'what', 'seconds', 'peak MB', 'x PyTorch'];

@@ -12,7 +12,7 @@ import * as tf from '@tensorflow/tfjs';
 import os from 'node:os';
 import { SdtuneError } from '../errors.js';
 import { setDeviceMaxTensorElements } from '../models/layers.js';
-import { type AdapterSummary, activateWebgpu, adapterName, probeAdapter } from './webgpu.js';
+import { type AdapterSummary, activateWebgpu, adapterName, probeAdapterIsolated } from './webgpu.js';
 
 export type BackendName = 'tensorflow' | 'cpu' | 'wasm' | 'webgpu';
 export const BACKENDS: readonly BackendName[] = ['webgpu', 'tensorflow', 'wasm', 'cpu'];
@@ -109,8 +109,8 @@ async function useCpu(auto: boolean, why: string): Promise<BackendInfo> {
 
 async function useWebgpu(auto: boolean): Promise<{ info?: BackendInfo; reason: string }> {
   if (auto) {
-    // probe before starting tfjs' backend: a software adapter is skipped without paying for its start
-    const p = await probeAdapter();
+    // probe (in a child process) before starting tfjs' backend: a software adapter is skipped without loading Dawn
+    const p = await probeAdapterIsolated();
     if (!p.adapter) return { reason: p.reason ?? 'no WebGPU adapter' };
     if (p.adapter.fallback) return { reason: `only a software WebGPU adapter (${adapterName(p.adapter)}) was found, slower than wasm` };
   }

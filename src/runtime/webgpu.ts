@@ -12,6 +12,9 @@
  *    SdtuneError at the next kernel launch or `assertDeviceHealthy()` call.
  */
 import * as tf from '@tensorflow/tfjs';
+import { execFile } from 'node:child_process';
+import { createRequire } from 'node:module';
+import { pathToFileURL } from 'node:url';
 import { SdtuneError, fmtShape } from '../errors.js';
 
 /** What the adapter says about itself (GPUAdapterInfo), plus its binding limit. */
@@ -76,10 +79,13 @@ export async function probeAdapter(): Promise<{ adapter?: AdapterSummary; reason
     return { reason: `no WebGPU adapter: ${(e as Error).message}` };
   }
   if (!a) return { reason: 'no WebGPU adapter (no GPU driver for Vulkan/Metal/D3D12 was found)' };
+  return { adapter: summarize(a) };
+}
+
+function summarize(a: AdapterLike): AdapterSummary {
   const info = (a.info ?? {}) as Record<string, unknown>;
   const str = (k: string) => (typeof info[k] === 'string' ? (info[k] as string) : '');
   return {
-    adapter: {
       vendor: str('vendor'),
       architecture: str('architecture'),
       device: str('device'),
@@ -87,8 +93,55 @@ export async function probeAdapter(): Promise<{ adapter?: AdapterSummary; reason
       fallback: Boolean(info.isFallbackAdapter ?? a.isFallbackAdapter ?? str('architecture') === 'software'),
       maxBindingBytes: a.limits.maxStorageBufferBindingSize,
       maxBufferBytes: a.limits.maxBufferSize,
-    },
   };
+}
+
+// what the child process of probeAdapterIsolated runs: plain JS, prints the adapter's info and limits as JSON
+const PROBE_SCRIPT = `
+const [url, flags] = process.argv.slice(1);
+const m = await import(url);
+const a = await m.create(flags ? flags.split(',') : []).requestAdapter({ powerPreference: 'high-performance' });
+const info = {};
+if (a?.info) for (const k of ['vendor', 'architecture', 'device', 'description', 'isFallbackAdapter']) info[k] = a.info[k];
+const out = a && { info, isFallbackAdapter: a.isFallbackAdapter,
+  limits: { maxStorageBufferBindingSize: a.limits.maxStorageBufferBindingSize, maxBufferSize: a.limits.maxBufferSize } };
+process.stdout.write(JSON.stringify(out ?? null));
+process.exit(0);
+`;
+
+/**
+ * probeAdapter in a child process: what the default backend choice uses. Dawn writes its own notices to the
+ * process' stderr (lavapipe: "maxDynamicUniformBuffersPerPipelineLayout artificially reduced ..." on every start)
+ * and a broken GPU driver can crash the process that loads it; in a child neither reaches the user, and the
+ * parent only loads Dawn when the adapter is worth using.
+ */
+export async function probeAdapterIsolated(timeoutMs = 60_000): Promise<{ adapter?: AdapterSummary; reason?: string }> {
+  let entry: string;
+  try {
+    entry = pathToFileURL(createRequire(import.meta.url).resolve('webgpu')).href;
+  } catch (e) {
+    return { reason: `the \`webgpu\` package (Dawn) is not installed (${(e as Error).message.split('\n')[0]})` };
+  }
+  const flags = process.env.SDTUNE_DAWN_FLAGS ?? '';
+  return new Promise((resolve) => {
+    execFile(
+      process.execPath,
+      ['--input-type=module', '-e', PROBE_SCRIPT, entry, flags],
+      { timeout: timeoutMs, maxBuffer: 1 << 20, env: process.env },
+      (err, stdout) => {
+        if (err) {
+          const why = err.killed ? `timed out after ${timeoutMs / 1000} s` : `exited with ${err.code ?? err.signal}`;
+          return resolve({ reason: `the WebGPU probe (a child process loading Dawn) ${why}` });
+        }
+        try {
+          const a = JSON.parse(stdout) as AdapterLike | null;
+          resolve(a ? { adapter: summarize(a) } : { reason: 'no WebGPU adapter (no GPU driver for Vulkan/Metal/D3D12 was found)' });
+        } catch {
+          resolve({ reason: 'the WebGPU probe printed no adapter description' });
+        }
+      },
+    );
+  });
 }
 
 interface DeviceLike {

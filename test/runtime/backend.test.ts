@@ -4,7 +4,7 @@ import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { SdtuneError } from '../../src/errors.js';
 import { WASM_SAFE_BYTES, assertFitsBackend, currentBackend, fitBackend, selectBackend } from '../../src/runtime/backend.js';
-import { probeAdapter } from '../../src/runtime/webgpu.js';
+import { probeAdapter, probeAdapterIsolated } from '../../src/runtime/webgpu.js';
 
 describe('backend selection', () => {
   const saved = process.env.SDTUNE_BACKEND;
@@ -29,6 +29,14 @@ describe('backend selection', () => {
       expect(info.message).toMatch(/Vulkan .*`npm install webgpu @tensorflow\/tfjs-backend-webgpu`/);
       if (probe.adapter?.fallback) expect(info.message).toMatch(/only a software WebGPU adapter .* was found/);
     }
+  });
+
+  it('the default choice probes Dawn in a child process: the same adapter as in-process, and a hung probe is a reason, not a hang', async () => {
+    const [inProc, child] = [await probeAdapter(), await probeAdapterIsolated()];
+    expect(child).toEqual(inProc);
+    const hung = await probeAdapterIsolated(1);
+    expect(hung.adapter).toBeUndefined();
+    expect(hung.reason).toMatch(/WebGPU probe .*(timed out after 0.001 s|exited)/);
   });
 
   it('an automatic wasm choice steps down to cpu for a model over its safe heap; a requested one refuses it', async () => {

@@ -3,7 +3,6 @@ import * as tf from '@tensorflow/tfjs';
 import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import { readEmbedding } from '../../src/adapters/embeddings.js';
 import { readLora } from '../../src/adapters/lora.js';
@@ -14,40 +13,22 @@ import { readEventFile } from '../../src/io/tensorboard.js';
 import { leaf, sub } from '../../src/models/params.js';
 import { TorchGenerator, randnNHWC } from '../../src/runtime/rng.js';
 import { scheduleFromConfig } from '../../src/schedulers/index.js';
-import { type Method, resolveConfig } from '../../src/train/config.js';
 import { diffusionLoss } from '../../src/train/loss.js';
 import { train } from '../../src/train/loop.js';
 import { captionIds, encodeWithTextEncoder } from '../../src/train/recipe.js';
+import { MODEL, config, quiet } from './tiny.js';
 
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const MODEL = path.join(ROOT, 'checkpoints/tiny-sd-v1');
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'sdtune-train-'));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
-const quiet = { quiet: true, log: () => {} };
-
-function config(method: Method, out: string, extra: Record<string, unknown> = {}) {
-  const base: Record<string, unknown> = {
-    'model.path': MODEL,
-    'data.dir': path.join(ROOT, method === 'lora' ? 'datasets/shapes' : 'datasets/logo'),
-    'data.resolution': 64,
-    'train.batch_size': 2,
-    'train.seed': 7,
-    'output.dir': out,
-    'output.name': 'run',
-    ...(method === 'lora' ? { 'lora.rank': 4, 'lora.alpha': 4, 'train.lr': 1e-3 } : { 'textual_inversion.token': '<my-logo>', 'textual_inversion.init_word': 'star', 'textual_inversion.vectors': 2 }),
-    ...extra,
-  };
-  return resolveConfig(method, null, base);
-}
 
 describe('training loop (bundled tiny model)', () => {
-  it('10 steps straight == 5 steps + resume 5 (losses and weights); TensorBoard read back', async () => {
+  it('6 steps straight == 3 steps + resume 3 (losses and weights); TensorBoard read back', async () => {
     const a = path.join(tmp, 'straight');
     const b = path.join(tmp, 'resumed');
-    const full = await train('lora', config('lora', a, { 'train.max_steps': 10, 'train.gradient_accumulation': 2, 'train.min_snr_gamma': 5, 'train.noise_offset': 0.05 }), quiet);
-    expect(full.losses).toHaveLength(10);
-    const first = await train('lora', config('lora', b, { 'train.max_steps': 5, 'train.gradient_accumulation': 2, 'train.min_snr_gamma': 5, 'train.noise_offset': 0.05 }), quiet);
-    const rest = await train('lora', config('lora', b, { 'train.max_steps': 10, 'train.gradient_accumulation': 2, 'train.min_snr_gamma': 5, 'train.noise_offset': 0.05 }), { ...quiet, resume: b });
+    const full = await train('lora', config('lora', a, { 'train.max_steps': 6, 'train.gradient_accumulation': 2, 'train.min_snr_gamma': 5, 'train.noise_offset': 0.05 }), quiet);
+    expect(full.losses).toHaveLength(6);
+    const first = await train('lora', config('lora', b, { 'train.max_steps': 3, 'train.gradient_accumulation': 2, 'train.min_snr_gamma': 5, 'train.noise_offset': 0.05 }), quiet);
+    const rest = await train('lora', config('lora', b, { 'train.max_steps': 6, 'train.gradient_accumulation': 2, 'train.min_snr_gamma': 5, 'train.noise_offset': 0.05 }), { ...quiet, resume: b });
     expect([...first.losses, ...rest.losses]).toEqual(full.losses);
     const wa = await SafetensorsFile.open(path.join(a, 'run.safetensors'));
     const wb = await SafetensorsFile.open(path.join(b, 'run.safetensors'));
@@ -58,20 +39,9 @@ describe('training loop (bundled tiny model)', () => {
     const logs = path.join(a, 'logs');
     const events = await readEventFile(path.join(logs, readdirSync(logs)[0]));
     const logged = events.flatMap((e) => (e.values ?? []).filter((v) => v.tag === 'loss').map((v) => [e.step, v.simpleValue!]));
-    expect(logged.map(([s]) => s)).toEqual([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    expect(logged.map(([s]) => s)).toEqual([1, 2, 3, 4, 5, 6]);
     logged.forEach(([, v], i) => expect(v).toBeCloseTo(full.losses[i], 5));
     expect(events.some((e) => e.values?.some((v) => v.tag === 'lr'))).toBe(true);
-  });
-
-  it('a step leaks no tensors (latent cache off, text encoder LoRA on)', async () => {
-    const counts: number[] = [];
-    const before = tf.memory().numTensors;
-    await train('lora', config('lora', path.join(tmp, 'leak'), { 'train.max_steps': 4, 'data.cache_latents': false, 'lora.text_encoder': true }), {
-      ...quiet,
-      onStep: () => counts.push(tf.memory().numTensors),
-    });
-    expect(new Set(counts).size).toBe(1); // the same count after every step
-    expect(tf.memory().numTensors).toBe(before); // and everything freed at the end
   });
 
   it('LoRA learns: the loss on a fixed evaluation batch goes down; the export has kohya keys and loads', async () => {
