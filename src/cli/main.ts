@@ -6,6 +6,8 @@ import { registerInspect } from './commands/inspect.js';
 import { registerSample } from './commands/sample.js';
 import { registerTrain } from './commands/train.js';
 
+const COMMANDS = ['inspect', 'convert', 'sample', 'lora', 'textual-inversion'];
+
 let cli = yargs(hideBin(process.argv))
   .scriptName('sdtune')
   .usage('$0 <command> [options]')
@@ -17,7 +19,9 @@ let cli = yargs(hideBin(process.argv))
   .wrap(Math.min(120, process.stdout.columns || 100))
   .fail((msg, err, y) => {
     if (err) throw err;
-    process.stderr.write(`error: ${msg}\n(run "sdtune --help" or "sdtune <command> --help")\n`);
+    const cmd = process.argv.slice(2).find((a) => !a.startsWith('-'));
+    const help = cmd && COMMANDS.includes(cmd) ? `sdtune ${cmd} --help` : 'sdtune --help';
+    process.stderr.write(`error: ${msg} (see "${help}")\n`);
     process.exit(2);
   });
 cli = registerInspect(cli);

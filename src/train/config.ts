@@ -352,21 +352,25 @@ function unknownKey(key: string, method: Method, origin: Origin): SdtuneError {
   return usageError(`${at(origin, key)}unknown key ${key} (${hint})`);
 }
 
-/** Put a leaf or a whole group (mapping) under `key` into the flat map, rejecting keys the schema does not know. */
-function addFlat(flat: Map<string, unknown>, key: string, v: unknown, method: Method, origin: Origin): void {
+/**
+ * Put a leaf or a whole group (mapping) under `key` into the flat map; keys the schema does not know are added to
+ * `problems` (every one is reported, not just the first).
+ */
+function addFlat(flat: Map<string, unknown>, key: string, v: unknown, method: Method, origin: Origin, problems: string[]): void {
   if (!GROUPS.has(key)) {
-    if (!(key in SCHEMA)) throw unknownKey(key, method, origin);
-    flat.set(key, v);
+    if (!(key in SCHEMA)) problems.push(unknownKey(key, method, origin).message);
+    else flat.set(key, v);
     return;
   }
   if (v === null) return; // an empty section ("lora:" with nothing under it)
   if (!isMap(v)) {
     const inner = validKeys(method).filter((k) => k.startsWith(`${key}.`) && !k.slice(key.length + 1).includes('.'));
-    throw usageError(`${at(origin, key)}${key}: expected a mapping with keys ${inner.map((k) => k.slice(key.length + 1)).join(', ')}, found ${show(v)}`);
+    problems.push(`${at(origin, key)}${key}: expected a mapping with keys ${inner.map((k) => k.slice(key.length + 1)).join(', ')}, found ${show(v)}`);
+    return;
   }
   for (const [k, x] of Object.entries(v)) {
     if (origin.has(key) && !origin.has(`${key}.${k}`)) origin.set(`${key}.${k}`, origin.get(key)!);
-    addFlat(flat, `${key}.${k}`, x, method, origin);
+    addFlat(flat, `${key}.${k}`, x, method, origin, problems);
   }
 }
 
@@ -388,6 +392,7 @@ export function resolveConfig(method: Method, yamlText: string | null, overrides
   const src = source ?? '<config>';
   const origin: Origin = new Map();
   const flat = new Map<string, unknown>();
+  const problems: string[] = []; // everything wrong with the file and the flags, reported together
 
   // 1. the file
   if (yamlText !== null && yamlText.trim() !== '') {
@@ -404,7 +409,7 @@ export function resolveConfig(method: Method, yamlText: string | null, overrides
       if (isMethodSection(k) && k !== method) {
         throw usageError(`${at(origin, k)}the config has a ${k} section, but this command trains ${method}: a config holds exactly one method section, the command's`);
       }
-      addFlat(flat, k, v, method, origin);
+      addFlat(flat, k, v, method, origin, problems);
     }
   }
 
@@ -414,14 +419,15 @@ export function resolveConfig(method: Method, yamlText: string | null, overrides
     const key = FLAG_KEYS[name] ?? name;
     const label = FLAG_KEYS[name] ? `--${name}` : `override ${name}`;
     if (!(key in SCHEMA) && !GROUPS.has(key)) {
-      if (!key.includes('.')) throw usageError(`unknown option --${name}${suggestFlag(name)}`);
-      throw unknownKey(key, method, new Map([[key, label]]));
+      problems.push(key.includes('.') ? unknownKey(key, method, new Map([[key, label]])).message : `unknown option --${name}${suggestFlag(name)}`);
+      continue;
     }
     if (isMethodSection(sectionOf(key)) && sectionOf(key) !== method) {
-      throw usageError(`${label}: ${key} is a ${sectionOf(key)} setting, but this command trains ${method}`);
+      problems.push(`${label}: ${key} is a ${sectionOf(key)} setting, but this command trains ${method}`);
+      continue;
     }
     origin.set(key, label);
-    if (GROUPS.has(key)) addFlat(flat, key, raw, method, origin);
+    if (GROUPS.has(key)) addFlat(flat, key, raw, method, origin, problems);
     else flat.set(key, coerceFlag(SCHEMA[key], raw));
   }
 
@@ -434,15 +440,19 @@ export function resolveConfig(method: Method, yamlText: string | null, overrides
     const v = values.get(key);
     if (v === undefined) {
       const flag = Object.keys(FLAG_KEYS).find((f) => FLAG_KEYS[f] === key);
-      throw usageError(`${key} is required (set it in the config${flag ? ` or with --${flag}` : ''})`);
+      problems.push(`${key} is required (set it in the config${flag ? ` or with --${flag}` : ''})`);
+      continue;
     }
     const ok = conform(spec, v);
     if (ok === undefined) {
       const hint = spec.t === 'strs' && typeof v === 'string' ? ' (write a YAML list, one "- item" per line)' : '';
-      throw usageError(`${at(origin, key)}${key}: expected ${expected(spec)}, found ${show(v)}${hint}`);
+      problems.push(`${at(origin, key)}${key}: expected ${expected(spec)}, found ${show(v)}${hint}`);
+      continue;
     }
     setPath(cfg, key, ok);
   }
+  // one line per problem; the CLI prints each as its own "error: ..." line
+  if (problems.length) throw usageError(problems.join('\nerror: '));
   const c = cfg as unknown as TrainConfig;
 
   // 4. rules between keys and beyond types

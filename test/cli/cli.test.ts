@@ -30,6 +30,12 @@ describe('sdtune command line (no reference data needed)', () => {
     expect(bad.code).toBe(2);
   });
 
+  it('a missing required flag is one line naming the command help', () => {
+    const r = sdtune('sample', '--prompt', 'x');
+    expect(r.code).toBe(2);
+    expect(r.err).toBe('error: Missing required argument: model (see "sdtune sample --help")\n');
+  });
+
   it('a missing model is one clear line, no stack trace', () => {
     const r = sdtune('inspect', path.join(tmp, 'nope'));
     expect(r.code).not.toBe(0);

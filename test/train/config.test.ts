@@ -104,7 +104,25 @@ describe('errors name the key, expected vs found', () => {
 
   it('required keys name the flag that sets them', () => {
     expect(usage('lora', 'data:\n  dir: d\n')).toBe('model.path is required (set it in the config or with --model)');
-    expect(usage('textual_inversion', BASE)).toBe('textual_inversion.token is required (set it in the config or with --token)');
+    expect(usage('textual_inversion', BASE)).toBe(
+      'textual_inversion.token is required (set it in the config or with --token)\nerror: textual_inversion.init_word is required (set it in the config or with --init-word)',
+    );
+  });
+
+  it('every problem of a file and its flags is reported at once, one "error:" line each', () => {
+    const msg = usage('lora', `${BASE}train:\n  lr: fast\n  batch_size: 0\n  learnin_rate: 1\nlora:\n  rank: x\n`, { 'max-steps': 'many', bogus: 1 }, 'a.yaml');
+    const lines = msg.split('\nerror: ');
+    expect(lines).toHaveLength(6);
+    expect(lines).toEqual(
+      expect.arrayContaining([
+        'a.yaml:6: train.lr: expected a number > 0, found "fast"',
+        'a.yaml:7: train.batch_size: expected an integer >= 1, found 0',
+        expect.stringMatching(/^a.yaml:8: unknown key train.learnin_rate \(/),
+        'a.yaml:10: lora.rank: expected an integer >= 1, found "x"',
+        expect.stringMatching(/^--max-steps: train.max_steps: expected an integer >= 1 or null, found "many"/),
+        expect.stringMatching(/^unknown option --bogus/),
+      ]),
+    );
   });
 
   it('cross-field rules', () => {
