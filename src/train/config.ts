@@ -92,7 +92,8 @@ export interface TrainConfig {
     sample_seed: number;
     sample_steps: number;
     sample_sampler: string | null; // canonical sampler name; null = the model's scheduler
-    log_dir: string; // TensorBoard events; default <dir>/logs
+    log_dir: string; // the TensorBoard events folder of this run; default <logging_dir>/<name>, else <dir>/logs
+    logging_dir: string | null; // kohya logging_dir: a folder of TensorBoard runs, each in <logging_dir>/<name>
     also_diffusers_format: boolean; // additionally write PEFT / diffusers-format files
   };
 }
@@ -119,7 +120,7 @@ export const FLAG_KEYS: Record<string, string> = {
   rank: 'lora.rank', alpha: 'lora.alpha', 'train-text-encoder': 'lora.text_encoder',
   token: 'textual_inversion.token', 'init-word': 'textual_inversion.init_word', vectors: 'textual_inversion.vectors',
   output: 'output.dir', name: 'output.name', 'save-every': 'output.save_every', 'save-precision': 'output.save_precision',
-  'sample-every': 'output.sample_every', 'sample-prompt': 'output.sample_prompts',
+  'sample-every': 'output.sample_every', 'sample-prompt': 'output.sample_prompts', logdir: 'output.logging_dir',
 };
 const NON_CONFIG_FLAGS = new Set(['config', 'resume', 'set']);
 
@@ -163,7 +164,8 @@ const SCHEMA: Record<string, Spec> = {
   'output.dir': str(true), 'output.name': str(true), 'output.save_every': int(1, { nullable: true }),
   'output.keep_last': int(1, { nullable: true }), 'output.save_precision': oneOf(['fp16', 'fp32']),
   'output.sample_every': int(1, { nullable: true }), 'output.sample_prompts': { t: 'strs' }, 'output.sample_seed': int(0, { max: Number.MAX_SAFE_INTEGER }),
-  'output.sample_steps': int(1), 'output.sample_sampler': str(true), 'output.log_dir': str(true), 'output.also_diffusers_format': bool,
+  'output.sample_steps': int(1), 'output.sample_sampler': str(true), 'output.log_dir': str(true), 'output.logging_dir': str(true),
+  'output.also_diffusers_format': bool,
 };
 const SECTIONS = ['model', 'data', 'train', 'lora', 'textual_inversion', 'output'];
 const GROUPS = new Set([...SECTIONS, 'data.buckets']);
@@ -188,7 +190,7 @@ function defaults(method: Method): Record<string, unknown> {
       : { 'textual_inversion.vectors': 1 }),
     'output.dir': null, 'output.name': null, 'output.save_every': null, 'output.keep_last': 3,
     'output.save_precision': lora ? 'fp16' : 'fp32', 'output.sample_every': null, 'output.sample_prompts': [],
-    'output.sample_seed': 42, 'output.sample_steps': 20, 'output.sample_sampler': null, 'output.log_dir': null,
+    'output.sample_seed': 42, 'output.sample_steps': 20, 'output.sample_sampler': null, 'output.log_dir': null, 'output.logging_dir': null,
     'output.also_diffusers_format': false,
   };
 }
@@ -207,7 +209,7 @@ const ALIASES: Record<string, string> = {
   train_data_dir: 'data.dir', num_repeats: 'data.repeats', dataset_repeats: 'data.repeats', random_flip: 'data.flip',
   flip_aug: 'data.flip', enable_bucket: 'data.buckets.enabled', min_bucket_reso: 'data.buckets.min_side',
   max_bucket_reso: 'data.buckets.max_side', bucket_reso_steps: 'data.buckets.step', caption_dropout_rate: 'data.caption_dropout',
-  output_dir: 'output.dir', output_name: 'output.name', logging_dir: 'output.log_dir', save_every_n_steps: 'output.save_every',
+  output_dir: 'output.dir', output_name: 'output.name', logging_dir: 'output.logging_dir', save_every_n_steps: 'output.save_every',
   checkpointing_steps: 'output.save_every', checkpoints_total_limit: 'output.keep_last', sample_every_n_steps: 'output.sample_every',
   validation_steps: 'output.sample_every', validation_prompt: 'output.sample_prompts',
 };
@@ -461,7 +463,8 @@ export function resolveConfig(method: Method, yamlText: string | null, overrides
   // 5. derived values
   c.output.name ??= source ? path.basename(source).replace(/\.(ya?ml)$/i, '') : method;
   c.output.dir ??= `output/${c.output.name}`;
-  c.output.log_dir ??= path.posix.join(c.output.dir.replace(/\\/g, '/'), 'logs');
+  // `tensorboard --logdir <logging_dir>` lists the runs by name
+  c.output.log_dir ??= c.output.logging_dir ? path.posix.join(c.output.logging_dir.replace(/\\/g, '/'), c.output.name) : path.posix.join(c.output.dir.replace(/\\/g, '/'), 'logs');
   c.data.cache_dir ??= c.output.dir;
   return c;
 }
@@ -518,7 +521,7 @@ function crossCheck(c: TrainConfig, method: Method, origin: Origin): void {
       fail('output.sample_sampler', `output.sample_sampler: ${(e as Error).message}`);
     }
   }
-  for (const key of ['output.name', 'output.dir', 'output.log_dir', 'data.cache_dir'] as const) {
+  for (const key of ['output.name', 'output.dir', 'output.log_dir', 'output.logging_dir', 'data.cache_dir'] as const) {
     const [sec, k] = key.split('.') as ['output' | 'data', string];
     const v = (c[sec] as Record<string, unknown>)[k];
     if (v === '' || (key === 'output.name' && typeof v === 'string' && (/[/\\]/.test(v) || v === '.' || v === '..'))) {

@@ -52,7 +52,7 @@ describe('defaults', () => {
     expect(c.textual_inversion).toBeUndefined();
     expect(c.output).toEqual({
       dir: 'output/lora', name: 'lora', save_every: null, keep_last: 3, save_precision: 'fp16', sample_every: null,
-      sample_prompts: [], sample_seed: 42, sample_steps: 20, sample_sampler: null, log_dir: 'output/lora/logs',
+      sample_prompts: [], sample_seed: 42, sample_steps: 20, sample_sampler: null, log_dir: 'output/lora/logs', logging_dir: null,
       also_diffusers_format: false,
     });
     expect(c.data.cache_dir).toBe('output/lora');
@@ -65,6 +65,11 @@ describe('defaults', () => {
     expect(c.textual_inversion).toEqual({ token: '<my-logo>', init_word: 'logo', vectors: 1 });
     expect(c.lora).toBeUndefined();
     expect(c.output).toMatchObject({ name: 'my-logo', dir: 'output/my-logo', log_dir: 'output/my-logo/logs', save_precision: 'fp32' });
+  });
+
+  it('--logdir (kohya logging_dir) is a folder of TensorBoard runs, this one named after output.name', () => {
+    expect(resolveConfig('lora', BASE, { logdir: 'runs', name: 'style-v2' }).output).toMatchObject({ logging_dir: 'runs', log_dir: 'runs/style-v2' });
+    expect(resolveConfig('lora', `${BASE}logging_dir: tb\n`.replace('logging_dir', 'output:\n  logging_dir'), {}).output.log_dir).toBe('tb/lora');
   });
 
   it('explicit values win over derived ones', () => {
