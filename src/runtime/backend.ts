@@ -14,8 +14,9 @@ import { SdtuneError } from '../errors.js';
 import { setDeviceMaxTensorElements } from '../models/layers.js';
 import { type AdapterSummary, activateWebgpu, adapterName, probeAdapterIsolated } from './webgpu.js';
 
-export type BackendName = 'tensorflow' | 'cpu' | 'wasm' | 'webgpu';
-export const BACKENDS: readonly BackendName[] = ['webgpu', 'tensorflow', 'wasm', 'cpu'];
+import { BACKENDS, type BackendName } from './backend-names.js';
+
+export { BACKENDS, type BackendName } from './backend-names.js';
 
 export interface BackendInfo {
   name: BackendName;

@@ -32,8 +32,9 @@ import * as tf from '@tensorflow/tfjs';
 import { SdtuneError, usageError } from '../errors.js';
 import {
   addNoise, f32, makeSchedule, parseScheduleConfig, sc, sigmaSchedule, spacedTimesteps,
-  type NoiseFn, type SamplerName, type SamplerPlan, type SamplerState, type SchedulerClass, type Spacing, type StepResult,
+  type NoiseFn, type SamplerName, type SamplerPlan, type SamplerState, type Spacing, type StepResult,
 } from './schedule.js';
+import { SAMPLER_CLASS, SAMPLER_NAMES } from './names.js';
 import { ddimStep } from './ddim.js';
 import { ddpmStep } from './ddpm.js';
 import { plmsStep, plmsTimesteps } from './pndm.js';
@@ -50,37 +51,7 @@ export { ddpmStep } from './ddpm.js';
 export { eulerAncestralStep, eulerStep } from './euler.js';
 export { lmsCoefficient } from './lms.js';
 
-export const SAMPLER_NAMES: readonly SamplerName[] = ['ddim', 'pndm', 'lms', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_karras', 'ddpm'];
-
-/** A1111's display names (the "Sampler:" field of the PNG parameters text). */
-export const SAMPLER_LABELS: Readonly<Record<SamplerName, string>> = {
-  ddim: 'DDIM', pndm: 'PLMS', lms: 'LMS', euler: 'Euler', euler_a: 'Euler a', dpmpp_2m: 'DPM++ 2M',
-  dpmpp_2m_karras: 'DPM++ 2M Karras', ddpm: 'DDPM',
-};
-
-/** The diffusers class behind each sampler (its defaults apply to keys the config lacks). */
-export const SAMPLER_CLASS: Readonly<Record<SamplerName, SchedulerClass>> = {
-  ddim: 'DDIMScheduler', pndm: 'PNDMScheduler', lms: 'LMSDiscreteScheduler', euler: 'EulerDiscreteScheduler',
-  euler_a: 'EulerAncestralDiscreteScheduler', dpmpp_2m: 'DPMSolverMultistepScheduler',
-  dpmpp_2m_karras: 'DPMSolverMultistepScheduler', ddpm: 'DDPMScheduler',
-};
-
-const norm = (s: string) => s.toLowerCase().replace(/\+\+/g, 'pp').replace(/[\s_\-+]/g, '');
-const ALIASES = new Map<string, SamplerName>([
-  ...SAMPLER_NAMES.map((n) => [norm(n), n] as const),
-  ...SAMPLER_NAMES.map((n) => [norm(SAMPLER_LABELS[n]), n] as const),
-  ...SAMPLER_NAMES.filter((n) => n !== 'dpmpp_2m_karras').map((n) => [norm(SAMPLER_CLASS[n]), n] as const),
-  ['eulerancestral', 'euler_a'], ['klms', 'lms'], ['keuler', 'euler'], ['keulera', 'euler_a'], ['keulerancestral', 'euler_a'],
-  ['kdpmpp2m', 'dpmpp_2m'], ['kdpmpp2mkarras', 'dpmpp_2m_karras'],
-]);
-
-/** Canonical sampler from ours, A1111's ("Euler a", "DPM++ 2M Karras", "PLMS", ...) or a diffusers class name. */
-export function resolveSampler(name: string): SamplerName {
-  const hit = ALIASES.get(norm(name));
-  if (hit) return hit;
-  const valid = SAMPLER_NAMES.map((n) => `${n} ("${SAMPLER_LABELS[n]}")`).join(', ');
-  throw usageError(`unknown sampler "${name}"; valid: ${valid} (diffusers class names are accepted too)`);
-}
+export { SAMPLER_CLASS, SAMPLER_LABELS, SAMPLER_NAMES, resolveSampler } from './names.js';
 
 /** The sampler a model's scheduler_config names (_class_name; DPMSolverMultistepScheduler + use_karras_sigmas -> Karras). */
 export function samplerFromConfig(cfg: Record<string, unknown>): SamplerName {

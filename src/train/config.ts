@@ -8,8 +8,8 @@ import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import YAML from 'yaml';
 import { SdtuneError, fileError, usageError } from '../errors.js';
-import { BACKENDS, type BackendName } from '../runtime/backend.js';
-import { resolveSampler } from '../schedulers/index.js';
+import { BACKENDS, type BackendName } from '../runtime/backend-names.js';
+import { resolveSampler } from '../schedulers/names.js';
 import { LR_SCHEDULERS, type LrSchedulerName } from './lr.js';
 
 export type Method = 'lora' | 'textual_inversion';

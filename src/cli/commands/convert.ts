@@ -1,6 +1,5 @@
 /** `sdtune convert IN OUT [--to diffusers|single-file] [--half]`: write a model in the other layout. */
 import type { Argv } from 'yargs';
-import { convertCheckpoint } from '../../io/convert.js';
 import { progress } from '../../runtime/progress.js';
 import { runCommand } from '../run.js';
 
@@ -35,6 +34,7 @@ export function registerConvert(y: Argv): Argv {
           configDir: argv.config,
           tokenizerDir: argv.tokenizer,
         };
+        const { convertCheckpoint } = await import('../../io/convert.js'); // loaded on use: --help stays fast
         let bar: ReturnType<typeof progress> | undefined;
         const r = await convertCheckpoint(opts.input, opts.output, {
           to: opts.to,

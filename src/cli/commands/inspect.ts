@@ -1,6 +1,6 @@
 /** `sdtune inspect MODEL [--json]`: layout, dtype, variant, per-component configs and parameter counts. */
 import type { Argv } from 'yargs';
-import { type ModelReport, inspectModel } from '../../io/model.js';
+import type { ModelReport } from '../../io/model.js';
 import { runCommand } from '../run.js';
 
 export interface InspectOptions {
@@ -45,6 +45,7 @@ export function registerInspect(y: Argv): Argv {
     (argv) =>
       runCommand(async () => {
         const opts: InspectOptions = { model: argv.model as string, json: Boolean(argv.json), configDir: argv.config, tokenizerDir: argv.tokenizer };
+        const { inspectModel } = await import('../../io/model.js'); // loaded on use: --help stays fast
         const r = await inspectModel(opts.model, { configDir: opts.configDir, tokenizerDir: opts.tokenizerDir });
         process.stdout.write((opts.json ? JSON.stringify(r) : formatReport(r)) + '\n');
       }),

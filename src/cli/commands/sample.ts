@@ -1,8 +1,7 @@
 /** `sdtune sample`: txt2img / img2img / inpaint with LoRAs and embeddings; writes PNGs with A1111 parameters. */
 import type { Argv } from 'yargs';
-import { type SampleOptions, sampleToFiles } from '../../infer/sample.js';
-import { selectBackend } from '../../runtime/backend.js';
-import { SAMPLER_NAMES } from '../../schedulers/index.js';
+import type { SampleOptions } from '../../infer/sample.js';
+import { SAMPLER_NAMES } from '../../schedulers/names.js';
 import { runCommand } from '../run.js';
 
 export function registerSample(y: Argv): Argv {
@@ -36,6 +35,8 @@ export function registerSample(y: Argv): Argv {
         .option('backend', { type: 'string', describe: 'tensorflow | cpu | wasm | webgpu (or SDTUNE_BACKEND)' }),
     (argv) =>
       runCommand(async () => {
+        // the library is loaded on use: --help stays fast
+        const [{ selectBackend }, { sampleToFiles }] = await Promise.all([import('../../runtime/backend.js'), import('../../infer/sample.js')]);
         const b = await selectBackend(argv.backend);
         process.stderr.write(b.message + '\n');
         const opts: SampleOptions = {
