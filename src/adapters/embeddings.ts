@@ -73,7 +73,7 @@ export function applyEmbeddings(
   textEncoderParams: ParamTree,
   tokenizer: ClipTokenizer,
   embeddings: Embedding[],
-): { ids: Map<string, number[]>; rewritePrompt: (p: string) => string; restore: () => void } {
+): { ids: Map<string, number[]>; rewritePrompt: (p: string) => string; usedIn: (...prompts: string[]) => Embedding[]; restore: () => void } {
   const node = sub(textEncoderParams, 'text_model', 'embeddings', 'token_embedding');
   const old = leaf(node, 'weight');
   const [rows, dim] = old.shape as [number, number];
@@ -108,6 +108,11 @@ export function applyEmbeddings(
     for (const e of embeddings) if (e.vectors.shape[0] > 1 && present.has(e.token)) out = out.split(e.token).join(tokensOf(e).join(' '));
     return out;
   };
+  // the embeddings whose token the tokenizer finds in any of the prompts (added tokens match verbatim, case-sensitive)
+  const usedIn = (...prompts: string[]) => {
+    const present = new Set(prompts.flatMap((p) => tokenizer.tokenize(p)));
+    return embeddings.filter((e) => present.has(e.token));
+  };
   let restored = false;
   const restore = () => {
     if (restored || grown === old) return;
@@ -116,7 +121,36 @@ export function applyEmbeddings(
     grown.dispose();
     restored = true;
   };
-  return { ids, rewritePrompt, restore };
+  return { ids, rewritePrompt, usedIn, restore };
+}
+
+/**
+ * What to tell the user at sample time: one line naming the embeddings found in the prompts (`embeddings used:
+ * my-logo (2 vectors)`), and a warning for each loaded embedding whose token occurs in neither prompt.
+ */
+export function describeEmbeddingUse(loaded: Embedding[], used: Embedding[]): string[] {
+  const n = (e: Embedding) => `${e.vectors.shape[0]} vector${e.vectors.shape[0] === 1 ? '' : 's'}`;
+  const lines = used.length ? [`embeddings used: ${used.map((e) => `${e.token} (${n(e)})`).join(', ')}`] : [];
+  for (const e of loaded) {
+    if (!used.includes(e)) lines.push(`warning: embedding ${e.path} is loaded as "${e.token}", but "${e.token}" occurs in neither the prompt nor the negative prompt (tokens match exactly, case included; set another with FILE:TOKEN)`);
+  }
+  return lines;
+}
+
+/** Characters that cannot be in a file name on some OS (Windows' set, which includes POSIX's /), and control characters. */
+// eslint-disable-next-line no-control-regex
+const UNSAFE_IN_FILE_NAME = /[<>:"/\\|?*\u0000-\u001f\u007f]/g;
+const WINDOWS_RESERVED = /^(con|prn|aux|nul|com\d|lpt\d)$/i;
+
+/**
+ * The file-name stem for an embedding of `token`, as A1111 loads embeddings by file name: the token without the
+ * characters unsafe in file names (`<my-logo>` -> `my-logo`), trimmed of spaces and dots at the ends; `embedding`
+ * when nothing is left, and `_` appended to a Windows device name.
+ */
+export function embeddingFileStem(token: string): string {
+  const stem = token.replace(UNSAFE_IN_FILE_NAME, '').replace(/^[\s.]+|[\s.]+$/g, '');
+  if (!stem) return 'embedding';
+  return WINDOWS_RESERVED.test(stem) ? `${stem}_` : stem;
 }
 
 /** Write the A1111 / kohya safetensors form: `emb_params` [n,dim] with name/step metadata (A1111 Embedding.save fields). */

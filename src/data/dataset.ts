@@ -28,6 +28,8 @@ export interface ScanOptions {
   repeats: number;
   /** name of the diffusers metadata file looked for in each folder; when given it must exist (default: metadata.jsonl if present) */
   metadata?: string | null;
+  /** what an image without a caption trains on: 'empty' (the empty caption: warned about, default) or 'templates' (caption templates, as textual inversion fills them in: nothing to warn about) */
+  uncaptioned?: 'empty' | 'templates';
   onWarning?: (message: string) => void;
 }
 
@@ -87,7 +89,7 @@ export async function scanDataset(dir: string, opts: ScanOptions): Promise<DataI
     const what = `${IMAGE_EXTENSIONS.map((x) => `*${x}`).join(', ')} in ${root} and its <repeats>_<name> subfolders`;
     throw usageError(`no usable training images: looked for ${what}; ${found === 0 ? 'none found' : `all ${found} found were unreadable`}`);
   }
-  if (uncaptioned > 0) {
+  if (uncaptioned > 0 && opts.uncaptioned !== 'templates') {
     warn(`${uncaptioned} of ${items.length} images have no caption (no <image>${capExt} and no ${metaName} entry); they use an empty caption`);
   }
   return items;

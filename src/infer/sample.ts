@@ -5,9 +5,9 @@
 import { existsSync, readdirSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { parseAdapterArg, mergeLora, readLora } from '../adapters/lora.js';
-import { applyEmbeddings, readEmbedding } from '../adapters/embeddings.js';
+import { applyEmbeddings, describeEmbeddingUse, readEmbedding } from '../adapters/embeddings.js';
 import { usageError } from '../errors.js';
-import { loraHash, modelHash } from '../io/hashes.js';
+import { embeddingHash, loraHash, modelHash } from '../io/hashes.js';
 import { type LoadedModel, type OpenModelOptions, disposeModel, loadModel } from '../io/model.js';
 import { formatInfotext, readImageRgb, writePng } from '../io/png.js';
 import { setAttentionChunkElements } from '../models/layers.js';
@@ -48,6 +48,8 @@ export interface SampleOptions {
   load?: OpenModelOptions;
   /** progress output (default: stderr; quiet when not a TTY) */
   quiet?: boolean;
+  /** notes for the user, e.g. which embeddings the prompts use (default: stderr) */
+  log?: (line: string) => void;
 }
 
 export interface SampleResult {
@@ -110,6 +112,7 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
       loraHashes[path.basename(file).replace(/\.safetensors$/i, '')] = await loraHash(file);
     }
     let rewrite = (p: string) => p;
+    const tiHashes: Record<string, string> = {};
     if (o.embedding?.length) {
       const embs = await Promise.all(
         o.embedding.map((arg) => {
@@ -121,6 +124,11 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
       const applied = applyEmbeddings(m.textEncoder.params, m.tokenizer!, embs);
       restores.push(applied.restore);
       rewrite = applied.rewritePrompt;
+      // A1111 lists the embeddings the prompts use, by name, with the first 12 hex of the file's SHA-256
+      const used = applied.usedIn(o.prompt, o.negativePrompt ?? '');
+      const log = o.log ?? ((l: string) => process.stderr.write(l + '\n'));
+      for (const line of describeEmbeddingUse(embs, used)) log(line);
+      for (const e of used) tiHashes[e.token] = await embeddingHash(e.path);
     }
     const name = sampler ?? samplerFromConfig(m.schedulerConfig);
     const side = m.unet.config.sample_size * 8;
@@ -174,6 +182,7 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
           modelHash: mh,
           modelName: path.basename(o.model).replace(/\.safetensors$/i, ''),
           loraHashes: Object.keys(loraHashes).length ? loraHashes : undefined,
+          tiHashes: Object.keys(tiHashes).length ? tiHashes : undefined,
           clipSkip: o.clipSkip,
           denoisingStrength: init ? (o.strength ?? (mask ? 1 : 0.75)) : undefined,
           version: `sdtune ${SDTUNE_VERSION}`,

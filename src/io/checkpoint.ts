@@ -14,6 +14,7 @@ import {
   type Component, type KeyMapEntry, type Transform,
 } from './ldm-keymap.js';
 import { SafetensorsFile, type Dtype, type RawTensor } from './safetensors.js';
+import { TOKENIZER_FILES, type TokenizerFileName } from '../tokenizer/clip.js';
 
 export type { Component, Transform } from './ldm-keymap.js';
 
@@ -43,6 +44,8 @@ export interface CheckpointSource {
   components: Partial<Record<Component, ComponentSource>>;
   schedulerConfig: Record<string, unknown>;
   tokenizerDir?: string;
+  /** tokenizer files embedded by our single-file writer (file name -> content); used when no tokenizerDir is found */
+  embeddedTokenizer?: Partial<Record<TokenizerFileName, string>>;
   modelIndex?: Record<string, unknown>;
   /** e.g. "ignored unknown config key x", "config inferred from tensor shapes" */
   notes: string[];
@@ -59,6 +62,8 @@ export interface OpenOptions {
 
 /** Metadata key under which our single-file writer stores {unet, vae, text_encoder, scheduler} configs as JSON. */
 export const CONFIGS_METADATA_KEY = 'sdtune_configs';
+/** Metadata key prefix of the tokenizer files our single-file writer embeds: `sdtune_tokenizer/vocab.json`, ... */
+export const TOKENIZER_METADATA_PREFIX = 'sdtune_tokenizer/';
 const PICKLE_EXT = /\.(ckpt|pt|pth|bin)$/i;
 const WEIGHTS_RE = /^(diffusion_pytorch_model|model)(?:\.([^.]+))?\.safetensors(\.index\.json)?$/;
 const PRIMARY_BASE: Record<Component, string> = { unet: 'diffusion_pytorch_model', vae: 'diffusion_pytorch_model', text_encoder: 'model' };
@@ -356,6 +361,31 @@ function embeddedConfigs(file: SafetensorsFile): Record<string, Record<string, u
   }
 }
 
+/** Tokenizer files embedded by our single-file writer (TOKENIZER_METADATA_PREFIX keys), if any. */
+function embeddedTokenizer(file: SafetensorsFile): Partial<Record<TokenizerFileName, string>> | undefined {
+  const out: Partial<Record<TokenizerFileName, string>> = {};
+  for (const name of Object.keys(TOKENIZER_FILES) as TokenizerFileName[]) {
+    const text = file.metadata[TOKENIZER_METADATA_PREFIX + name];
+    if (text !== undefined) out[name] = text;
+  }
+  return Object.keys(out).length ? out : undefined;
+}
+
+/**
+ * The tokenizer folder of a single file, first found: the one asked for, the config folder's tokenizer/, the
+ * tokenizer/ of a diffusers folder named like the file (`x.safetensors` next to `x/`, as convert writes them), a
+ * tokenizer/ beside the file. Otherwise the caller falls back to the file's embedded tokenizer.
+ */
+async function singleFileTokenizerDir(file: string, opts: OpenOptions): Promise<string | undefined> {
+  if (opts.tokenizerDir) return opts.tokenizerDir;
+  const dir = path.dirname(file);
+  for (const cand of [opts.configDir && path.join(opts.configDir, 'tokenizer'), path.join(dir, path.basename(file).replace(/\.safetensors$/i, ''), 'tokenizer'), path.join(dir, 'tokenizer')]) {
+    const found = await dirIfExists(cand || undefined);
+    if (found) return found;
+  }
+  return undefined;
+}
+
 /** Open a single-file LDM checkpoint (full, or VAE-only). */
 async function openLdmFile(file: SafetensorsFile, vaePrefix: string | undefined, opts: OpenOptions): Promise<CheckpointSource> {
   const notes: string[] = [];
@@ -425,10 +455,8 @@ async function openLdmFile(file: SafetensorsFile, vaePrefix: string | undefined,
     {
       path: file.path, layout: 'single-file', hasEma, usedEma: !!opts.ema, components, notes, schedulerConfig,
       modelIndex: indexFile && (await exists(indexFile)) ? await readJson(indexFile) : undefined,
-      tokenizerDir:
-        opts.tokenizerDir ??
-        (await dirIfExists(configDir && path.join(configDir, 'tokenizer'))) ??
-        (await dirIfExists(path.join(path.dirname(file.path), 'tokenizer'))),
+      tokenizerDir: await singleFileTokenizerDir(file.path, opts),
+      embeddedTokenizer: embeddedTokenizer(file),
     },
     [file],
   );

@@ -1,15 +1,21 @@
 /**
  * Layout conversion between a diffusers folder and a single-file LDM .safetensors (torch tensors only, no tfjs).
  * The single file gets exactly the keys diffusers' converter writes, plus `__metadata__.sdtune_configs` so that our
- * loader restores the exact configs. Output is atomic: a folder is built in a hidden sibling and renamed into place.
+ * loader restores the exact configs, and the tokenizer's files as `__metadata__["sdtune_tokenizer/vocab.json"]`, ...
+ * (plain strings, so a single file samples on its own; A1111 and ComfyUI ignore metadata). SD v1's CLIP vocab.json +
+ * merges.txt (1.5 MB) make a 1.6 MB header: far below the 100 MB header limit of the safetensors reference reader,
+ * which ours shares, so they are stored uncompressed (readable with any safetensors tool). A folder gets the
+ * source's tokenizer/ (copied, or written from a single file's embedded files). Output is atomic: a folder is built in
+ * a hidden sibling and renamed into place.
  */
 import { randomBytes } from 'node:crypto';
 import { mkdir, readdir, readFile, rename, rm, rmdir, stat } from 'node:fs/promises';
 import path from 'node:path';
-import { usageError } from '../errors.js';
+import { fileError, usageError } from '../errors.js';
 import { sd15ModelIndex } from '../models/presets.js';
 import { writeFileAtomic } from '../runtime/atomic.js';
-import { CONFIGS_METADATA_KEY, openCheckpoint, readTensorRef, type CheckpointSource, type ComponentSource, type TensorRef } from './checkpoint.js';
+import { TOKENIZER_FILES, type TokenizerFileName } from '../tokenizer/clip.js';
+import { CONFIGS_METADATA_KEY, TOKENIZER_METADATA_PREFIX, openCheckpoint, readTensorRef, type CheckpointSource, type ComponentSource, type TensorRef } from './checkpoint.js';
 import { COMPONENTS, diffusersToLdmTable, transformShape, type Component } from './ldm-keymap.js';
 import { writeSafetensors, type Dtype, type WritableTensor } from './safetensors.js';
 
@@ -56,12 +62,37 @@ function withDtype(src: ComponentSource, half: boolean): Record<string, unknown>
   return config;
 }
 
-/** Convert between layouts; see the module comment. Returns the layout written, tensor count and weight bytes. */
-export async function convertCheckpoint(
-  input: string,
-  output: string,
-  opts: ConvertOptions = {},
-): Promise<{ layout: string; tensors: number; bytes: number }> {
+export interface ConvertResult {
+  layout: string;
+  tensors: number;
+  bytes: number;
+  /** where the tokenizer written with the model came from (a folder, or "embedded in FILE"); null: none was found */
+  tokenizer: string | null;
+  /** e.g. that the output has no tokenizer */
+  notes: string[];
+}
+
+/** The tokenizer files of the source: its tokenizer folder's (those TOKENIZER_FILES names), else a single file's embedded ones. */
+async function sourceTokenizer(src: CheckpointSource): Promise<{ from: string; files: Partial<Record<TokenizerFileName, string>> } | undefined> {
+  if (src.tokenizerDir) {
+    const files: Partial<Record<TokenizerFileName, string>> = {};
+    for (const name of Object.keys(TOKENIZER_FILES) as TokenizerFileName[]) {
+      const text = await readFile(path.join(src.tokenizerDir, name), 'utf8').catch((e: NodeJS.ErrnoException) => {
+        if (e.code === 'ENOENT') return undefined;
+        throw fileError(`${path.join(src.tokenizerDir!, name)}: cannot read (${e.code ?? e.message})`);
+      });
+      if (text !== undefined) files[name] = text;
+    }
+    if (files['vocab.json'] === undefined || files['merges.txt'] === undefined)
+      throw fileError(`tokenizer folder ${src.tokenizerDir} has no ${files['vocab.json'] === undefined ? 'vocab.json' : 'merges.txt'}; pass --tokenizer DIR (a folder with vocab.json and merges.txt)`);
+    return { from: src.tokenizerDir, files };
+  }
+  if (src.embeddedTokenizer) return { from: `embedded in ${src.path}`, files: src.embeddedTokenizer };
+  return undefined;
+}
+
+/** Convert between layouts; see the module comment. Returns the layout written, tensor count, weight bytes and the tokenizer's source. */
+export async function convertCheckpoint(input: string, output: string, opts: ConvertOptions = {}): Promise<ConvertResult> {
   const src = await openCheckpoint(input, { configDir: opts.configDir, tokenizerDir: opts.tokenizerDir, ema: opts.ema, variant: opts.variant });
   try {
     const to = opts.to ?? (src.layout === 'diffusers' ? 'single-file' : 'diffusers');
@@ -73,14 +104,17 @@ export async function convertCheckpoint(
     const total = present.reduce((n, c) => n + src.components[c]!.tensors.size, 0);
     let done = 0;
     const tick = () => opts.onProgress?.(++done, total);
-    return to === 'single-file' ? await writeSingleFile(src, present, output, !!opts.half, tick) : await writeDiffusers(src, present, output, !!opts.half, tick);
+    const tok = await sourceTokenizer(src);
+    const r = to === 'single-file' ? await writeSingleFile(src, present, output, !!opts.half, tick, tok?.files) : await writeDiffusers(src, present, output, !!opts.half, tick, tok?.files);
+    const notes = !tok && src.components.text_encoder ? [`no tokenizer found for ${input}, so ${output} has none: sampling it needs --tokenizer DIR (or convert again with --tokenizer DIR)`] : [];
+    return { ...r, tokenizer: tok?.from ?? null, notes };
   } finally {
     await src.close();
   }
 }
 
 /** One LDM-keyed file with the diffusers converter's key set, configs in the metadata. */
-async function writeSingleFile(src: CheckpointSource, present: Component[], output: string, half: boolean, tick: () => void) {
+async function writeSingleFile(src: CheckpointSource, present: Component[], output: string, half: boolean, tick: () => void, tokenizer?: Partial<Record<TokenizerFileName, string>>) {
   const tensors = new Map<string, WritableTensor>();
   const configs: Record<string, unknown> = { scheduler: src.schedulerConfig };
   for (const c of present) {
@@ -93,12 +127,14 @@ async function writeSingleFile(src: CheckpointSource, present: Component[], outp
       tick();
     }
   }
-  await writeSafetensors(output, tensors, { metadata: { [CONFIGS_METADATA_KEY]: JSON.stringify(configs) } });
+  const metadata: Record<string, string> = { [CONFIGS_METADATA_KEY]: JSON.stringify(configs) };
+  for (const [name, text] of Object.entries(tokenizer ?? {})) metadata[TOKENIZER_METADATA_PREFIX + name] = text;
+  await writeSafetensors(output, tensors, { metadata });
   return { layout: 'single-file', tensors: tensors.size, bytes: (await stat(output)).size };
 }
 
 /** A diffusers folder, built in a hidden sibling folder and renamed into place. */
-async function writeDiffusers(src: CheckpointSource, present: Component[], output: string, half: boolean, tick: () => void) {
+async function writeDiffusers(src: CheckpointSource, present: Component[], output: string, half: boolean, tick: () => void, tokenizer?: Partial<Record<TokenizerFileName, string>>) {
   const out = path.resolve(output);
   const tmp = path.join(path.dirname(out), `.sdtune-tmp-${path.basename(out)}-${process.pid}-${randomBytes(4).toString('hex')}`);
   await mkdir(tmp, { recursive: true });
@@ -124,10 +160,14 @@ async function writeDiffusers(src: CheckpointSource, present: Component[], outpu
     }
     await mkdir(path.join(tmp, 'scheduler'));
     await writeFileAtomic(path.join(tmp, 'scheduler', 'scheduler_config.json'), jsonBytes(src.schedulerConfig));
-    if (src.tokenizerDir) {
+    if (src.tokenizerDir && tokenizer) {
+      // the whole folder, as diffusers saves it (tokenizer.json etc. included)
       await mkdir(path.join(tmp, 'tokenizer'));
       for (const ent of await readdir(src.tokenizerDir, { withFileTypes: true }))
         if (ent.isFile()) await writeFileAtomic(path.join(tmp, 'tokenizer', ent.name), await readFile(path.join(src.tokenizerDir, ent.name)));
+    } else if (tokenizer) {
+      await mkdir(path.join(tmp, 'tokenizer'));
+      for (const [name, text] of Object.entries(tokenizer)) await writeFileAtomic(path.join(tmp, 'tokenizer', name), new TextEncoder().encode(text));
     }
     await assertFree(out, true);
     await rmdir(out).catch(() => {}); // an empty folder may stand in the way of the rename

@@ -75,6 +75,25 @@ function checkComponent(
   return { config, spec, params };
 }
 
+/**
+ * The model's tokenizer, first found: opts.tokenizerDir, the folder openCheckpoint found (tokenizer/ of the pipeline,
+ * of the config folder, of a folder named like a single file, or beside it), the tokenizer a single file written by
+ * sdtune carries in its metadata.
+ */
+async function tokenizerOf(ck: CheckpointSource, opts: OpenModelOptions, notes: string[]): Promise<ClipTokenizer> {
+  const dir = opts.tokenizerDir ?? ck.tokenizerDir;
+  if (dir) {
+    if (ck.embeddedTokenizer) notes.push(`tokenizer from ${dir} (not the one embedded in ${ck.path})`);
+    return ClipTokenizer.fromDir(dir);
+  }
+  if (ck.embeddedTokenizer) {
+    notes.push('tokenizer: the one embedded in the file');
+    return ClipTokenizer.fromTexts(ck.embeddedTokenizer, (name) => `${ck.path} (embedded ${name})`);
+  }
+  const where = ck.layout === 'single-file' ? `no tokenizer/ folder beside it or in a folder named like it, and none embedded in the file` : 'no tokenizer/ folder';
+  throw new SdtuneError('usage', `${ck.path}: no tokenizer found (${where}); pass --tokenizer DIR (a folder with vocab.json and merges.txt, e.g. the tokenizer/ of the diffusers model it came from)`);
+}
+
 /** Load a model's networks (and tokenizer, when there is a text encoder) into memory. */
 export async function loadModel(path: string, opts: OpenModelOptions = {}): Promise<LoadedModel> {
   const ck = await openCheckpoint(path, opts);
@@ -99,13 +118,7 @@ export async function loadModel(path: string, opts: OpenModelOptions = {}): Prom
       else if (name === 'vae') loaded.vae = { config: config as VaeConfig, params };
       else loaded.textEncoder = { config: config as ClipTextConfig, params };
     }
-    if (loaded.textEncoder) {
-      const dir = opts.tokenizerDir ?? ck.tokenizerDir;
-      if (!dir) {
-        throw new SdtuneError('usage', `${path}: no tokenizer found next to the model; pass --tokenizer DIR (a folder with vocab.json and merges.txt)`);
-      }
-      loaded.tokenizer = await ClipTokenizer.fromDir(dir);
-    }
+    if (loaded.textEncoder) loaded.tokenizer = await tokenizerOf(ck, opts, loaded.notes);
     return loaded;
   } catch (e) {
     disposeModel(loaded);
@@ -155,7 +168,7 @@ export async function inspectModel(path: string, opts: OpenModelOptions = {}): P
       ema: ck.hasEma,
       components,
       scheduler: ck.schedulerConfig,
-      tokenizer: opts.tokenizerDir ?? ck.tokenizerDir ?? null,
+      tokenizer: opts.tokenizerDir ?? ck.tokenizerDir ?? (ck.embeddedTokenizer ? `embedded in ${path}` : null),
       notes: ck.notes,
     };
   } finally {

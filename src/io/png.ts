@@ -25,6 +25,8 @@ export interface GenerationParams {
   modelName?: string;
   /** alias -> 12-hex LoRA hash (hashes.ts loraHash) */
   loraHashes?: Record<string, string>;
+  /** embedding name (its prompt word) -> 12-hex hash of the file (hashes.ts embeddingHash), for the embeddings the prompts use */
+  tiHashes?: Record<string, string>;
   clipSkip?: number;
   denoisingStrength?: number;
   /** further "Key: value" pairs, written after the known ones in insertion order */
@@ -46,9 +48,9 @@ function quote(v: string | number): string {
 /** A1111 create_infotext: prompt, optional "Negative prompt:" line, then the "Key: value, ..." line, in A1111's key order. */
 export function formatInfotext(p: GenerationParams): string {
   const noSep = (s: string) => s.replace(/[,:]/g, '');
-  const lora = p.loraHashes && Object.keys(p.loraHashes).length > 0
-    ? Object.entries(p.loraHashes).map(([name, hash]) => `${noSep(name)}: ${hash}`).join(', ')
-    : undefined;
+  // "name: hash, name2: hash" (A1111 networks.py "Lora hashes", sd_hijack_clip.py "TI hashes")
+  const hashList = (h: Record<string, string> | undefined) =>
+    h && Object.keys(h).length > 0 ? Object.entries(h).map(([name, hash]) => `${noSep(name)}: ${hash}`).join(', ') : undefined;
   const params: [string, string | number | undefined][] = [
     ['Steps', p.steps],
     ['Sampler', p.sampler],
@@ -60,7 +62,8 @@ export function formatInfotext(p: GenerationParams): string {
     ['Model', p.modelName === undefined ? undefined : noSep(p.modelName)],
     ['Denoising strength', p.denoisingStrength],
     ['Clip skip', p.clipSkip !== undefined && p.clipSkip > 1 ? p.clipSkip : undefined],
-    ['Lora hashes', lora],
+    ['Lora hashes', hashList(p.loraHashes)],
+    ['TI hashes', hashList(p.tiHashes)],
     ...Object.entries(p.extra ?? {}),
     ['Version', p.version],
   ];
@@ -121,16 +124,17 @@ export function parseInfotext(text: string): GenerationParams & { raw: Record<st
   };
   const opt = (k: string) => (raw[k] === undefined ? undefined : num(k, NaN));
   const known = new Set(['Prompt', 'Negative prompt', 'Steps', 'Sampler', 'Schedule type', 'CFG scale', 'Seed', 'Size-1', 'Size-2',
-    'Model hash', 'Model', 'Denoising strength', 'Clip skip', 'Lora hashes', 'Version']);
+    'Model hash', 'Model', 'Denoising strength', 'Clip skip', 'Lora hashes', 'TI hashes', 'Version']);
   const extra = Object.fromEntries(Object.entries(raw).filter(([k]) => !known.has(k)));
-  let loraHashes: Record<string, string> | undefined;
-  if (raw['Lora hashes'] !== undefined) {
-    loraHashes = {};
-    for (const part of raw['Lora hashes'].split(',')) {
+  const hashList = (v: string | undefined) => {
+    if (v === undefined) return undefined;
+    const out: Record<string, string> = {};
+    for (const part of v.split(',')) {
       const i = part.indexOf(':');
-      if (i > 0) loraHashes[part.slice(0, i).trim()] = part.slice(i + 1).trim();
+      if (i > 0) out[part.slice(0, i).trim()] = part.slice(i + 1).trim();
     }
-  }
+    return out;
+  };
   // Defaults for absent fields are A1111's txt2img UI defaults (raw tells what the text really had).
   return {
     prompt,
@@ -144,7 +148,8 @@ export function parseInfotext(text: string): GenerationParams & { raw: Record<st
     height: num('Size-2', 512),
     modelHash: raw['Model hash'],
     modelName: raw.Model,
-    loraHashes,
+    loraHashes: hashList(raw['Lora hashes']),
+    tiHashes: hashList(raw['TI hashes']),
     clipSkip: num('Clip skip', 1),
     denoisingStrength: opt('Denoising strength'),
     extra: Object.keys(extra).length > 0 ? extra : undefined,

@@ -65,8 +65,8 @@ function parseJson(text: string, file: string, what: string): unknown {
   }
 }
 
-async function readVocab(file: string): Promise<Record<string, number>> {
-  const json = parseJson((await readText(file, 'vocabulary'))!, file, 'vocabulary');
+function parseVocab(text: string, file: string): Record<string, number> {
+  const json = parseJson(text, file, 'vocabulary');
   if (json === null || typeof json !== 'object' || Array.isArray(json)) {
     throw new SdtuneError('format', `tokenizer vocabulary ${file}: expected a JSON object {token: id}`);
   }
@@ -78,13 +78,8 @@ async function readVocab(file: string): Promise<Record<string, number>> {
   return json as Record<string, number>;
 }
 
-async function readMerges(file: string): Promise<Array<[string, string]>> {
-  return parseMerges((await readText(file, 'merges'))!);
-}
-
 /** An optional JSON object file: undefined when absent, an error when present but malformed. */
-async function readOptionalJson(file: string, what: string): Promise<Record<string, unknown> | undefined> {
-  const text = await readText(file, what, true);
+function parseOptionalJson(text: string | undefined, file: string, what: string): Record<string, unknown> | undefined {
   if (text === undefined) return undefined;
   const json = parseJson(text, file, what);
   if (json === null || typeof json !== 'object' || Array.isArray(json)) {
@@ -92,6 +87,19 @@ async function readOptionalJson(file: string, what: string): Promise<Record<stri
   }
   return json as Record<string, unknown>;
 }
+
+/**
+ * The files of a saved CLIPTokenizer that this tokenizer reads (vocab.json and merges.txt required), with what
+ * each is called in messages. A single-file checkpoint written by sdtune carries exactly these (convert.ts).
+ */
+export const TOKENIZER_FILES = {
+  'vocab.json': 'vocabulary',
+  'merges.txt': 'merges',
+  'tokenizer_config.json': 'config',
+  'special_tokens_map.json': 'special tokens map',
+  'added_tokens.json': 'added tokens',
+} as const;
+export type TokenizerFileName = keyof typeof TOKENIZER_FILES;
 
 /** A special token entry is either a string or an AddedToken dict {content, ...}. */
 function tokenContent(v: unknown): string | undefined {
@@ -146,19 +154,38 @@ export class ClipTokenizer {
 
   /** Reads vocab.json + merges.txt, and the pad/special tokens from tokenizer_config.json / special_tokens_map.json if present. */
   static async fromDir(dir: string, opts: ClipTokenizerOptions = {}): Promise<ClipTokenizer> {
-    const vocabPath = path.join(dir, 'vocab.json');
-    const mergesPath = path.join(dir, 'merges.txt');
-    const vocab = await readVocab(vocabPath);
-    const merges = await readMerges(mergesPath);
-    const config = await readOptionalJson(path.join(dir, 'tokenizer_config.json'), 'config');
-    const map = await readOptionalJson(path.join(dir, 'special_tokens_map.json'), 'special tokens map');
-    const addedJson = await readOptionalJson(path.join(dir, 'added_tokens.json'), 'added tokens');
-    return new ClipTokenizer(vocab, merges, opts, specialsFromConfig(config, map, addedJson));
+    const texts: Partial<Record<TokenizerFileName, string>> = {};
+    for (const [name, what] of Object.entries(TOKENIZER_FILES) as [TokenizerFileName, string][]) {
+      const t = await readText(path.join(dir, name), what, true); // a missing required file: fromTexts says so, in order
+      if (t !== undefined) texts[name] = t;
+    }
+    return ClipTokenizer.fromTexts(texts, (name) => path.join(dir, name), opts);
+  }
+
+  /**
+   * The same from file contents held in memory (e.g. embedded in a checkpoint's metadata); `where(name)` names a
+   * file in messages. vocab.json and merges.txt are required.
+   */
+  static fromTexts(
+    texts: Partial<Record<TokenizerFileName, string>>,
+    where: (name: TokenizerFileName) => string,
+    opts: ClipTokenizerOptions = {},
+  ): ClipTokenizer {
+    const required = (name: 'vocab.json' | 'merges.txt') => {
+      const text = texts[name];
+      if (text === undefined) throw new SdtuneError('file', `tokenizer ${TOKENIZER_FILES[name]} ${where(name)}: not found`);
+      return text;
+    };
+    const vocab = parseVocab(required('vocab.json'), where('vocab.json'));
+    const merges = parseMerges(required('merges.txt'));
+    const json = (name: Exclude<TokenizerFileName, 'vocab.json' | 'merges.txt'>) => parseOptionalJson(texts[name], where(name), TOKENIZER_FILES[name]);
+    const specials = specialsFromConfig(json('tokenizer_config.json'), json('special_tokens_map.json'), json('added_tokens.json'));
+    return new ClipTokenizer(vocab, merges, opts, specials);
   }
 
   /** Reads a vocab.json + merges.txt pair with CLIP's default special tokens (pad = eos). */
   static async fromFiles(vocabPath: string, mergesPath: string, opts: ClipTokenizerOptions = {}): Promise<ClipTokenizer> {
-    return new ClipTokenizer(await readVocab(vocabPath), await readMerges(mergesPath), opts);
+    return new ClipTokenizer(parseVocab((await readText(vocabPath, 'vocabulary'))!, vocabPath), parseMerges((await readText(mergesPath, 'merges'))!), opts);
   }
 
   /** Builds a tokenizer from in-memory data (vocab {token: id}, merges in rank order). */

@@ -7,6 +7,7 @@
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import YAML from 'yaml';
+import { embeddingFileStem } from '../adapters/embeddings.js';
 import { SdtuneError, fileError, usageError } from '../errors.js';
 import { BACKENDS, type BackendName } from '../runtime/backend-names.js';
 import { resolveSampler } from '../schedulers/names.js';
@@ -83,7 +84,7 @@ export interface TrainConfig {
   };
   output: {
     dir: string; // default output/<name>
-    name: string; // file name stem of the results; default: config file name, else the method
+    name: string; // file name stem of the results; default: TI the token (<my-logo> -> my-logo), else the config file name, else the method
     save_every: number | null; // checkpoint every N steps; null = only at the end
     keep_last: number | null; // intermediate checkpoints kept (diffusers checkpoints_total_limit); null = all
     save_precision: 'fp16' | 'fp32'; // dtype of the saved adapter (fp16 for LoRA as kohya; fp32 for embeddings)
@@ -461,7 +462,8 @@ export function resolveConfig(method: Method, yamlText: string | null, overrides
   crossCheck(c, method, origin);
 
   // 5. derived values
-  c.output.name ??= source ? path.basename(source).replace(/\.(ya?ml)$/i, '') : method;
+  // an embedding is named after its token: A1111 loads it by file name (<my-logo> -> my-logo.safetensors)
+  c.output.name ??= c.textual_inversion ? embeddingFileStem(c.textual_inversion.token) : source ? path.basename(source).replace(/\.(ya?ml)$/i, '') : method;
   c.output.dir ??= `output/${c.output.name}`;
   // `tensorboard --logdir <logging_dir>` lists the runs by name
   c.output.log_dir ??= c.output.logging_dir ? path.posix.join(c.output.logging_dir.replace(/\\/g, '/'), c.output.name) : path.posix.join(c.output.dir.replace(/\\/g, '/'), 'logs');

@@ -109,6 +109,7 @@ export async function train(method: Method, c: TrainConfig, o: TrainOptions = {}
       captionExtension: c.data.caption_extension,
       repeats: c.data.repeats,
       metadata: c.data.metadata,
+      uncaptioned: c.textual_inversion ? 'templates' : 'empty',
       onWarning: (m) => (warnings++ < 20 ? log(`warning: ${m}`) : undefined),
     });
     const gen = new TorchGenerator(c.train.seed);

@@ -146,6 +146,9 @@ describe('embeddings on tiny data', () => {
     expect([...applied.ids]).toEqual([['<a>', [100, 101]], ['<b>', [102]]]);
     expect(applied.rewritePrompt('a <a> b <b> <a>')).toBe('a <a> <a>_1 b <b> <a> <a>_1');
     expect(applied.rewritePrompt('c d')).toBe('c d');
+    expect(applied.usedIn('x <b> y')).toEqual([b]);
+    expect(applied.usedIn('c', 'neg <a>, <b>')).toEqual([a, b]);
+    expect(applied.usedIn('<A> <B> a b')).toEqual([]); // added tokens match exactly, case included
     expect(Array.from(tok.encode(applied.rewritePrompt('a <a> b')).inputIds.slice(0, 6))).toEqual([98, 0, 100, 101, 1, 99]);
     const g = table(params).dataSync() as Float32Array;
     expect(table(params).shape).toEqual([103, 8]);

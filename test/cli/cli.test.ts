@@ -13,6 +13,7 @@ import { vaeDecode } from '../../src/models/vae.js';
 import { describeGolden, golden } from '../golden.js';
 
 const BIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../bin/sdtune.js');
+const TINY = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../checkpoints/tiny-sd-v1');
 const sdtune = (...args: string[]) => {
   const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', env: { ...process.env, SDTUNE_BACKEND: 'wasm' } });
   return { code: r.status, out: r.stdout, err: r.stderr };
@@ -51,6 +52,17 @@ describe('sdtune command line (no reference data needed)', () => {
     expect(r.code).not.toBe(0);
     expect(r.err).toMatch(/pickle/i);
     expect(r.err).toMatch(/safetensors/);
+  });
+
+  it('convert the bundled model to a single file; the file alone samples (its tokenizer travels in the metadata)', () => {
+    const alone = mkdtempSync(path.join(tmp, 'alone-'));
+    const single = path.join(alone, 'tiny.safetensors');
+    const c = sdtune('convert', TINY, single);
+    expect(c.code, c.err).toBe(0);
+    expect(c.err).not.toMatch(/no tokenizer/);
+    const s = sdtune('sample', '--model', single, '--prompt', 'a star', '--steps', '1', '--width', '64', '--height', '64', '--seed', '1', '--out', path.join(alone, 'x.png'));
+    expect(s.code, s.err).toBe(0);
+    expect(s.out.trim()).toBe(path.join(alone, 'x.png'));
   });
 });
 

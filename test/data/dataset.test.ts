@@ -12,7 +12,7 @@ let cleanup: () => Promise<void>;
 beforeEach(async () => ({ dir, cleanup } = await tempDir()));
 afterEach(() => cleanup());
 
-const scan = (d: string, extra: { captionExtension?: string; repeats?: number } = {}) => {
+const scan = (d: string, extra: { captionExtension?: string; repeats?: number; uncaptioned?: 'empty' | 'templates' } = {}) => {
   const warnings: string[] = [];
   const p = scanDataset(d, { captionExtension: '.txt', repeats: 1, ...extra, onWarning: (m) => warnings.push(m) });
   return p.then((items) => ({ items, warnings }));
@@ -136,5 +136,7 @@ describe('bundled datasets (scripts/make-datasets.ts output)', () => {
     const { items, warnings } = await scan(path.join(root, 'logo'));
     expect(items.map((i) => [i.width, i.height, i.caption])).toEqual(new Array(8).fill([64, 64, '']));
     expect(warnings).toEqual([expect.stringMatching(/^8 of 8 images have no caption/)]);
+    // textual inversion fills them in from its templates: nothing to warn about
+    expect((await scan(path.join(root, 'logo'), { uncaptioned: 'templates' })).warnings).toEqual([]);
   });
 });

@@ -1,11 +1,13 @@
 // `sdtune sample` end to end: the library call with LoRAs and embeddings against the reference images, and the
 // command line itself writing PNGs that carry A1111's parameters.
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { afterAll, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
+import { writeEmbeddingA1111, writeEmbeddingDiffusers } from '../../src/adapters/embeddings.js';
 import { sampleToFiles } from '../../src/infer/sample.js';
 import { parseInfotext, readImageRgb, readPngText } from '../../src/io/png.js';
 import { caseTensors, describeGolden, golden, goldenCase } from '../golden.js';
@@ -14,6 +16,43 @@ import { maxAbsDiff } from '../helpers.js';
 const BIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../bin/sdtune.js');
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'sdtune-sample-'));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+
+const TINY = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../checkpoints/tiny-sd-v1');
+
+describe('embeddings at sample time (bundled tiny model)', () => {
+  const vectors = (n: number, seed: number) => ({ shape: [n, 32] as [number, number], data: Float32Array.from({ length: n * 32 }, (_, i) => Math.sin(seed + i) * 0.02) });
+  const sha12 = (f: string) => createHash('sha256').update(readFileSync(f)).digest('hex').slice(0, 12);
+
+  it('names the embeddings the prompts use, warns about an unused one, and writes A1111 "TI hashes" of the used ones', async () => {
+    const logo = path.join(tmp, 'my-logo.safetensors'); // A1111 form: the prompt word is the file name
+    const neg = path.join(tmp, 'bad-hands.diffusers.safetensors'); // diffusers form: the token is its key
+    const unused = path.join(tmp, 'unused.safetensors');
+    await writeEmbeddingA1111(logo, { token: '<my-logo>', vectors: vectors(2, 1), path: logo, format: 'a1111' });
+    await writeEmbeddingDiffusers(neg, { token: '<bad-hands>', vectors: vectors(1, 2), path: neg, format: 'diffusers' });
+    await writeEmbeddingA1111(unused, { token: 'unused', vectors: vectors(1, 3), path: unused, format: 'a1111' });
+    const lines: string[] = [];
+    const out = path.join(tmp, 'ti-used.png');
+    await sampleToFiles({
+      model: TINY, prompt: 'a photo of my-logo, (my-logo:1.2)', negativePrompt: '<bad-hands>, blurry', seed: 1, steps: 1, cfg: 2, sampler: 'euler',
+      width: 64, height: 64, embedding: [logo, neg, unused], out, quiet: true, log: (l) => lines.push(l),
+    });
+    expect(lines).toEqual([
+      'embeddings used: my-logo (2 vectors), <bad-hands> (1 vector)',
+      expect.stringMatching(/^warning: embedding .*unused\.safetensors is loaded as "unused", but "unused" occurs in neither the prompt nor the negative prompt/),
+    ]);
+    const p = parseInfotext((await readPngText(out)).parameters);
+    expect(p.tiHashes).toEqual({ 'my-logo': sha12(logo), '<bad-hands>': sha12(neg) });
+    expect(p.raw['TI hashes']).toBe(`my-logo: ${sha12(logo)}, <bad-hands>: ${sha12(neg)}`);
+    expect(p.prompt).toBe('a photo of my-logo, (my-logo:1.2)'); // the prompt as written, not the rewritten one
+
+    // no embedding in the prompts: no "used" line, no TI hashes
+    lines.length = 0;
+    const none = path.join(tmp, 'ti-none.png');
+    await sampleToFiles({ model: TINY, prompt: 'a star', seed: 1, steps: 1, cfg: 1, width: 64, height: 64, embedding: [logo], out: none, quiet: true, log: (l) => lines.push(l) });
+    expect(lines).toEqual([expect.stringMatching(/^warning: embedding .*my-logo\.safetensors is loaded as "my-logo"/)]);
+    expect(parseInfotext((await readPngText(none)).parameters).tiHashes).toBeUndefined();
+  });
+});
 
 const BASE = { model: '', prompt: 'a photo of an astronaut riding a horse', negativePrompt: 'blurry', seed: 0, steps: 10, cfg: 7.5, sampler: 'pndm', width: 64, height: 64, quiet: true };
 

@@ -26,12 +26,13 @@ describe('formatInfotext (A1111 create_infotext)', () => {
   it('orders keys like A1111, quotes values with , : or newline, omits Clip skip 1 and the empty negative line', () => {
     const text = formatInfotext({
       ...BASE, cfgScale: 7.5, scheduleType: 'Karras', sampler: 'DPM++ 2M', clipSkip: 2, denoisingStrength: 0.75, modelName: 'my,model:v2',
-      loraHashes: { 'style,x': '0123456789ab', other: 'ba9876543210' },
+      loraHashes: { 'style,x': '0123456789ab', other: 'ba9876543210' }, tiHashes: { 'my-logo': 'c0ffee123456', 'bad:name,': '0a1b2c3d4e5f' },
       extra: { 'Hires upscaler': 'Latent', Note: 'a "b", c', Tiny: 0.00001, Flag: 'Flag' }, version: 'sdtune 0.1.0',
     });
     expect(text).toBe(
       'a cat\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 1234567890, Size: 512x512, Model: mymodelv2, ' +
-        'Denoising strength: 0.75, Clip skip: 2, Lora hashes: "stylex: 0123456789ab, other: ba9876543210", Hires upscaler: Latent, ' +
+        'Denoising strength: 0.75, Clip skip: 2, Lora hashes: "stylex: 0123456789ab, other: ba9876543210", ' +
+        'TI hashes: "my-logo: c0ffee123456, badname: 0a1b2c3d4e5f", Hires upscaler: Latent, ' +
         'Note: "a \\"b\\", c", Tiny: 1e-05, Flag, Version: sdtune 0.1.0',
     );
     expect(formatInfotext({ ...BASE, clipSkip: 1, negativePrompt: '' })).toBe('a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1234567890, Size: 512x512');
@@ -43,12 +44,13 @@ describe('parseInfotext (A1111 parse_generation_parameters)', () => {
     const p: GenerationParams = {
       prompt: 'line one, (cat:1.2)\nline two: more', negativePrompt: 'ugly,\nbad hands', steps: 30, sampler: 'DPM++ 2M', scheduleType: 'Karras',
       cfgScale: 7.5, seed: 42, width: 768, height: 512, modelHash: 'abcdef1234', modelName: 'model', loraHashes: { a: '0123456789ab', b: 'ffffffffffff' },
-      clipSkip: 2, denoisingStrength: 0.6, extra: { 'Hires upscaler': 'Latent', Note: 'x: "y", z\nw' }, version: 'sdtune 0.1.0',
+      tiHashes: { 'my-logo': '0123456789ab', '<x>': 'abcdefabcdef' }, clipSkip: 2, denoisingStrength: 0.6, extra: { 'Hires upscaler': 'Latent', Note: 'x: "y", z\nw' }, version: 'sdtune 0.1.0',
     };
     const back = parseInfotext(formatInfotext(p));
     const { raw, ...fields } = back;
     expect(fields).toEqual(p);
-    expect(raw).toMatchObject({ Prompt: p.prompt, 'Size-1': '768', 'Size-2': '512', 'Lora hashes': 'a: 0123456789ab, b: ffffffffffff' });
+    expect(raw).toMatchObject({ Prompt: p.prompt, 'Size-1': '768', 'Size-2': '512', 'Lora hashes': 'a: 0123456789ab, b: ffffffffffff', 'TI hashes': 'my-logo: 0123456789ab, <x>: abcdefabcdef' });
+    expect(back.extra).toEqual({ 'Hires upscaler': 'Latent', Note: 'x: "y", z\nw' }); // TI hashes is a known key, not an extra
   });
 
   it('defaults: no negative prompt, Clip skip 1; a text without a parameter line is all prompt', () => {
@@ -63,6 +65,9 @@ describe('parseInfotext (A1111 parse_generation_parameters)', () => {
     const back = parseInfotext('cat\nSteps: 25, Sampler: Euler, CFG scale: 6.5, Seed: 7, Size: 640x448, ENSD: 31337, Hires resize: 1024x768, Bad: "x');
     expect([back.steps, back.sampler, back.cfgScale, back.seed, back.width, back.height]).toEqual([25, 'Euler', 6.5, 7, 640, 448]);
     expect(back.extra).toEqual({ ENSD: '31337', 'Hires resize-1': '1024', 'Hires resize-2': '768', Bad: '"x' });
+    const ti = parseInfotext('cat\nNegative prompt: EasyNegative\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, TI hashes: "EasyNegative: c74b4e810b03", Version: v1.10.1');
+    expect(ti.tiHashes).toEqual({ EasyNegative: 'c74b4e810b03' });
+    expect(ti.extra).toBeUndefined();
   });
 });
 

@@ -135,6 +135,8 @@ describe('ClipTokenizer on a tiny vocabulary', () => {
       await expect(ClipTokenizer.fromDir(emptyDir)).rejects.toThrow(path.join(emptyDir, 'merges.txt'));
       writeFileSync(path.join(emptyDir, 'vocab.json'), '[1, 2]');
       await expect(ClipTokenizer.fromDir(emptyDir)).rejects.toMatchObject({ kind: 'format' });
+      // in-memory files (a checkpoint's embedded tokenizer) are named by the caller
+      expect(() => ClipTokenizer.fromTexts({ 'vocab.json': '{"a</w>": 0}' }, (n) => `m.safetensors (embedded ${n})`)).toThrow('tokenizer merges m.safetensors (embedded merges.txt): not found');
     } finally {
       rmSync(emptyDir, { recursive: true, force: true });
     }

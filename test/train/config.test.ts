@@ -58,13 +58,20 @@ describe('defaults', () => {
     expect(c.data.cache_dir).toBe('output/lora');
   });
 
-  it('textual inversion: A1111 lr and no weight decay, fp32 embeddings, name from the config file', () => {
-    const c = resolveConfig('textual_inversion', TI, {}, 'configs/my-logo.yaml');
+  it('textual inversion: A1111 lr and no weight decay, fp32 embeddings, named after the token (not the config file)', () => {
+    const c = resolveConfig('textual_inversion', TI, {}, 'configs/some-run.yaml');
     expect(c.train.lr).toBe(5e-3);
     expect(c.train.weight_decay).toBe(0);
     expect(c.textual_inversion).toEqual({ token: '<my-logo>', init_word: 'logo', vectors: 1 });
     expect(c.lora).toBeUndefined();
     expect(c.output).toMatchObject({ name: 'my-logo', dir: 'output/my-logo', log_dir: 'output/my-logo/logs', save_precision: 'fp32' });
+    // characters unsafe in file names are dropped; an explicit output.name wins
+    const named = (token: string, extra: Record<string, unknown> = {}) => resolveConfig('textual_inversion', TI, { 'textual_inversion.token': token, ...extra }).output.name;
+    expect(named('<a/b\\c:d|e?*"f>')).toBe('abcdef');
+    expect(named('..<>..')).toBe('embedding');
+    expect(named('<con>')).toBe('con_');
+    expect(named('Mein-Stil_2')).toBe('Mein-Stil_2');
+    expect(named('<my-logo>', { 'output.name': 'logo-v2' })).toBe('logo-v2');
   });
 
   it('--logdir (kohya logging_dir) is a folder of TensorBoard runs, this one named after output.name', () => {

@@ -23,7 +23,7 @@ export function registerConvert(y: Argv): Argv {
         .option('to', { choices: ['diffusers', 'single-file'] as const, describe: 'target layout (default: the other one)' })
         .option('half', { type: 'boolean', default: false, describe: 'write float16 weights' })
         .option('config', { type: 'string', describe: 'diffusers folder whose configs apply to a single-file input' })
-        .option('tokenizer', { type: 'string', describe: 'folder with vocab.json + merges.txt to include' }),
+        .option('tokenizer', { type: 'string', describe: 'folder with vocab.json + merges.txt to include (default: the model\'s own; a single file written by sdtune carries it)' }),
     (argv) =>
       runCommand(async () => {
         const opts: ConvertOptions = {
@@ -47,6 +47,7 @@ export function registerConvert(y: Argv): Argv {
           },
         });
         bar?.done();
+        for (const n of r.notes) process.stderr.write(`note: ${n}\n`);
         process.stdout.write(`wrote ${opts.output} (${r.layout}, ${r.tensors} tensors, ${(r.bytes / 1e6).toFixed(1)} MB)\n`);
       }),
   );

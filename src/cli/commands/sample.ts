@@ -31,7 +31,7 @@ export function registerSample(y: Argv): Argv {
         .option('eta', { type: 'number', describe: 'DDIM eta' })
         .option('attention-chunk', { type: 'number', describe: 'max attention score elements computed at once (memory)' })
         .option('config', { type: 'string', describe: 'diffusers folder whose configs apply to a single-file model' })
-        .option('tokenizer', { type: 'string', describe: 'folder with vocab.json + merges.txt' })
+        .option('tokenizer', { type: 'string', describe: 'folder with vocab.json + merges.txt (default: the model\'s tokenizer/, or the one a single file written by sdtune carries)' })
         .option('backend', { type: 'string', describe: 'tensorflow | cpu | wasm | webgpu (or SDTUNE_BACKEND)' }),
     (argv) =>
       runCommand(async () => {
