@@ -22,7 +22,7 @@ export { ClipTokenizer } from './tokenizer/clip.js';
 export { parsePromptAttention, chunkPrompt } from './tokenizer/prompt.js';
 export * from './schedulers/index.js';
 export { readLora, mergeLora, writeLoraKohya, writeLoraPeft, parseAdapterArg, type LoraFile, type LoraModule } from './adapters/lora.js';
-export { injectLora, extractLora, removeLora, loraTargetModules } from './adapters/lora-inject.js';
+export { injectLora, extractLora, removeLora, loraTargetModules, type LoraRanks, type LoraTargets } from './adapters/lora-inject.js';
 export { readEmbedding, applyEmbeddings, describeEmbeddingUse, embeddingFileStem, writeEmbeddingA1111, writeEmbeddingDiffusers } from './adapters/embeddings.js';
 export { generate, toUint8, type GenerateOptions, type RgbImage } from './infer/pipeline.js';
 export { sampleToFiles, type SampleOptions } from './infer/sample.js';

@@ -15,7 +15,8 @@ import { LR_SCHEDULERS, type LrSchedulerName } from './lr.js';
 
 export type Method = 'lora' | 'textual_inversion';
 export const METHODS: readonly Method[] = ['lora', 'textual_inversion'];
-/** Which UNet modules get LoRA: attention projections (diffusers' default), + feed-forward, + resnet/proj convs. */
+/** Which modules get LoRA (adapters/lora-inject.ts): the attention projections (diffusers' default); + everything
+ *  else in the transformers (kohya's default networks.lora); + the resnets, down- and upsamplers (kohya LoCon). */
 export type LoraTargets = 'attn' | 'attn+ff' | 'attn+ff+conv';
 export const LORA_TARGETS: readonly LoraTargets[] = ['attn', 'attn+ff', 'attn+ff+conv'];
 
@@ -73,6 +74,8 @@ export interface TrainConfig {
     rank: number; // kohya network_dim / PEFT r
     alpha: number; // kohya network_alpha / PEFT lora_alpha; scale = alpha / rank
     targets: LoraTargets;
+    conv_rank: number | null; // rank of the 3x3 convs with targets attn+ff+conv (kohya conv_dim); null = rank
+    conv_alpha: number | null; // their alpha (kohya conv_alpha); null = alpha (kohya's default would be 1)
     text_encoder: boolean; // also train LoRA on the CLIP text encoder (diffusers --train_text_encoder)
     text_encoder_lr: number | null; // null = train.lr (kohya text_encoder_lr)
     dropout: number; // dropout on the LoRA down projection's output (kohya network_dropout)
@@ -118,7 +121,8 @@ export const FLAG_KEYS: Record<string, string> = {
   'max-steps': 'train.max_steps', epochs: 'train.epochs', 'batch-size': 'train.batch_size',
   'gradient-accumulation': 'train.gradient_accumulation', lr: 'train.lr', 'lr-scheduler': 'train.lr_scheduler',
   'lr-warmup-steps': 'train.lr_warmup_steps', seed: 'train.seed', 'gradient-checkpointing': 'train.gradient_checkpointing',
-  rank: 'lora.rank', alpha: 'lora.alpha', 'train-text-encoder': 'lora.text_encoder',
+  rank: 'lora.rank', alpha: 'lora.alpha', 'conv-rank': 'lora.conv_rank', 'conv-alpha': 'lora.conv_alpha',
+  'train-text-encoder': 'lora.text_encoder',
   token: 'textual_inversion.token', 'init-word': 'textual_inversion.init_word', vectors: 'textual_inversion.vectors',
   output: 'output.dir', name: 'output.name', 'save-every': 'output.save_every', 'save-precision': 'output.save_precision',
   'sample-every': 'output.sample_every', 'sample-prompt': 'output.sample_prompts', logdir: 'output.logging_dir',
@@ -159,7 +163,8 @@ const SCHEMA: Record<string, Spec> = {
   'train.adam_epsilon': num(0), 'train.weight_decay': num(0), 'train.max_grad_norm': num(0), 'train.seed': int(0, { max: Number.MAX_SAFE_INTEGER }),
   'train.noise_offset': num(0), 'train.min_snr_gamma': num(0, { minOpen: true, nullable: true }), 'train.mixed_precision': str(),
   'train.gradient_checkpointing': bool,
-  'lora.rank': int(1), 'lora.alpha': num(0, { minOpen: true }), 'lora.targets': oneOf(LORA_TARGETS), 'lora.text_encoder': bool,
+  'lora.rank': int(1), 'lora.alpha': num(0, { minOpen: true }), 'lora.targets': oneOf(LORA_TARGETS),
+  'lora.conv_rank': int(1, { nullable: true }), 'lora.conv_alpha': num(0, { minOpen: true, nullable: true }), 'lora.text_encoder': bool,
   'lora.text_encoder_lr': num(0, { minOpen: true, nullable: true }), 'lora.dropout': num(0, { max: 1, maxOpen: true }),
   'textual_inversion.token': str(), 'textual_inversion.init_word': str(), 'textual_inversion.vectors': int(1, { max: 75 }),
   'output.dir': str(true), 'output.name': str(true), 'output.save_every': int(1, { nullable: true }),
@@ -187,7 +192,7 @@ function defaults(method: Method): Record<string, unknown> {
     'train.max_grad_norm': 1, 'train.seed': 42, 'train.noise_offset': 0, 'train.min_snr_gamma': null, 'train.mixed_precision': 'no',
     'train.gradient_checkpointing': false,
     ...(lora
-      ? { 'lora.rank': 16, 'lora.alpha': 8, 'lora.targets': 'attn', 'lora.text_encoder': false, 'lora.text_encoder_lr': null, 'lora.dropout': 0 }
+      ? { 'lora.rank': 16, 'lora.alpha': 8, 'lora.targets': 'attn', 'lora.conv_rank': null, 'lora.conv_alpha': null, 'lora.text_encoder': false, 'lora.text_encoder_lr': null, 'lora.dropout': 0 }
       : { 'textual_inversion.vectors': 1 }),
     'output.dir': null, 'output.name': null, 'output.save_every': null, 'output.keep_last': 3,
     'output.save_precision': lora ? 'fp16' : 'fp32', 'output.sample_every': null, 'output.sample_prompts': [],
@@ -204,6 +209,7 @@ const ALIASES: Record<string, string> = {
   lr_scheduler_num_cycles: 'train.lr_num_cycles', gradient_checkpointing: 'train.gradient_checkpointing', adam_weight_decay: 'train.weight_decay', snr_gamma: 'train.min_snr_gamma',
   network_dim: 'lora.rank', r: 'lora.rank', network_alpha: 'lora.alpha', lora_alpha: 'lora.alpha', network_dropout: 'lora.dropout',
   lora_dropout: 'lora.dropout', train_text_encoder: 'lora.text_encoder', target_modules: 'lora.targets',
+  conv_dim: 'lora.conv_rank', conv_lora_dim: 'lora.conv_rank', conv_alpha: 'lora.conv_alpha',
   placeholder_token: 'textual_inversion.token', token_string: 'textual_inversion.token', initializer_token: 'textual_inversion.init_word',
   num_vectors: 'textual_inversion.vectors', num_vectors_per_token: 'textual_inversion.vectors',
   pretrained_model_name_or_path: 'model.path', tokenizer_name: 'model.tokenizer', v_parameterization: 'model.prediction_type',
@@ -218,6 +224,8 @@ const NOTES: Record<string, string> = {
   optimizer_type: 'sdtune always uses AdamW (train.adam_*, train.weight_decay)',
   optimizer: 'sdtune always uses AdamW (train.adam_*, train.weight_decay)',
   use_8bit_adam: 'sdtune always uses AdamW (train.adam_*, train.weight_decay)',
+  network_args: 'kohya conv_dim / conv_alpha are lora.conv_rank / lora.conv_alpha, with lora.targets: attn+ff+conv',
+  network_module: 'sdtune trains kohya networks.lora (LoRA, and LoCon with lora.targets: attn+ff+conv)',
 };
 
 /** Edit distance (Levenshtein), for "did you mean". */
@@ -534,6 +542,11 @@ function crossCheck(c: TrainConfig, method: Method, origin: Origin): void {
     const l = c.lora!;
     if (l.text_encoder_lr !== null && !l.text_encoder) {
       fail('lora.text_encoder_lr', 'lora.text_encoder_lr is set but lora.text_encoder is false (the text encoder is not trained)');
+    }
+    for (const key of ['conv_rank', 'conv_alpha'] as const) {
+      if (l[key] !== null && l.targets !== 'attn+ff+conv') {
+        fail(`lora.${key}`, `lora.${key} is set but lora.targets ${show(l.targets)} adapts no 3x3 convolutions (use lora.targets: attn+ff+conv)`);
+      }
     }
   } else {
     const ti = c.textual_inversion!;

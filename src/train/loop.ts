@@ -63,6 +63,8 @@ function makeRecipe(method: Method, model: LoadedModel, c: TrainConfig, gen: Tor
     return createLoraRecipe(model, {
       rank: l.rank,
       alpha: l.alpha,
+      convRank: l.conv_rank ?? l.rank,
+      convAlpha: l.conv_alpha ?? l.alpha,
       targets: l.targets,
       textEncoder: l.text_encoder,
       textEncoderLr: l.text_encoder_lr,
@@ -79,7 +81,6 @@ function makeRecipe(method: Method, model: LoadedModel, c: TrainConfig, gen: Tor
         ss_noise_offset: String(c.train.noise_offset),
         ss_min_snr_gamma: String(c.train.min_snr_gamma ?? ''),
         ss_gradient_checkpointing: c.train.gradient_checkpointing ? 'True' : 'False',
-        ss_network_module: 'networks.lora',
         ss_sd_model_name: path.basename(c.model.path),
         ss_base_model_version: 'sd_v1',
         ss_training_comment: 'trained with sdtune',

@@ -48,7 +48,7 @@ describe('defaults', () => {
       lr_warmup_steps: 0, lr_num_cycles: 1, adam_beta1: 0.9, adam_beta2: 0.999, adam_epsilon: 1e-8, weight_decay: 1e-2,
       max_grad_norm: 1, seed: 42, noise_offset: 0, min_snr_gamma: null, mixed_precision: 'no', gradient_checkpointing: false,
     });
-    expect(c.lora).toEqual({ rank: 16, alpha: 8, targets: 'attn', text_encoder: false, text_encoder_lr: null, dropout: 0 });
+    expect(c.lora).toEqual({ rank: 16, alpha: 8, targets: 'attn', conv_rank: null, conv_alpha: null, text_encoder: false, text_encoder_lr: null, dropout: 0 });
     expect(c.textual_inversion).toBeUndefined();
     expect(c.output).toEqual({
       dir: 'output/lora', name: 'lora', save_every: null, keep_last: 3, save_precision: 'fp16', sample_every: null,
@@ -153,6 +153,20 @@ describe('errors name the key, expected vs found', () => {
     expect(usage('lora', BASE, { name: 'a/b' })).toMatch(/output.name: expected a file name/);
   });
 
+  it('LoCon keys: kohya conv_dim / conv_alpha / network_args point to lora.conv_rank / conv_alpha; types; only with conv targets', () => {
+    const LOCON = `${BASE}lora:\n  targets: attn+ff+conv\n`;
+    expect(usage('lora', `${LOCON}  conv_dim: 8\n`, {}, 'k.yaml')).toBe('k.yaml:7: unknown key lora.conv_dim (did you mean lora.conv_rank?)');
+    expect(usage('lora', `${BASE}conv_alpha: 1\n`)).toMatch(/unknown key conv_alpha \(did you mean lora.conv_alpha\?\)/);
+    expect(usage('lora', `${LOCON}  network_args: [conv_dim=8]\n`)).toMatch(/unknown key lora.network_args \(kohya conv_dim \/ conv_alpha are lora.conv_rank \/ lora.conv_alpha/);
+    expect(usage('lora', `${LOCON}  conv_rank: 2.5\n`)).toMatch(/lora.conv_rank: expected an integer >= 1 or null, found 2.5$/);
+    expect(usage('lora', LOCON, { 'conv-alpha': '0' })).toBe('--conv-alpha: lora.conv_alpha: expected a number > 0 or null, found 0');
+    expect(usage('lora', BASE, { 'conv-rank': 4 })).toBe('--conv-rank: lora.conv_rank is set but lora.targets "attn" adapts no 3x3 convolutions (use lora.targets: attn+ff+conv)');
+    expect(usage('lora', `${BASE}lora:\n  targets: attn+ff\n  conv_alpha: 1\n`, {}, 'k.yaml')).toMatch(/^k.yaml:7: lora.conv_alpha is set but lora.targets "attn\+ff"/);
+    expect(resolveConfig('lora', LOCON, { 'conv-rank': '8', 'conv-alpha': '1' }).lora).toMatchObject({ targets: 'attn+ff+conv', conv_rank: 8, conv_alpha: 1 });
+    expect(resolveConfig('lora', LOCON, {}).lora).toMatchObject({ conv_rank: null, conv_alpha: null }); // null: lora.rank / lora.alpha
+    expect(usage('textual_inversion', TI, { 'conv-rank': 2 })).toMatch(/--conv-rank: lora.conv_rank is a lora setting, but this command trains textual_inversion/);
+  });
+
   it('mixed precision is refused as unsupported, with the reason', () => {
     const e = errorOf(() => resolveConfig('lora', `${BASE}train:\n  mixed_precision: fp16\n`, {}));
     expect(e.kind).toBe('unsupported');
@@ -208,7 +222,7 @@ describe('dumpConfig', () => {
   afterAll(async () => rm(await dir, { recursive: true, force: true }));
 
   it('round trips through resolveConfig for both methods, with every kind of value', async () => {
-    const lora = resolveConfig('lora', `${BASE}lora:\n  targets: attn+ff\n  text_encoder: true\n  text_encoder_lr: 5e-5\n`, {
+    const lora = resolveConfig('lora', `${BASE}lora:\n  targets: attn+ff+conv\n  conv_rank: 2\n  text_encoder: true\n  text_encoder_lr: 5e-5\n`, {
       resolution: [768, 512], 'sample-prompt': 'a "quoted": prompt, with # hash', 'sample-every': 10, 'output.sample_sampler': 'Euler a',
       'train.min_snr_gamma': 5, 'train.adam_epsilon': 1e-10, 'gradient-checkpointing': true, 'data.templates': ['a {}'], 'output.keep_last': null, seed: 1234567,
     }, 'configs/run.yml');

@@ -36,7 +36,10 @@ async function gradsOn(backend: 'wasm' | 'cpu', method: 'locon' | 'full' | 'ti')
   if (method === 'locon') {
     const modules = loraTargetModules(unetP, 'unet', 'attn+ff+conv');
     expect(modules.some((m) => m.endsWith('conv_shortcut'))).toBe(true); // a 1x1 convolution is adapted
-    const v = injectLora(unetP, modules, { rank: 2, alpha: 2, gen: new TorchGenerator(3) });
+    // kohya LoCon: 3x3 convs (conv1/conv2, down/upsamplers) at conv rank 3, everything else at rank 2
+    const v = injectLora(unetP, modules, { rank: 2, alpha: 2, convRank: 3, convAlpha: 1, gen: new TorchGenerator(3) });
+    expect(v.get('down_blocks.0.downsamplers.0.conv.lora_down.weight')!.shape).toEqual([3, 3, 32, 3]);
+    expect(v.get('down_blocks.1.resnets.0.conv_shortcut.lora_down.weight')!.shape).toEqual([32, 2]);
     // lora_up starts at zero, where the down factors get no gradient: move it off zero, the same on both backends
     for (const [k, x] of v) if (k.endsWith('lora_up.weight')) x.assign(tf.randomNormal(x.shape, 0, 0.1, 'float32', k.length));
     for (const [k, x] of v) (names.push(k), vars.push(x));

@@ -16,6 +16,8 @@ const DESCRIBE: Record<string, string> = {
   resolution: 'training size (data.resolution)',
   rank: 'LoRA rank (lora.rank)',
   alpha: 'LoRA alpha (lora.alpha)',
+  'conv-rank': 'LoCon rank of the 3x3 convs, with lora.targets attn+ff+conv (lora.conv_rank, kohya conv_dim; default: --rank)',
+  'conv-alpha': 'LoCon alpha of the 3x3 convs (lora.conv_alpha, kohya conv_alpha; default: --alpha)',
   token: 'the new prompt word, e.g. "<my-logo>" (textual_inversion.token)',
   'init-word': 'word whose embedding starts the token (textual_inversion.init_word)',
   vectors: 'vectors per token (textual_inversion.vectors)',
@@ -28,7 +30,7 @@ function options(a: Argv, method: Method): Argv {
     .option('config', { type: 'string', describe: 'YAML config (see configs/)' })
     .option('resume', { type: 'string', describe: 'continue from a checkpoint folder or an output folder' })
     .option('set', { type: 'string', array: true, describe: 'override any key: --set train.lr=2e-4' });
-  const skip = method === 'lora' ? ['token', 'init-word', 'vectors'] : ['rank', 'alpha', 'train-text-encoder'];
+  const skip = method === 'lora' ? ['token', 'init-word', 'vectors'] : ['rank', 'alpha', 'conv-rank', 'conv-alpha', 'train-text-encoder'];
   for (const flag of Object.keys(FLAG_KEYS)) {
     if (skip.includes(flag)) continue;
     // no yargs defaults: a default would override the YAML; the config supplies them

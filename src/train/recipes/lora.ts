@@ -4,15 +4,19 @@
  */
 import type * as tf from '@tensorflow/tfjs';
 import path from 'node:path';
-import { type LoraTargets, extractLora, injectLora, loraTargetModules, removeLora } from '../../adapters/lora-inject.js';
+import { type LoraRanks, type LoraTargets, extractLora, injectLora, loraTargetModules, removeLora } from '../../adapters/lora-inject.js';
 import { writeLoraKohya, writeLoraPeft } from '../../adapters/lora.js';
 import type { LoadedModel } from '../../io/model.js';
 import type { TorchGenerator } from '../../runtime/rng.js';
 import { type Recipe, encodeWithTextEncoder } from '../recipe.js';
 
 export interface LoraRecipeOptions {
+  /** Linear layers and 1x1 convs (kohya network_dim / network_alpha) */
   rank: number;
   alpha: number;
+  /** 3x3 convs with targets 'attn+ff+conv' (kohya conv_dim / conv_alpha); default: rank / alpha */
+  convRank?: number;
+  convAlpha?: number;
   targets: LoraTargets;
   textEncoder: boolean;
   /** text-encoder lr; null = the base lr */
@@ -25,16 +29,34 @@ export interface LoraRecipeOptions {
   clipSkip?: number;
 }
 
+/** Python's str() of a float, as kohya writes `ss_network_alpha` (4 -> "4.0", 0.5 -> "0.5"). */
+const pyFloat = (x: number) => (Number.isInteger(x) ? x.toFixed(1) : String(x));
+
+/**
+ * kohya's network metadata for these options (train_network.py): ss_network_dim / ss_network_alpha, and for LoCon
+ * ss_network_args = json.dumps of the --network_args strings, {"conv_dim": "4", "conv_alpha": "1"}.
+ */
+export function loraNetworkMetadata(o: Pick<LoraRecipeOptions, 'rank' | 'alpha' | 'convRank' | 'convAlpha' | 'targets'>): Record<string, string> {
+  const meta: Record<string, string> = { ss_network_module: 'networks.lora', ss_network_dim: String(o.rank), ss_network_alpha: pyFloat(o.alpha) };
+  if (o.targets === 'attn+ff+conv') {
+    const args = { conv_dim: String(o.convRank ?? o.rank), conv_alpha: String(o.convAlpha ?? o.alpha) };
+    // Python json.dumps separators: ", " and ": "
+    meta.ss_network_args = `{${Object.entries(args).map(([k, v]) => `${JSON.stringify(k)}: ${JSON.stringify(v)}`).join(', ')}}`;
+  }
+  return meta;
+}
+
 /** Inject LoRA into the model and describe how it trains and exports. */
 export function createLoraRecipe(model: LoadedModel, o: LoraRecipeOptions): Recipe {
   const unetP = model.unet!.params;
   const teP = model.textEncoder!.params;
   const trainables = new Map<string, tf.Variable>();
-  for (const [k, v] of injectLora(unetP, loraTargetModules(unetP, 'unet', o.targets), { rank: o.rank, alpha: o.alpha, gen: o.gen, prefix: 'unet' })) {
+  const ranks: LoraRanks = { rank: o.rank, alpha: o.alpha, convRank: o.convRank, convAlpha: o.convAlpha };
+  for (const [k, v] of injectLora(unetP, loraTargetModules(unetP, 'unet', o.targets), { ...ranks, gen: o.gen, prefix: 'unet' })) {
     trainables.set(`unet.${k}`, v);
   }
   if (o.textEncoder) {
-    for (const [k, v] of injectLora(teP, loraTargetModules(teP, 'text_encoder', o.targets), { rank: o.rank, alpha: o.alpha, gen: o.gen, prefix: 'te' })) {
+    for (const [k, v] of injectLora(teP, loraTargetModules(teP, 'text_encoder', o.targets), { ...ranks, gen: o.gen, prefix: 'te' })) {
       trainables.set(`text_encoder.${k}`, v);
     }
   }
@@ -47,9 +69,9 @@ export function createLoraRecipe(model: LoadedModel, o: LoraRecipeOptions): Reci
     encodeIds: (ids) => encodeWithTextEncoder(model, ids, o.clipSkip),
     withInference: (fn) => fn(), // injected factors are applied by linear()/conv2d() in every forward
     async export(dir, name, step) {
-      const modules = [...(await extractLora(unetP, 'unet', o.alpha)), ...(o.textEncoder ? await extractLora(teP, 'text_encoder', o.alpha) : [])];
+      const modules = [...(await extractLora(unetP, 'unet', ranks)), ...(o.textEncoder ? await extractLora(teP, 'text_encoder', ranks) : [])];
       const file = path.join(dir, `${name}.safetensors`);
-      const metadata = { ...o.metadata, ss_network_dim: String(o.rank), ss_network_alpha: String(o.alpha), ss_steps: String(step) };
+      const metadata = { ...o.metadata, ...loraNetworkMetadata(o), ss_steps: String(step) };
       await writeLoraKohya(file, modules, { metadata, half: o.savePrecision === 'fp16' });
       const files = [file];
       if (o.alsoDiffusers) {
