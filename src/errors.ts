@@ -7,9 +7,10 @@ export type ErrorKind =
   | 'file' // missing / unreadable / malformed file
   | 'format' // file readable but not what we expect (wrong keys, shapes, layout)
   | 'backend' // requested backend unavailable or unsuitable
-  | 'unsupported'; // valid input we deliberately do not handle (pickle files, SDXL, ...)
+  | 'unsupported' // valid input we deliberately do not handle (pickle files, SDXL, ...)
+  | 'diverged'; // training produced NaN/Inf or absurd weights (nothing bad was saved)
 
-const EXIT_CODES: Record<ErrorKind, number> = { usage: 2, file: 3, format: 4, backend: 5, unsupported: 6 };
+const EXIT_CODES: Record<ErrorKind, number> = { usage: 2, file: 3, format: 4, backend: 5, unsupported: 6, diverged: 7 };
 
 export class SdtuneError extends Error {
   readonly kind: ErrorKind;
