@@ -141,6 +141,8 @@ export interface EventInput {
   step?: number;
   fileVersion?: string;
   values?: SummaryValueInput[];
+  /** SessionLog status (1 = START: TensorBoard drops the events of this run at steps >= this event's step) */
+  sessionStatus?: number;
 }
 
 function encodeValue(v: SummaryValueInput): PbWriter {
@@ -175,6 +177,7 @@ export function encodeEvent(ev: EventInput): Uint8Array {
   const w = new PbWriter().double(1, ev.wallTime);
   if (ev.step !== undefined && ev.step !== 0) w.varint(2, BigInt(ev.step));
   if (ev.fileVersion !== undefined) w.string(3, ev.fileVersion);
+  else if (ev.sessionStatus !== undefined) w.message(7, new PbWriter().varint(1, ev.sessionStatus));
   else if (ev.values) {
     const s = new PbWriter();
     for (const v of ev.values) s.message(1, encodeValue(v));
@@ -309,6 +312,17 @@ export class TensorBoardWriter {
     this.queue.push(rec);
     this.queuedBytes += rec.length;
     if (this.queuedBytes >= AUTO_FLUSH_BYTES) void this.flushQueued().catch(() => {});
+  }
+
+  /**
+   * Mark a (re)start at `step`: a SessionLog START event, on which TensorBoard purges the events of this run at steps
+   * >= `step` (spec §1), so a resumed run replaces what was logged after its checkpoint instead of drawing a second,
+   * overlapping curve.
+   */
+  sessionStart(step: number, wallTimeSec = Date.now() / 1000): void {
+    this.checkOpen();
+    checkStep(step);
+    this.enqueue({ wallTime: wallTimeSec, step, sessionStatus: 1 });
   }
 
   /** Queue a scalar (legacy `simple_value` float32, exactly as tfjs-node's summaryFileWriter writes it). */
@@ -457,6 +471,8 @@ export interface EventRecord {
   step: number;
   fileVersion?: string;
   values?: EventValue[];
+  /** SessionLog status: 1 START, 2 STOP, 3 CHECKPOINT */
+  sessionStatus?: number;
 }
 
 const utf8Dec = new TextDecoder();
@@ -671,6 +687,15 @@ export function decodeEvent(data: Uint8Array): EventRecord {
     } else if (field === 3) {
       r.expect(field, wt, WT_LEN);
       ev.fileVersion = r.string();
+    } else if (field === 7) {
+      r.expect(field, wt, WT_LEN);
+      const s = r.sub();
+      ev.sessionStatus = 0; // proto3: UNSPECIFIED when the field is absent
+      while (!s.done) {
+        const k = s.key();
+        if (k.field === 1 && k.wt === WT_VARINT) ev.sessionStatus = s.int();
+        else s.skip(k.wt);
+      }
     } else if (field === 5) {
       r.expect(field, wt, WT_LEN);
       const s = r.sub();

@@ -178,6 +178,17 @@ describe('TensorBoardWriter', () => {
     await w.close();
   });
 
+  it('encodes a SessionLog START (Event field 7, status 1) byte for byte and reads it back', async () => {
+    // wall_time (field 1, double) | step 11 (field 2, varint) | session_log (field 7) { status (field 1) = START (1) }
+    expect(encodeEvent({ wallTime: 1700000000, step: 11, sessionStatus: 1 })).toEqual(hex('09 00 00 00 40 fc 54 d9 41 10 0b 3a 02 08 01'));
+    const w = await TensorBoardWriter.create(newLogdir(), { flushEveryMs: 0 });
+    w.scalar('loss', 1, 10);
+    w.sessionStart(11);
+    await w.close();
+    const evs = await readEventFile(w.path);
+    expect(evs.map((e) => [e.step, e.sessionStatus])).toEqual([[0, undefined], [10, undefined], [11, 1]]);
+  });
+
   it('writes histograms and text summaries', async () => {
     const w = await TensorBoardWriter.create(newLogdir(), { flushEveryMs: 0 });
     const vals = Float32Array.from([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, NaN]);
