@@ -1,6 +1,6 @@
 /** sdtune's library surface: everything the CLI does, as typed functions. */
 export * from './errors.js';
-export { selectBackend, currentBackend, assertFitsBackend, fitBackend, type BackendInfo, type BackendName } from './runtime/backend.js';
+export { selectBackend, currentBackend, assertFitsBackend, fitBackend, memoryBudget, type BackendInfo, type BackendName, type MemoryBudget } from './runtime/backend.js';
 export { assertDeviceHealthy, probeAdapter, type AdapterSummary } from './runtime/webgpu.js';
 export { TorchGenerator, randnNHWC, batchGenerators, randomSeed } from './runtime/rng.js';
 export { progress } from './runtime/progress.js';
@@ -24,7 +24,8 @@ export * from './schedulers/index.js';
 export { readLora, mergeLora, writeLoraKohya, writeLoraPeft, parseAdapterArg, type LoraFile, type LoraModule } from './adapters/lora.js';
 export { injectLora, extractLora, removeLora, loraTargetModules, type LoraRanks, type LoraTargets } from './adapters/lora-inject.js';
 export { readEmbedding, applyEmbeddings, describeEmbeddingUse, embeddingFileStem, writeEmbeddingA1111, writeEmbeddingDiffusers } from './adapters/embeddings.js';
-export { generate, toUint8, type GenerateOptions, type RgbImage } from './infer/pipeline.js';
+export { generate, resolveGenerateOptions, toUint8, DEFAULT_CFG, DEFAULT_STEPS, type GenerateOptions, type GenerateResult, type RgbImage } from './infer/pipeline.js';
+export { estimateSampling, assertSamplingFits, assertTrainingFits, trainingFloorBytes, MAX_IMAGE_SIDE, type MemoryEstimate, type SamplingShape } from './infer/budget.js';
 export { sampleToFiles, type SampleOptions } from './infer/sample.js';
 export { resolveConfig, loadConfigFile, dumpConfig, type TrainConfig, type Method } from './train/config.js';
 export { train, type TrainOptions, type TrainResult } from './train/loop.js';

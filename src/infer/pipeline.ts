@@ -10,7 +10,7 @@ import type { LoadedModel } from '../io/model.js';
 import { VAE_SCALE } from '../models/configs.js';
 import { unet } from '../models/unet.js';
 import { vaeDecode, vaeEncode } from '../models/vae.js';
-import { TorchGenerator, randnNHWC } from '../runtime/rng.js';
+import { TorchGenerator, randnNHWC, randomSeed } from '../runtime/rng.js';
 import {
   type SamplerName,
   type SamplerPlan,
@@ -18,10 +18,12 @@ import {
   disposeState,
   initialState,
   planSampler,
+  samplerFromConfig,
   scaleModelInput,
   step,
   truncateForStrength,
 } from '../schedulers/index.js';
+import { type MemoryEstimate, assertSamplingFits, checkImageSize } from './budget.js';
 import { encodePromptPair } from './prompt.js';
 
 /** An RGB image, values in [0,1], row-major [height, width, 3]. */
@@ -31,16 +33,24 @@ export interface RgbImage {
   height: number;
 }
 
+/** Defaults of generate() and sampleToFiles() (diffusers' pipelines use 50 steps; A1111 and we use 30). */
+export const DEFAULT_STEPS = 30;
+export const DEFAULT_CFG = 7.5;
+
 export interface GenerateOptions {
   prompt: string;
   negativePrompt?: string;
-  sampler: SamplerName;
-  steps: number;
-  /** classifier-free guidance scale; 1 skips the unconditional pass */
-  cfg: number;
-  width: number;
-  height: number;
-  seed: number;
+  /** default: the model's scheduler config */
+  sampler?: SamplerName;
+  /** default 30 */
+  steps?: number;
+  /** classifier-free guidance scale; 1 skips the unconditional pass. Default 7.5 */
+  cfg?: number;
+  /** multiples of 8; default: the init image's size, else the UNet's sample_size x 8 */
+  width?: number;
+  height?: number;
+  /** image i of the batch uses seed + i; default (or -1): random */
+  seed?: number;
   batchSize?: number;
   /** A1111 CLIP skip (1 = last layer) */
   clipSkip?: number;
@@ -56,6 +66,28 @@ export interface GenerateOptions {
   onStep?: (i: number, total: number, latents: tf.Tensor4D) => void;
   /** supply generators instead of seeding them (one per image) */
   generators?: TorchGenerator[];
+  /** called before the VAE decodes image `index` of `count` */
+  onDecode?: (index: number, count: number) => void;
+  /** refuse sizes whose estimated memory exceeds the backend's budget (infer/budget.ts); default true */
+  memoryCheck?: boolean;
+}
+
+/** GenerateOptions with every default filled in. */
+export type ResolvedGenerateOptions = GenerateOptions & Required<Pick<GenerateOptions, 'sampler' | 'steps' | 'cfg' | 'width' | 'height' | 'seed' | 'batchSize'>>;
+
+/** Fill generate()'s defaults (see GenerateOptions): what sampleToFiles writes into the PNG text too. */
+export function resolveGenerateOptions(m: LoadedModel, o: GenerateOptions): ResolvedGenerateOptions {
+  const side = (m.unet?.config.sample_size ?? 64) * VAE_SCALE;
+  return {
+    ...o,
+    sampler: o.sampler ?? samplerFromConfig(m.schedulerConfig),
+    steps: o.steps ?? DEFAULT_STEPS,
+    cfg: o.cfg ?? DEFAULT_CFG,
+    width: o.width ?? o.initImage?.width ?? side,
+    height: o.height ?? o.initImage?.height ?? side,
+    seed: o.seed === undefined || o.seed === -1 ? randomSeed() : o.seed,
+    batchSize: o.batchSize ?? 1,
+  };
 }
 
 export interface GenerateResult {
@@ -63,28 +95,31 @@ export interface GenerateResult {
   seeds: number[];
   /** the model timesteps actually used, in order */
   timesteps: number[];
+  /** the memory estimate the size was checked against (absent with memoryCheck: false) */
+  memory?: MemoryEstimate;
 }
 
-/** Validate sizes and options before any work (clear errors, never a silent fix). */
-function validate(m: LoadedModel, o: GenerateOptions): void {
+/**
+ * Validate sizes and options before any work (clear errors, never a silent fix). Messages name the options as
+ * GenerateOptions spells them (the CLI's flags are the same words in kebab case).
+ */
+function validate(m: LoadedModel, o: ResolvedGenerateOptions): void {
   if (!m.unet || !m.vae || !m.textEncoder || !m.tokenizer) throw usageError(`${m.path}: sampling needs unet, vae, text_encoder and tokenizer`);
-  for (const [k, v] of [['width', o.width], ['height', o.height]] as const) {
-    if (!Number.isInteger(v) || v <= 0 || v % VAE_SCALE !== 0) throw usageError(`--${k} must be a positive multiple of ${VAE_SCALE}, got ${v}`);
-  }
-  if (!(o.cfg >= 0)) throw usageError(`--cfg must be >= 0, got ${o.cfg}`);
-  const bs = o.batchSize ?? 1;
-  if (!Number.isInteger(bs) || bs < 1) throw usageError(`--batch-size must be a positive integer, got ${bs}`);
+  checkImageSize(o.width, o.height);
+  if (!(o.cfg >= 0 && Number.isFinite(o.cfg))) throw usageError(`cfg must be a number >= 0, got ${o.cfg}`);
+  const bs = o.batchSize;
+  if (!Number.isInteger(bs) || bs < 1) throw usageError(`batchSize must be a positive integer, got ${bs}`);
   if (o.generators && o.generators.length !== bs) throw usageError(`${o.generators.length} generators for a batch of ${bs}`);
-  if (o.mask && !o.initImage) throw usageError('--mask needs --init-image');
+  if (o.mask && !o.initImage) throw usageError('a mask needs an initImage');
   for (const img of [o.initImage, o.mask]) {
     if (img && (img.width !== o.width || img.height !== o.height)) {
-      throw usageError(`image is ${img.width}x${img.height} but the output size is ${o.width}x${o.height}; resize the image or omit --width/--height`);
+      throw usageError(`image is ${img.width}x${img.height} but the output size is ${o.width}x${o.height}; resize the image or leave width and height unset`);
     }
   }
   const inCh = m.unet.config.in_channels;
-  if (inCh === 9 && !o.mask) throw usageError(`${m.path} is an inpainting model (9 input channels): pass --init-image and --mask`);
+  if (inCh === 9 && !o.mask) throw usageError(`${m.path} is an inpainting model (9 input channels): it needs an initImage and a mask`);
   if (inCh !== 4 && inCh !== 9) throw new SdtuneError('unsupported', `UNet with ${inCh} input channels (only 4 or 9)`);
-  if (o.strength !== undefined && !(o.strength > 0 && o.strength <= 1)) throw usageError(`--strength must be in (0, 1], got ${o.strength}`);
+  if (o.strength !== undefined && !(o.strength > 0 && o.strength <= 1)) throw usageError(`strength must be in (0, 1], got ${o.strength}`);
 }
 
 /** An [H,W,3] image in [0,1] -> [1,H,W,3] in [-1,1] (diffusers VaeImageProcessor normalize). */
@@ -105,12 +140,13 @@ function encodeImage(m: LoadedModel, image: tf.Tensor4D, gens: TorchGenerator[])
   });
 }
 
-/** Run the sampler loop and decode; see the module comment. */
-export async function generate(m: LoadedModel, o: GenerateOptions): Promise<GenerateResult> {
+/** Run the sampler loop and decode; see the module comment. Only `prompt` is required (defaults: GenerateOptions). */
+export async function generate(m: LoadedModel, options: GenerateOptions): Promise<GenerateResult> {
+  const o = resolveGenerateOptions(m, options);
   validate(m, o);
   const un = m.unet!;
   const vae = m.vae!;
-  const b = o.batchSize ?? 1;
+  const b = o.batchSize;
   const seeds = Array.from({ length: b }, (_, i) => o.seed + i);
   const gens = o.generators ?? seeds.map((s) => new TorchGenerator(s));
   const lat: [number, number, number, number] = [1, vae.config.latent_channels, o.height / VAE_SCALE, o.width / VAE_SCALE];
@@ -120,9 +156,14 @@ export async function generate(m: LoadedModel, o: GenerateOptions): Promise<Gene
   const keep = <T extends tf.Tensor>(t: T) => (owned.push(t), t);
   try {
     // 1. text conditioning: [uncond x B, cond x B] (uncond first, as diffusers)
-    const { cond, uncond } = encodePromptPair(m.textEncoder!, m.tokenizer!, o.prompt, o.negativePrompt ?? '', o.clipSkip ?? 1);
+    const { cond, uncond, chunks } = encodePromptPair(m.textEncoder!, m.tokenizer!, o.prompt, o.negativePrompt ?? '', o.clipSkip ?? 1);
     keep(cond);
     keep(uncond);
+    // the size against the backend's memory, before the UNet and the VAE allocate anything at it
+    const memory =
+      o.memoryCheck === false
+        ? undefined
+        : assertSamplingFits(m, { width: o.width, height: o.height, batchSize: b, cfg: useCfg, encode: Boolean(o.initImage), textChunks: chunks }).estimate;
     const ctx = keep(
       tf.tidy(() => {
         const c = tf.tile(cond, [b, 1, 1]) as tf.Tensor3D;
@@ -221,6 +262,7 @@ export async function generate(m: LoadedModel, o: GenerateOptions): Promise<Gene
     // 5. decode one image at a time
     const images: RgbImage[] = [];
     for (let k = 0; k < b; k++) {
+      o.onDecode?.(k, b);
       const data = tf.tidy(() => {
         const z = tf.div(latents.slice([k, 0, 0, 0], [1, -1, -1, -1]), vae.config.scaling_factor) as tf.Tensor4D;
         return tf.clipByValue(tf.add(tf.div(vaeDecode(vae.params, vae.config, z), 2), 0.5), 0, 1);
@@ -229,7 +271,7 @@ export async function generate(m: LoadedModel, o: GenerateOptions): Promise<Gene
       data.dispose();
     }
     latents.dispose();
-    return { images, seeds, timesteps: Array.from(plan.timesteps) };
+    return { images, seeds, timesteps: Array.from(plan.timesteps), memory };
   } finally {
     tf.dispose(owned);
   }

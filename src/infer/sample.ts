@@ -12,9 +12,9 @@ import { type LoadedModel, type OpenModelOptions, disposeModel, loadModel } from
 import { formatInfotext, readImageRgb, writePng } from '../io/png.js';
 import { setAttentionChunkElements } from '../models/layers.js';
 import { progress } from '../runtime/progress.js';
-import { randomSeed } from '../runtime/rng.js';
-import { SAMPLER_LABELS, type SamplerName, resolveSampler, samplerFromConfig } from '../schedulers/index.js';
-import { type RgbImage, generate, toUint8 } from './pipeline.js';
+import { SAMPLER_LABELS, type SamplerName, resolveSampler } from '../schedulers/index.js';
+import { assertSamplingFits, checkImageSize, fmtBytes } from './budget.js';
+import { type RgbImage, generate, resolveGenerateOptions, toUint8 } from './pipeline.js';
 
 export const SDTUNE_VERSION = '0.1.0';
 
@@ -46,10 +46,12 @@ export interface SampleOptions {
   /** max attention score elements at once (memory) */
   attentionChunk?: number;
   load?: OpenModelOptions;
-  /** progress output (default: stderr; quiet when not a TTY) */
+  /** no progress output (default: a bar on a TTY, a line every ~10% of the steps and >= 10 s apart elsewhere) */
   quiet?: boolean;
   /** notes for the user, e.g. which embeddings the prompts use (default: stderr) */
   log?: (line: string) => void;
+  /** refuse sizes whose estimated memory exceeds the backend's budget (default true) */
+  memoryCheck?: boolean;
 }
 
 export interface SampleResult {
@@ -88,16 +90,17 @@ async function hashOf(model: string): Promise<string | undefined> {
 export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
   const nIter = o.nIter ?? 1;
   const batch = o.batchSize ?? 1;
-  if (!Number.isInteger(nIter) || nIter < 1) throw usageError(`--n-iter must be a positive integer, got ${o.nIter}`);
+  if (!Number.isInteger(nIter) || nIter < 1) throw usageError(`nIter must be a positive integer, got ${o.nIter}`);
   const outPng = o.out?.toLowerCase().endsWith('.png');
-  if (outPng && nIter * batch > 1) throw usageError(`--out ${o.out} names one PNG but ${nIter * batch} images are requested; give a directory`);
+  if (outPng && nIter * batch > 1) throw usageError(`out ${o.out} names one PNG but ${nIter * batch} images are requested; give a directory`);
+  checkImageSize(o.width, o.height); // before the model loads
   if (o.attentionChunk !== undefined) setAttentionChunkElements(o.attentionChunk);
   const sampler = o.sampler ? resolveSampler(o.sampler) : undefined;
   const init = o.initImage ? loadRgb(await readImageRgb(o.initImage)) : undefined;
   const mask = o.mask ? loadRgb(await readImageRgb(o.mask)) : undefined;
-  if (mask && !init) throw usageError('--mask needs --init-image');
+  if (mask && !init) throw usageError('a mask needs an initImage');
   if (mask && init && (mask.width !== init.width || mask.height !== init.height)) {
-    throw usageError(`--mask ${o.mask} is ${mask.width}x${mask.height} but --init-image ${o.initImage} is ${init.width}x${init.height}`);
+    throw usageError(`mask ${o.mask} is ${mask.width}x${mask.height} but initImage ${o.initImage} is ${init.width}x${init.height}`);
   }
   const m: LoadedModel = await loadModel(o.model, o.load);
   const restores: (() => void)[] = [];
@@ -130,18 +133,21 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
       for (const line of describeEmbeddingUse(embs, used)) log(line);
       for (const e of used) tiHashes[e.token] = await embeddingHash(e.path);
     }
-    const name = sampler ?? samplerFromConfig(m.schedulerConfig);
-    const side = m.unet.config.sample_size * 8;
-    const width = o.width ?? init?.width ?? side;
-    const height = o.height ?? init?.height ?? side;
-    const steps = o.steps ?? 30;
-    const cfg = o.cfg ?? 7.5;
-    const baseSeed = o.seed === undefined || o.seed === -1 ? randomSeed() : o.seed;
-    if (!Number.isInteger(baseSeed) || baseSeed < 0) throw usageError(`--seed must be a non-negative integer or -1, got ${o.seed}`);
+    // the same defaults as generate(): the model's scheduler, the init image's size or the UNet's, 30 steps, cfg 7.5
+    const r0 = resolveGenerateOptions(m, { prompt: o.prompt, sampler, steps: o.steps, cfg: o.cfg, width: o.width, height: o.height, seed: o.seed, initImage: init });
+    const { sampler: name, width, height, steps, cfg, seed: baseSeed } = r0;
+    if (!Number.isInteger(baseSeed) || baseSeed < 0) throw usageError(`seed must be a non-negative integer or -1 (random), got ${o.seed}`);
+    // the memory check before any work at this size (generate() checks again, with the prompt's real length)
+    const check = o.memoryCheck === false ? undefined : assertSamplingFits(m, { width, height, batchSize: batch, cfg: cfg !== 1, encode: Boolean(init) });
     const mh = await hashOf(o.model);
     const outDir = outPng ? path.dirname(o.out!) : (o.out ?? 'outputs');
     let index = outPng ? 0 : nextIndex(outDir);
-    const bar = o.quiet ? undefined : progress({ total: nIter * steps, label: 'sample' });
+    const total = nIter * steps;
+    if (!o.quiet) {
+      const mem = check ? `; memory ~${fmtBytes(check.onBackend)} estimated${Number.isFinite(check.budget.bytes) ? ` of ${fmtBytes(check.budget.bytes)}` : ''}` : '';
+      process.stderr.write(`sample: ${nIter * batch} image(s) at ${width}x${height} (batch ${batch}), ${steps} steps ${SAMPLER_LABELS[name]}, cfg ${cfg}${mem}\n`);
+    }
+    const bar = o.quiet ? undefined : progress({ total, label: 'sample', logEvery: Math.max(1, Math.ceil(total / 10)), logSeconds: 10 });
     const files: string[] = [];
     const seeds: number[] = [];
     for (let it = 0; it < nIter; it++) {
@@ -162,6 +168,8 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
         initImage: init,
         mask,
         strength: o.strength,
+        memoryCheck: o.memoryCheck,
+        onDecode: (k) => bar?.note(`decoding image ${it * batch + k + 1} of ${nIter * batch} (${width}x${height}, VAE)`),
         onStep: (_i, n) => {
           // img2img runs fewer steps than requested: advance the bar proportionally
           const target = Math.round(((_i + 1) / n) * steps);

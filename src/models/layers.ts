@@ -122,6 +122,16 @@ export function setDeviceMaxTensorElements(n: number): void {
 }
 
 /**
+ * How attention() splits its score tensor [batch*heads, nq, nk]: `group` batch*head slices and `rows` query rows at
+ * a time, so that group*rows*nk stays under the chunk budget (or is one row of one head when even that is larger).
+ */
+export function attentionChunks(bh: number, nq: number, nk: number, budget = getAttentionChunkElements()): { group: number; rows: number } {
+  const group = Math.max(1, Math.min(bh, Math.floor(budget / nk)));
+  const rows = Math.max(1, Math.min(nq, Math.floor(budget / (group * nk))));
+  return { group, rows };
+}
+
+/**
  * Multi-head scaled dot-product attention: softmax(q k^T / sqrt(d) + mask) v.
  * q [B,Nq,C], k/v [B,Nk,C] (already projected) -> [B,Nq,C]. `mask` broadcasts to [Nq,Nk] and is added to the
  * scores (0 keep, large negative drop). The scores are computed in chunks of query rows (and, when even one row
@@ -136,10 +146,8 @@ export function attention(q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, heads:
   const qh = tf.mul(split(q, nq), 1 / Math.sqrt(d)) as tf.Tensor3D;
   const kh = split(k, nk);
   const vh = split(v, nk);
-  const budget = getAttentionChunkElements();
   const bh = b * heads;
-  const group = Math.max(1, Math.min(bh, Math.floor(budget / nk)));
-  const rows = Math.max(1, Math.min(nq, Math.floor(budget / (group * nk))));
+  const { group, rows } = attentionChunks(bh, nq, nk);
   const groups: tf.Tensor3D[] = [];
   for (let g0 = 0; g0 < bh; g0 += group) {
     const gn = Math.min(group, bh - g0);
@@ -151,9 +159,15 @@ export function attention(q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, heads:
     for (let start = 0; start < nq; start += rows) {
       const n = Math.min(rows, nq - start);
       const qc = n === nq ? qg : qg.slice([0, start, 0], [-1, n, -1]);
-      let scores: tf.Tensor3D = tf.matMul(qc, kg, false, true);
-      if (mask) scores = tf.add(scores, n === nq ? mask : mask.slice([start, 0], [n, -1]));
-      outs.push(tf.matMul(tf.softmax(scores), vg));
+      // each chunk in its own tidy: its scores and softmax are freed before the next chunk, so the chunk size bounds
+      // the memory (inside the caller's tidy alone every chunk's scores would live until the block ends)
+      outs.push(
+        tf.tidy(() => {
+          let scores: tf.Tensor3D = tf.matMul(qc, kg, false, true);
+          if (mask) scores = tf.add(scores, n === nq ? mask : mask.slice([start, 0], [n, -1]));
+          return tf.matMul(tf.softmax(scores), vg);
+        }),
+      );
     }
     groups.push(outs.length === 1 ? outs[0] : tf.concat(outs, 1));
   }

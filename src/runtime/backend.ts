@@ -208,3 +208,38 @@ export function assertFitsBackend(weightBytes: number, what: string): void {
     );
   }
 }
+
+/** What the active backend can hold, for the memory checks made before sampling and training (infer/budget.ts). */
+export interface MemoryBudget {
+  /** tensor bytes, weights included, the backend can hold (Infinity where it cannot be known) */
+  bytes: number;
+  /** the largest single tensor (a WebGPU device binds each tensor in one buffer) */
+  maxTensorBytes: number;
+  /** names the limit in messages */
+  what: string;
+  /**
+   * Copies of the weights the backend holds: 2 on wasm, whose XNNPACK kernels keep a packed copy of every conv and
+   * matmul weight they have run (heap growth measured on SD v1's VAE and on single ops), 1 elsewhere
+   */
+  weightCopies: number;
+}
+
+/** Share of the free host memory (cpu, tensorflow on the CPU) that tensors may take: the rest is Node, sharp, the OS. */
+const HOST_MEMORY_SHARE = 0.8;
+
+/**
+ * The active backend's memory budget. wasm: its safe heap. webgpu: the device's binding size per tensor (WebGPU
+ * does not tell how much memory the GPU has). cpu and tensorflow on the CPU: what is resident now (`residentBytes`,
+ * the loaded weights) plus a share of the memory free to this process. tensorflow on a GPU: not known.
+ */
+export function memoryBudget(residentBytes = 0): MemoryBudget {
+  const name = current?.name ?? (tf.getBackend() as BackendName);
+  if (name === 'wasm') return { bytes: WASM_SAFE_BYTES, maxTensorBytes: Infinity, weightCopies: 2, what: `the wasm backend (safe heap ${(WASM_SAFE_BYTES / 1024 ** 3).toFixed(1)} GB)` };
+  if (name === 'webgpu') {
+    const a = current?.adapter;
+    return { bytes: Infinity, maxTensorBytes: a ? a.maxBindingBytes : Infinity, weightCopies: 1, what: `the WebGPU device${a ? ` (${adapterName(a)})` : ''}` };
+  }
+  if (name === 'tensorflow' && current?.provider.endsWith('-gpu')) return { bytes: Infinity, maxTensorBytes: Infinity, weightCopies: 1, what: 'the tensorflow backend' };
+  const free = typeof process.availableMemory === 'function' ? process.availableMemory() : os.freemem();
+  return { bytes: residentBytes + HOST_MEMORY_SHARE * Math.min(free, os.totalmem()), maxTensorBytes: Infinity, weightCopies: 1, what: `the ${name} backend (${(100 * HOST_MEMORY_SHARE).toFixed(0)}% of the free memory)` };
+}

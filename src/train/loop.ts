@@ -16,6 +16,7 @@ import { SdtuneError } from '../errors.js';
 import { type LoadedModel, disposeModel, loadModel } from '../io/model.js';
 import { writePng } from '../io/png.js';
 import { TensorBoardWriter } from '../io/tensorboard.js';
+import { assertTrainingFits } from '../infer/budget.js';
 import { generate, toUint8 } from '../infer/pipeline.js';
 import { vaeEncode } from '../models/vae.js';
 import { currentBackend } from '../runtime/backend.js';
@@ -104,6 +105,7 @@ export async function train(method: Method, c: TrainConfig, o: TrainOptions = {}
     const pred = (c.model.prediction_type ?? (model.schedulerConfig.prediction_type as string | undefined) ?? 'epsilon') as PredictionType;
     if (pred !== 'epsilon' && pred !== 'v_prediction') throw new SdtuneError('unsupported', `prediction type ${pred}`);
     const schedule: Schedule = scheduleFromConfig(model.schedulerConfig);
+    assertTrainingFits(model, c.data.resolution, c.train.batch_size, c.train.gradient_checkpointing); // before any data is read
     // 1. data
     let warnings = 0;
     const items = await scanDataset(c.data.dir, {
@@ -151,7 +153,7 @@ export async function train(method: Method, c: TrainConfig, o: TrainOptions = {}
     if (o.resume) {
       const dir = await resolveResume(o.resume);
       const r = await loadCheckpoint(dir, vars);
-      if (r.state.method !== method) throw new SdtuneError('usage', `--resume ${dir} is a ${r.state.method} checkpoint, not ${method}`);
+      if (r.state.method !== method) throw new SdtuneError('usage', `resume: ${dir} is a ${r.state.method} checkpoint, not ${method}`);
       disposeAdamW(opt);
       opt = r.opt;
       step = r.state.step;
@@ -174,8 +176,8 @@ export async function train(method: Method, c: TrainConfig, o: TrainOptions = {}
     const losses: number[] = [];
     const files: string[] = [];
     let checkpoint = '';
-    const bar = o.quiet ? undefined : progress({ total, label: method, logEvery: Math.max(1, Math.round(total / 20)) });
-    bar?.tick(step);
+    // a resumed run starts the bar at its step: those steps count, but not towards the rate
+    const bar = o.quiet ? undefined : progress({ total, label: method, initial: step, logEvery: Math.max(1, Math.round(total / 20)) });
     // 4. the loop
     while (step < total) {
       const t0 = performance.now();

@@ -4,6 +4,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { tensorFromTorch, tensorToTorch, torchToTfLayout, tfToTorchLayout } from '../../src/io/layout.js';
 import { randomParams } from '../../src/models/build.js';
 import { clipText, clipTextParamShapes } from '../../src/models/clip-text.js';
+import { measurePeak } from '../../src/runtime/memory.js';
 import { attention, groupNorm, setAttentionChunkElements, getAttentionChunkElements, setDeviceMaxTensorElements, timestepEmbedding } from '../../src/models/layers.js';
 import { countParams, disposeParams, flattenParams } from '../../src/models/params.js';
 import { unet, unetParamShapes } from '../../src/models/unet.js';
@@ -100,6 +101,22 @@ describe('layers', () => {
       setDeviceMaxTensorElements(Infinity);
     }
     expect(getAttentionChunkElements()).toBe(32 * 1024 * 1024);
+  });
+
+  it("chunking bounds the memory: each chunk's scores are freed before the next (peak unique bytes)", async () => {
+    const [b, n, c, heads] = [1, 512, 8, 2];
+    const [q, k, v] = [9, 10, 11].map((s) => tf.randomNormal([b, n, c], 0, 1, 'float32', s) as tf.Tensor3D);
+    const peak = async () => (await measurePeak(() => tf.tidy(() => void attention(q, k, v, heads)))).peakBytes;
+    const scores = b * heads * n * n * 4; // 2 MiB
+    const saved = getAttentionChunkElements();
+    try {
+      expect(await peak()).toBeGreaterThanOrEqual(2 * scores); // whole: scores and softmax
+      setAttentionChunkElements(b * heads * n * 16); // 16 query rows of both heads at a time: 1/32 of the scores
+      expect(await peak()).toBeLessThan(scores / 2);
+    } finally {
+      setAttentionChunkElements(saved);
+      tf.dispose([q, k, v]);
+    }
   });
 });
 

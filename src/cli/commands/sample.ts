@@ -30,6 +30,7 @@ export function registerSample(y: Argv): Argv {
         .option('out', { type: 'string', default: 'outputs', describe: 'a .png file (one image) or a directory (NNNNN-SEED.png)' })
         .option('eta', { type: 'number', describe: 'DDIM eta' })
         .option('attention-chunk', { type: 'number', describe: 'max attention score elements computed at once (memory)' })
+        .option('memory-check', { type: 'boolean', default: true, describe: 'refuse sizes whose estimated memory exceeds the backend (--no-memory-check to try anyway)' })
         .option('config', { type: 'string', describe: 'diffusers folder whose configs apply to a single-file model' })
         .option('tokenizer', { type: 'string', describe: 'folder with vocab.json + merges.txt (default: the model\'s tokenizer/, or the one a single file written by sdtune carries)' })
         .option('backend', { type: 'string', describe: 'tensorflow | cpu | wasm | webgpu (or SDTUNE_BACKEND)' }),
@@ -60,6 +61,7 @@ export function registerSample(y: Argv): Argv {
           out: argv.out,
           eta: argv.eta,
           attentionChunk: argv['attention-chunk'],
+          memoryCheck: argv['memory-check'],
           load: { configDir: argv.config, tokenizerDir: argv.tokenizer },
         };
         const r = await sampleToFiles(opts);

@@ -35,7 +35,7 @@ export function createTiRecipe(model: LoadedModel, o: TiRecipeOptions): Recipe &
     if (tok.tokenToId(t) !== undefined) throw usageError(`token "${t}" is already in the vocabulary; choose another placeholder (e.g. "<my-thing>")`);
   }
   const initIds = tok.encodeIds(o.initWord);
-  if (!initIds.length) throw usageError(`--init-word "${o.initWord}" has no tokens`);
+  if (!initIds.length) throw usageError(`textual_inversion.init_word "${o.initWord}" has no tokens`);
   if (initIds.length > 1) {
     process.stderr.write(`note: init word "${o.initWord}" is ${initIds.length} tokens; vector i starts from token i mod ${initIds.length}\n`);
   }
