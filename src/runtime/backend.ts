@@ -32,6 +32,8 @@ export interface BackendInfo {
 
 /** Max bytes of tensors we allow on wasm: its 32-bit heap corrupts data silently near 4 GB. */
 export const WASM_SAFE_BYTES = 3.5 * 1024 ** 3;
+/** wasm holds each weight twice: the tensor and the copy XNNPACK packs for its convolution/matmul operator */
+export const WASM_WEIGHT_COPIES = 2;
 
 const GPU_HINT =
   'for a GPU: a Vulkan (Linux), Metal (macOS) or D3D12 (Windows) driver for your GPU, used through the `webgpu` package (installed with sdtune unless optional packages were skipped: `npm install webgpu @tensorflow/tfjs-backend-webgpu`)';
@@ -99,7 +101,7 @@ async function useWasm(auto: boolean, why: string): Promise<BackendInfo | undefi
     name: 'wasm',
     provider: '@tensorflow/tfjs-backend-wasm',
     auto,
-    message: `backend: wasm (CPU, XNNPACK SIMD, ${threads}; models over ${(WASM_SAFE_BYTES / 1024 ** 3).toFixed(1)} GB use cpu)${why ? `; ${why}` : ''}`,
+    message: `backend: wasm (CPU, XNNPACK SIMD, ${threads}; models over ${(WASM_SAFE_BYTES / WASM_WEIGHT_COPIES / 1024 ** 3).toFixed(2)} GB use cpu)${why ? `; ${why}` : ''}`,
   };
 }
 
@@ -188,10 +190,10 @@ export function currentBackend(): BackendInfo | undefined {
  * requested one is refused with a clear error.
  */
 export async function fitBackend(weightBytes: number, what: string): Promise<string | undefined> {
-  if (tf.getBackend() !== 'wasm' || weightBytes <= WASM_SAFE_BYTES) return undefined;
+  if (tf.getBackend() !== 'wasm' || WASM_WEIGHT_COPIES * weightBytes <= WASM_SAFE_BYTES) return undefined;
   const gb = (weightBytes / 1024 ** 3).toFixed(2);
   if (current?.name === 'wasm' && current.auto) {
-    current = await useCpu(true, `${what} needs ${gb} GB of float32 weights, over wasm's safe ${(WASM_SAFE_BYTES / 1024 ** 3).toFixed(1)} GB; ${GPU_HINT}`);
+    current = await useCpu(true, `${what} needs ${gb} GB of float32 weights, held twice on wasm (XNNPACK packs a copy of each), over its safe ${(WASM_SAFE_BYTES / 1024 ** 3).toFixed(1)} GB; ${GPU_HINT}`);
     return current.message;
   }
   assertFitsBackend(weightBytes, what);
@@ -200,10 +202,10 @@ export async function fitBackend(weightBytes: number, what: string): Promise<str
 
 /** Refuse a model whose float32 weights would not fit the wasm heap (which corrupts data instead of failing). */
 export function assertFitsBackend(weightBytes: number, what: string): void {
-  if (tf.getBackend() === 'wasm' && weightBytes > WASM_SAFE_BYTES) {
+  if (tf.getBackend() === 'wasm' && WASM_WEIGHT_COPIES * weightBytes > WASM_SAFE_BYTES) {
     throw new SdtuneError(
       'backend',
-      `${what} needs ${(weightBytes / 1024 ** 3).toFixed(2)} GB of float32 weights; the wasm backend is limited to ` +
+      `${what} needs ${(weightBytes / 1024 ** 3).toFixed(2)} GB of float32 weights, held twice on wasm (XNNPACK packs a copy of each); the wasm backend is limited to ` +
         `${(WASM_SAFE_BYTES / 1024 ** 3).toFixed(1)} GB (it corrupts data silently beyond ~3.9 GB). Use --backend webgpu, tensorflow or cpu.`,
     );
   }
@@ -234,7 +236,7 @@ const HOST_MEMORY_SHARE = 0.8;
  */
 export function memoryBudget(residentBytes = 0): MemoryBudget {
   const name = current?.name ?? (tf.getBackend() as BackendName);
-  if (name === 'wasm') return { bytes: WASM_SAFE_BYTES, maxTensorBytes: Infinity, weightCopies: 2, what: `the wasm backend (safe heap ${(WASM_SAFE_BYTES / 1024 ** 3).toFixed(1)} GB)` };
+  if (name === 'wasm') return { bytes: WASM_SAFE_BYTES, maxTensorBytes: Infinity, weightCopies: WASM_WEIGHT_COPIES, what: `the wasm backend (safe heap ${(WASM_SAFE_BYTES / 1024 ** 3).toFixed(1)} GB)` };
   if (name === 'webgpu') {
     const a = current?.adapter;
     return { bytes: Infinity, maxTensorBytes: a ? a.maxBindingBytes : Infinity, weightCopies: 1, what: `the WebGPU device${a ? ` (${adapterName(a)})` : ''}` };
