@@ -45,7 +45,7 @@ export async function readEmbedding(file: string, opts: { token?: string; expect
     if (key === undefined) {
       throw formatError(`${file}: not a textual-inversion embedding: expected one tensor (emb_params, string_to_param.* or a token), found ${keys.length}: ${keys.slice(0, 8).join(', ')}`);
     }
-    const t = await f.read(key);
+    const t = await f.readFloat(key);
     if (!(t.data instanceof Float32Array) || t.shape.length < 1 || t.shape.length > 2) {
       throw formatError(`${file}: "${key}" is ${t.dtype} ${fmtShape(t.shape)}, expected float vectors [dim] or [n, dim]`);
     }

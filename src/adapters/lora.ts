@@ -285,7 +285,7 @@ export async function readLora(file: string, model: LoraModel): Promise<LoraFile
       const expect = kohya ? '<lora_name>.lora_down.weight / .lora_up.weight / .alpha' : 'unet.|text_encoder.<module>.lora_A.weight / .lora_B.weight';
       throw formatError(`${file}: ${unknown.length} keys are not ${format} LoRA tensors (expected ${expect}): ${list(unknown)}`);
     }
-    for (const [key, { name, role }] of keyOf) groups.get(name)![role] = await f.read(key);
+    for (const [key, { name, role }] of keyOf) groups.get(name)![role] = await (role === 'alpha' ? f.read(key) : f.readFloat(key)); // alpha may be an integer (spec §1.5)
 
     // 2. resolve module names against the model
     const targets = targetsOf(model);

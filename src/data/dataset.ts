@@ -5,7 +5,7 @@
  * fully decoded once here, so a corrupt file is reported and skipped before training rather than crashing mid-run.
  */
 import { createHash } from 'node:crypto';
-import { readdir, readFile, stat } from 'node:fs/promises';
+import { lstat, readdir, readFile, realpath, stat } from 'node:fs/promises';
 import path from 'node:path';
 import sharp from 'sharp';
 import { SdtuneError, formatError, usageError } from '../errors.js';
@@ -47,13 +47,25 @@ export async function scanDataset(dir: string, opts: ScanOptions): Promise<DataI
   const st = await stat(root).catch(() => undefined);
   if (!st?.isDirectory()) throw usageError(`dataset folder ${dir} does not exist or is not a folder`);
 
+  const realRoot = await realpath(root);
   const folders: { dir: string; repeats: number }[] = [{ dir: root, repeats: opts.repeats }];
-  for (const e of await listDir(root)) {
+  const entries = await listDir(root);
+  // real path -> the folder that scans it: each is scanned once, by its real folder rather than a symlink to it
+  const scanned = new Map([[realRoot, root], ...entries.filter((e) => e.isDirectory() && Number(REPEAT_FOLDER.exec(e.name)?.[1] ?? 0) > 0).map((e) => [path.join(realRoot, e.name), path.join(root, e.name)] as const)]);
+  for (const e of entries) {
     if (!(await isDir(root, e))) continue;
+    const sub = path.join(root, e.name);
+    const why = e.isSymbolicLink() ? await symlinkEscape(realRoot, sub, true) : undefined;
     const m = REPEAT_FOLDER.exec(e.name);
-    if (!m) warn(`ignoring subfolder ${path.join(root, e.name)}: not a kohya <repeats>_<name> folder`);
-    else if (Number(m[1]) === 0) warn(`ignoring subfolder ${path.join(root, e.name)}: 0 repeats`);
-    else folders.push({ dir: path.join(root, e.name), repeats: Number(m[1]) });
+    const real = e.isSymbolicLink() ? await realpath(sub).catch(() => sub) : path.join(realRoot, e.name);
+    if (why) warn(`ignoring subfolder ${sub}: ${why}`);
+    else if (!m) warn(`ignoring subfolder ${sub}: not a kohya <repeats>_<name> folder`);
+    else if (Number(m[1]) === 0) warn(`ignoring subfolder ${sub}: 0 repeats`);
+    else if (scanned.has(real) && scanned.get(real) !== sub) warn(`ignoring subfolder ${sub}: a symlink to ${scanned.get(real)}, which is scanned already (its images would count twice)`);
+    else {
+      scanned.set(real, sub);
+      folders.push({ dir: sub, repeats: Number(m[1]) });
+    }
   }
 
   const items: DataItem[] = [];
@@ -63,9 +75,20 @@ export async function scanDataset(dir: string, opts: ScanOptions): Promise<DataI
   let uncaptioned = 0;
   for (const folder of folders) {
     const entries = await listDir(folder.dir);
-    const files = entries.filter((e) => !e.isDirectory() && IMAGE_EXTENSIONS.includes(path.extname(e.name).toLowerCase())).map((e) => e.name);
+    const files: string[] = [];
+    for (const e of entries) {
+      if (e.isDirectory() || !IMAGE_EXTENSIONS.includes(path.extname(e.name).toLowerCase())) continue;
+      const why = e.isSymbolicLink() ? await symlinkEscape(realRoot, path.join(folder.dir, e.name)) : undefined;
+      if (why) warn(`skipping image ${path.join(folder.dir, e.name)}: ${why}`);
+      else files.push(e.name);
+    }
     found += files.length;
-    const hasMeta = entries.some((e) => e.name === metaName && !e.isDirectory());
+    let hasMeta = entries.some((e) => e.name === metaName && !e.isDirectory());
+    const metaWhy = hasMeta ? await symlinkEscape(realRoot, path.join(folder.dir, metaName)) : undefined;
+    if (metaWhy) {
+      warn(`ignoring ${path.join(folder.dir, metaName)}: ${metaWhy}`);
+      hasMeta = false;
+    }
     metaFound ||= hasMeta;
     const meta = hasMeta ? await readMetadata(path.join(folder.dir, metaName), new Set(files), warn) : new Map<string, string>();
     // workers collect their warnings so they are reported in file order
@@ -74,7 +97,7 @@ export async function scanDataset(dir: string, opts: ScanOptions): Promise<DataI
       const notes: string[] = [];
       const image = await probeImage(file).catch((e: Error) => void notes.push(`skipping unreadable image ${file}: ${e.message}`));
       if (!image) return { notes };
-      const caption = meta.get(name) ?? (await readCaption(file.slice(0, -path.extname(file).length) + capExt, notes));
+      const caption = meta.get(name) ?? (await readCaption(file.slice(0, -path.extname(file).length) + capExt, realRoot, notes));
       return { notes, item: { path: file, caption: caption ?? '', repeats: folder.repeats, ...image }, captioned: caption !== undefined };
     });
     for (const { notes, item, captioned } of scanned) {
@@ -121,8 +144,28 @@ async function probeImage(file: string): Promise<{ width: number; height: number
   return { width: autoOrient.width, height: autoOrient.height, hash: createHash('sha256').update(buf).digest('hex') };
 }
 
-/** kohya read_caption: the first line, stripped (a BOM too); undefined when the file is absent. */
-async function readCaption(file: string, notes: string[]): Promise<string | undefined> {
+/**
+ * Why a symlink in the dataset must not be followed, or undefined when it may: its target lies outside the dataset
+ * folder (a caption linked to /etc/hostname would be read into training and saved in the outputs) or, for a
+ * subfolder, is the dataset folder itself or one above it (`1_loop -> .` would count every image again).
+ * Links that do not resolve are left to the normal read, which reports them.
+ */
+async function symlinkEscape(realRoot: string, p: string, folder = false): Promise<string | undefined> {
+  const target = await realpath(p).catch(() => undefined);
+  if (target === undefined) return undefined;
+  const within = (child: string, parent: string) => child === parent || child.startsWith(parent.endsWith(path.sep) ? parent : parent + path.sep);
+  if (folder && within(realRoot, target)) return `a symlink to ${target}, the dataset folder itself or one above it (its images would count twice)`;
+  return within(target, realRoot) ? undefined : `a symlink to ${target}, outside the dataset folder ${realRoot} (copy the file in to use it)`;
+}
+
+/** kohya read_caption: the first line, stripped (a BOM too); undefined when the file is absent or a symlink that leaves the dataset (noted). */
+async function readCaption(file: string, realRoot: string, notes: string[]): Promise<string | undefined> {
+  const link = await lstat(file).then((st) => st.isSymbolicLink(), () => false);
+  const why = link ? await symlinkEscape(realRoot, file) : undefined;
+  if (why) {
+    notes.push(`ignoring caption ${file}: ${why}`);
+    return undefined;
+  }
   let text: string;
   try {
     text = await readFile(file, 'utf8');

@@ -517,7 +517,7 @@ export async function openCheckpoint(p: string, opts: OpenOptions = {}): Promise
 
 /** Read one tensor in torch layout, float32, transform applied. */
 export async function readTensorRef(ref: TensorRef): Promise<RawTensor> {
-  const raw = await ref.file.read(ref.name);
+  const raw = await ref.file.readFloat(ref.name); // weights are floats: an integer dtype is refused, not reinterpreted
   const shape = transformShape(ref.transform, raw.shape, `${ref.file.path}: ${ref.name}`);
   if (fmtShape(shape) !== fmtShape(ref.shape)) throw formatError(`${ref.file.path}: "${ref.name}" has shape ${fmtShape(shape)}, expected ${fmtShape(ref.shape)}`);
   return { dtype: raw.dtype, shape, data: raw.data };

@@ -2,8 +2,8 @@
  * PNG output with A1111's "parameters" text (spec samplers.md §10): the infotext format (processing.create_infotext,
  * infotext_utils.quote / parse_generation_parameters), the tEXt/iTXt chunk PIL writes, and image reading via sharp.
  */
-import { readFile } from 'node:fs/promises';
-import { inflateSync } from 'node:zlib';
+import { open, type FileHandle } from 'node:fs/promises';
+import { crc32, inflateSync } from 'node:zlib';
 import sharp from 'sharp';
 import { SdtuneError } from '../errors.js';
 import { writeFileAtomic } from '../runtime/atomic.js';
@@ -75,17 +75,84 @@ export function formatInfotext(p: GenerationParams): string {
   return `${p.prompt}${neg}\n${line}`.trim();
 }
 
-// A1111 infotext_utils.re_param / re_imagesize (Python `\w` is Unicode-aware).
-const RE_PARAM = /\s*([\p{L}\p{N}_][\p{L}\p{N}_ \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)/gu;
+// A1111 infotext_utils.re_param, as a JS regex (Python `\w` is Unicode-aware):
+//   /\s*([\p{L}\p{N}_][\p{L}\p{N}_ \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)/gu
+// is matched by a linear scanner (infotextPairs): the regex backtracks quadratically on a long run of key
+// characters without a colon (40,000 letters took 22.5 s). test/io/png.test.ts checks both agree.
+const WORD = /[\p{L}\p{N}_]/uy; // a key's first character
+const KEY_RUN = /[\p{L}\p{N}_ \-/]*/uy; // the key characters
+const NON_KEY_RUN = /[^\p{L}\p{N}_ \-/]*/uy;
+const SPACES = /\s*/y;
 const RE_SIZE = /^(\d+)x(\d+)$/;
+const LINE_END = new Set(['\n', '\r', '\u2028', '\u2029']); // what `.` does not match
+
+/** Length of the match of sticky `re` at `i`. */
+function runEnd(re: RegExp, s: string, i: number): number {
+  re.lastIndex = i;
+  re.exec(s);
+  return re.lastIndex;
+}
+
+/**
+ * Every (key, value) that `s.matchAll(re_param)` yields, in one linear pass. A match is: the first position q with
+ * a word character, followed by one or more key characters and then ':' (so the key is the whole key-character run
+ * from q); spaces; then a JSON-like quoted value ending in `"` directly before `,` or the end, or else everything up
+ * to the next ','.
+ */
+export function infotextPairs(s: string): [string, string][] {
+  const out: [string, string][] = [];
+  let i = 0;
+  while (i < s.length) {
+    // 1. the key: scan key-character runs from i; in a run ending at ':', its first word character not last in the run
+    let key = -1;
+    let colon = -1;
+    for (let p = i; p < s.length && key < 0; ) {
+      const e = runEnd(KEY_RUN, s, p);
+      if (e === p) {
+        p = runEnd(NON_KEY_RUN, s, p);
+        continue;
+      }
+      if (s[e] === ':') {
+        for (let q = p; q < e; q += (s.codePointAt(q)! > 0xffff ? 2 : 1)) {
+          WORD.lastIndex = q;
+          if (!WORD.test(s)) continue;
+          if (WORD.lastIndex < e) [key, colon] = [q, e];
+          break; // the first word character decides: a later one starts a shorter key of the same run
+        }
+      }
+      p = e;
+    }
+    if (key < 0) break;
+    // 2. the value
+    const v = runEnd(SPACES, s, colon + 1);
+    let end = -1;
+    if (s[v] === '"') {
+      let j = v + 1;
+      while (j < s.length && s[j] !== '"') {
+        if (s[j] !== '\\') j++;
+        else if (j + 1 < s.length && !LINE_END.has(s[j + 1]!)) j += 2;
+        else break;
+      }
+      if (j > v + 1 && s[j] === '"' && (j + 1 === s.length || s[j + 1] === ',')) end = j + 1;
+    }
+    if (end < 0) {
+      end = s.indexOf(',', v);
+      if (end < 0) end = s.length;
+    }
+    out.push([s.slice(key, colon), s.slice(v, end)]);
+    i = end < s.length ? end + 1 : end; // past the ','
+  }
+  return out;
+}
 
 /** A1111 parse_generation_parameters; `raw` is its result dict (Prompt, Negative prompt, Size-1/Size-2, "Clip skip" defaulting to "1"). */
 export function parseInfotext(text: string): GenerationParams & { raw: Record<string, string> } {
   const lines = text.trim().split('\n');
-  let last = lines.pop() ?? '';
-  if ([...last.matchAll(RE_PARAM)].length < 3) {
+  const last = lines.pop() ?? '';
+  let pairs = infotextPairs(last);
+  if (pairs.length < 3) {
+    pairs = [];
     lines.push(last); // fewer than 3 "Key: value" pairs: not a parameter line
-    last = '';
   }
   let prompt = '';
   let negative = '';
@@ -100,8 +167,8 @@ export function parseInfotext(text: string): GenerationParams & { raw: Record<st
     else prompt += (prompt === '' ? '' : '\n') + line;
   }
   const raw: Record<string, string> = { Prompt: prompt, 'Negative prompt': negative };
-  for (const [, k, value] of last.matchAll(RE_PARAM)) {
-    let v = value!;
+  for (const [k, value] of pairs) {
+    let v = value;
     if (v === '') continue; // A1111's v[0] raises IndexError on an empty value: the key is skipped
     if (v.length >= 2 && v.startsWith('"') && v.endsWith('"')) {
       try {
@@ -114,7 +181,7 @@ export function parseInfotext(text: string): GenerationParams & { raw: Record<st
     if (m) {
       raw[`${k}-1`] = m[1]!;
       raw[`${k}-2`] = m[2]!;
-    } else raw[k!] = v;
+    } else raw[k] = v;
   }
   raw['Clip skip'] ??= '1'; // missing Clip skip means 1 (A1111)
 
@@ -161,17 +228,6 @@ export function parseInfotext(text: string): GenerationParams & { raw: Record<st
 // ---- PNG chunks ----------------------------------------------------------------------------------------------------
 
 const SIGNATURE = Uint8Array.of(0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a);
-const CRC_TABLE = Array.from({ length: 256 }, (_, n) => {
-  let c = n;
-  for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
-  return c >>> 0;
-});
-function crc32(bytes: Uint8Array): number {
-  let c = 0xffffffff;
-  for (const b of bytes) c = CRC_TABLE[(c ^ b) & 0xff]! ^ (c >>> 8);
-  return (c ^ 0xffffffff) >>> 0;
-}
-
 /** length (BE) + type + data + CRC-32 over type+data. */
 function chunk(type: string, data: Uint8Array): Uint8Array {
   const out = new Uint8Array(12 + data.length);
@@ -228,37 +284,116 @@ export async function writePng(path: string, rgb: Uint8Array, width: number, hei
   await writeFileAtomic(path, [png.subarray(0, idat), textChunk('parameters', parameters), png.subarray(idat)]);
 }
 
-/** All text chunks of a PNG (tEXt, zTXt, iTXt) as keyword -> text (a repeated keyword: the last wins, as PIL). */
-export async function readPngText(path: string): Promise<Record<string, string>> {
-  let buf: Uint8Array;
+/** Bounds on the text read from a PNG from a stranger: A1111 parameters are a few KB and ComfyUI's workflow JSON
+ *  well under 1 MiB, while a zTXt/iTXt chunk of a few MB can inflate to GBs (a zip bomb). */
+export const MAX_TEXT_CHUNK = 4 << 20;
+export const MAX_TEXT_TOTAL = 16 << 20;
+const TEXT_TYPES = new Set(['tEXt', 'zTXt', 'iTXt']);
+const READ_WINDOW = 1 << 20;
+
+/** Positioned reads through a 1 MiB window, so a file of many tiny chunks costs few system calls. */
+function windowedReader(fh: FileHandle, size: number) {
+  let win = Buffer.alloc(0);
+  let start = 0;
+  /** `n` bytes at `pos` (the caller checked they are in the file); valid after later calls too. */
+  return async (pos: number, n: number): Promise<Buffer> => {
+    if (pos < start || pos + n > start + win.length) {
+      win = Buffer.alloc(Math.min(Math.max(n, READ_WINDOW), size - pos));
+      start = pos;
+      for (let off = 0; off < win.length; ) {
+        const { bytesRead } = await fh.read(win, off, win.length - off, pos + off);
+        if (bytesRead === 0) throw new Error(`file shrank while reading at byte ${pos + off}`);
+        off += bytesRead;
+      }
+    }
+    return win.subarray(pos - start, pos - start + n);
+  };
+}
+
+/** Inflate a zTXt/iTXt body, refusing more than `limit` bytes of text. */
+function inflateText(file: string, body: Uint8Array, limit: number, type: string, key: string): Buffer {
   try {
-    buf = await readFile(path);
+    return inflateSync(body, { maxOutputLength: limit });
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ERR_BUFFER_TOO_LARGE') throw e;
+    const what = limit < MAX_TEXT_CHUNK ? `leaves the PNG's text over ${MAX_TEXT_TOTAL.toLocaleString('en-US')} bytes in all` : `inflates to more than ${limit.toLocaleString('en-US')} bytes`;
+    throw new SdtuneError('format', `${file}: ${type} chunk ${JSON.stringify(key.slice(0, 80))} ${what}, the limit for PNG text (a zip bomb?)`);
+  }
+}
+
+/**
+ * All text chunks of a PNG (tEXt, zTXt, iTXt) as keyword -> text (a repeated keyword: the last wins, as PIL). The
+ * file is walked chunk by chunk with every CRC checked, holding only text chunks in memory; each text is limited to
+ * MAX_TEXT_CHUNK bytes (compressed ones inflate at most that far) and all of them to MAX_TEXT_TOTAL.
+ */
+export async function readPngText(path: string): Promise<Record<string, string>> {
+  let fh: FileHandle;
+  try {
+    fh = await open(path, 'r');
   } catch (e) {
     throw new SdtuneError('file', `${path}: cannot read (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`);
   }
+  const bad = (why: string) => new SdtuneError('format', `${path}: ${why}`);
   const out: Record<string, string> = {};
-  const latin1 = (b: Uint8Array) => Buffer.from(b).toString('latin1');
-  for (const { type, data } of parseChunks(buf, path)) {
-    if (type !== 'tEXt' && type !== 'zTXt' && type !== 'iTXt') continue;
-    try {
-      const nul = data.indexOf(0);
-      if (nul < 1) throw new Error('no keyword');
-      const key = latin1(data.subarray(0, nul));
-      if (type === 'tEXt') out[key] = latin1(data.subarray(nul + 1));
-      else if (type === 'zTXt') out[key] = latin1(inflateSync(data.subarray(nul + 2)));
-      else {
-        const compressed = data[nul + 1] === 1;
-        const lang = data.indexOf(0, nul + 3);
-        const tkey = data.indexOf(0, lang + 1);
-        if (lang < 0 || tkey < 0) throw new Error('missing separators');
-        const body = data.subarray(tkey + 1);
-        out[key] = Buffer.from(compressed ? inflateSync(body) : body).toString('utf8');
+  const latin1 = (b: Uint8Array) => Buffer.from(b.buffer, b.byteOffset, b.byteLength).toString('latin1');
+  let total = 0;
+  try {
+    const { size } = await fh.stat();
+    const readAt = windowedReader(fh, size);
+    const head = size >= 8 ? await readAt(0, 8) : Buffer.alloc(0);
+    if (head.length < 8 || !SIGNATURE.every((b, i) => head[i] === b)) throw bad('not a PNG file (bad signature)');
+    for (let off = 8; ; ) {
+      if (off + 12 > size) throw bad(`truncated PNG (chunk header at byte ${off} is cut off, no IEND)`);
+      const hdr = await readAt(off, 8);
+      const len = hdr.readUInt32BE(0);
+      const type = hdr.toString('latin1', 4, 8);
+      if (!/^[A-Za-z]{4}$/.test(type)) throw bad(`corrupt PNG (invalid chunk type at byte ${off})`);
+      if (off + 12 + len > size) throw bad(`truncated PNG (${type} chunk at byte ${off} needs ${len} bytes)`);
+      const isText = TEXT_TYPES.has(type);
+      if (isText && len > MAX_TEXT_CHUNK) {
+        throw bad(`${type} chunk at byte ${off} holds ${len.toLocaleString('en-US')} bytes, more than the ${MAX_TEXT_CHUNK.toLocaleString('en-US')} byte limit for PNG text`);
       }
-    } catch (e) {
-      throw new SdtuneError('format', `${path}: corrupt ${type} chunk (${(e as Error).message})`);
+      // CRC over type + data, in blocks; only text chunks are kept
+      let crc = crc32(hdr.subarray(4, 8));
+      let data: Buffer | undefined;
+      if (isText) crc = crc32((data = await readAt(off + 8, len)), crc);
+      else for (let p = 0; p < len; p += READ_WINDOW) crc = crc32(await readAt(off + 8 + p, Math.min(READ_WINDOW, len - p)), crc);
+      if (crc !== (await readAt(off + 8 + len, 4)).readUInt32BE(0)) throw bad(`corrupt PNG (CRC mismatch in ${type} at byte ${off})`);
+      if (data) {
+        try {
+          const nul = data.indexOf(0);
+          if (nul < 1) throw new Error('no keyword');
+          const key = latin1(data.subarray(0, nul));
+          const limit = Math.max(1, Math.min(MAX_TEXT_CHUNK, MAX_TEXT_TOTAL - total));
+          let text: Buffer;
+          if (type === 'tEXt') text = data.subarray(nul + 1);
+          else if (type === 'zTXt') text = inflateText(path, data.subarray(nul + 2), limit, type, key);
+          else {
+            const compressed = data[nul + 1] === 1;
+            const lang = data.indexOf(0, nul + 3);
+            const tkey = lang < 0 ? -1 : data.indexOf(0, lang + 1);
+            if (lang < 0 || tkey < 0) throw new Error('missing separators');
+            const body = data.subarray(tkey + 1);
+            text = compressed ? inflateText(path, body, limit, type, key) : body;
+          }
+          if ((total += text.length) > MAX_TEXT_TOTAL) {
+            throw new SdtuneError('format', `${path}: the text chunks hold more than ${MAX_TEXT_TOTAL.toLocaleString('en-US')} bytes in all, the limit for PNG text`);
+          }
+          out[key] = type === 'iTXt' ? text.toString('utf8') : latin1(text);
+        } catch (e) {
+          if (e instanceof SdtuneError) throw e;
+          throw bad(`corrupt ${type} chunk (${(e as Error).message})`);
+        }
+      }
+      off += 12 + len;
+      if (type === 'IEND') return out;
     }
+  } catch (e) {
+    if (e instanceof SdtuneError) throw e;
+    throw new SdtuneError('file', `${path}: cannot read (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`);
+  } finally {
+    await fh.close().catch(() => {});
   }
-  return out;
 }
 
 /** Read png/jpg/webp/... as 8-bit RGB (EXIF orientation applied and alpha dropped, like diffusers' load_image). */

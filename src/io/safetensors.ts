@@ -43,11 +43,46 @@ export interface WriteOptions {
 }
 
 const MAX_HEADER = 100_000_000;
+/** Header bounds that keep a hostile file's cost linear and small: SD v1 checkpoints hold ~1,200 tensors and their
+ *  headers nest 3 deep (object > entry > shape), so both caps are far above anything real. */
+export const MAX_TENSORS = 100_000;
+const MAX_DEPTH = 32;
 const MAX_IO = 1 << 30;
+/** Dtypes a floating-point parameter may be stored as (F8 is float too, but refused as unsupported by `read`). */
+const FLOAT_DTYPES: ReadonlySet<Dtype> = new Set(['F32', 'F16', 'BF16', 'F64', 'F8_E5M2', 'F8_E4M3']);
 const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 const fileErr = (file: string, msg: string) => new SdtuneError('file', `${file}: ${msg}`);
 const isObj = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
 const isCount = (v: unknown): v is number => typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
+/** A value (or a name) as JSON, cut to a length that keeps a message on one short line. */
+function brief(v: unknown): string {
+  const s = JSON.stringify(v) ?? String(v);
+  return s.length > 80 ? `${s.slice(0, 77)}...` : s;
+}
+
+const tooManyTensors = (file: string) =>
+  fileErr(file, `header lists more than ${MAX_TENSORS.toLocaleString('en-US')} tensors, the limit of this reader (SD v1 checkpoints have about 1,200)`);
+
+/**
+ * One linear pass over the raw header text (strings skipped, so brackets in names do not count) that bounds what
+ * JSON.parse and the validation after it will cost: nesting depth (deep nesting overflows the stack of recursive
+ * code) and the number of top-level entries. Malformed text is left for JSON.parse to report.
+ */
+function checkHeaderBounds(file: string, text: string): void {
+  let depth = 0;
+  let commas = 0; // between top-level entries: tensors + __metadata__ - 1
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c === 0x22 /* " */) {
+      for (i++; i < text.length && text.charCodeAt(i) !== 0x22; i++) if (text.charCodeAt(i) === 0x5c /* \ */) i++;
+    } else if (c === 0x7b /* { */ || c === 0x5b /* [ */) {
+      if (++depth > MAX_DEPTH) throw fileErr(file, `header nests deeper than ${MAX_DEPTH} levels (a safetensors header nests 3 deep; not a safetensors file?)`);
+    } else if (c === 0x7d /* } */ || c === 0x5d /* ] */) depth--;
+    else if (c === 0x2c /* , */ && depth === 1 && ++commas > MAX_TENSORS) {
+      throw tooManyTensors(file);
+    }
+  }
+}
 
 /** Number of elements of `shape`, or undefined when it is not a safe integer. */
 function numel(shape: readonly number[]): number | undefined {
@@ -100,6 +135,7 @@ function parseHeader(file: string, bytes: Uint8Array, dataLength: number) {
   } catch {
     throw fileErr(file, 'header is not valid UTF-8');
   }
+  checkHeaderBounds(file, text);
   let json: unknown;
   try {
     json = JSON.parse(text);
@@ -108,7 +144,8 @@ function parseHeader(file: string, bytes: Uint8Array, dataLength: number) {
   }
   if (!isObj(json)) throw fileErr(file, `header is not a JSON object (got ${Array.isArray(json) ? 'array' : json === null ? 'null' : typeof json})`);
   const { keys, duplicate } = scanKeys(text);
-  if (duplicate !== undefined) throw fileErr(file, `header has duplicate key "${duplicate}"`);
+  if (duplicate !== undefined) throw fileErr(file, `header has duplicate key ${brief(duplicate)}`);
+  if (keys.length - (keys.includes('__metadata__') ? 1 : 0) > MAX_TENSORS) throw tooManyTensors(file);
 
   let metadata: Record<string, string> = {};
   const tensors = new Map<string, TensorInfo>();
@@ -117,26 +154,26 @@ function parseHeader(file: string, bytes: Uint8Array, dataLength: number) {
     if (name === '__metadata__') {
       if (!isObj(v)) throw fileErr(file, '__metadata__ is not an object of string values');
       for (const [k, s] of Object.entries(v))
-        if (typeof s !== 'string') throw fileErr(file, `__metadata__ value for "${k}" is not a string (got ${JSON.stringify(s)})`);
+        if (typeof s !== 'string') throw fileErr(file, `__metadata__ value for ${brief(k)} is not a string (got ${brief(s)})`);
       metadata = v as Record<string, string>;
       continue;
     }
-    const t = `tensor "${name}"`;
+    const t = `tensor ${brief(name)}`;
     if (!isObj(v)) throw fileErr(file, `${t} entry is not an object`);
     for (const f of ['dtype', 'shape', 'data_offsets']) if (!(f in v)) throw fileErr(file, `${t} is missing "${f}"`);
     const { dtype, shape, data_offsets: offs } = v;
     if (typeof dtype !== 'string') throw fileErr(file, `${t} dtype is not a string`);
-    if (!(DTYPES as string[]).includes(dtype)) throw fileErr(file, `${t} has unsupported dtype "${dtype}" (known: ${DTYPES.join(', ')})`);
-    if (!Array.isArray(shape) || !shape.every(isCount)) throw fileErr(file, `${t} shape ${JSON.stringify(shape)} is not a list of non-negative integers`);
+    if (!(DTYPES as string[]).includes(dtype)) throw fileErr(file, `${t} has unsupported dtype ${brief(dtype)} (known: ${DTYPES.join(', ')})`);
+    if (!Array.isArray(shape) || !shape.every(isCount)) throw fileErr(file, `${t} shape ${brief(shape)} is not a list of non-negative integers`);
     if (!Array.isArray(offs) || offs.length !== 2 || !offs.every(isCount))
-      throw fileErr(file, `${t} data_offsets ${JSON.stringify(offs)} is not a pair of non-negative integers`);
+      throw fileErr(file, `${t} data_offsets ${brief(offs)} is not a pair of non-negative integers`);
     const [begin, end] = offs as [number, number];
     if (begin > end) throw fileErr(file, `${t} data_offsets [${begin},${end}] have begin > end`);
     if (end > dataLength) throw fileErr(file, `${t} data_offsets [${begin},${end}] are out of range: the data area has ${dataLength} bytes (truncated file?)`);
     const n = numel(shape);
     const nbytes = n === undefined ? undefined : n * DTYPE_SIZE[dtype as Dtype];
     if (nbytes === undefined || !Number.isSafeInteger(nbytes) || nbytes !== end - begin)
-      throw fileErr(file, `${t} data_offsets [${begin},${end}] do not match shape ${fmtShape(shape)} x ${dtype} (${nbytes ?? 'overflowing'} bytes)`);
+      throw fileErr(file, `${t} data_offsets [${begin},${end}] do not match shape ${brief(shape)} x ${dtype} (${nbytes ?? 'overflowing'} bytes)`);
     tensors.set(name, { name, dtype: dtype as Dtype, shape, begin, end });
   }
 
@@ -146,7 +183,7 @@ function parseHeader(file: string, bytes: Uint8Array, dataLength: number) {
   let prev: TensorInfo | undefined;
   for (const t of sorted) {
     if (t.begin < pos)
-      throw fileErr(file, `tensors "${prev!.name}" [${prev!.begin},${prev!.end}] and "${t.name}" [${t.begin},${t.end}] overlap`);
+      throw fileErr(file, `tensors ${brief(prev!.name)} [${prev!.begin},${prev!.end}] and ${brief(t.name)} [${t.begin},${t.end}] overlap`);
     if (t.begin > pos) throw fileErr(file, `gap in the data area: bytes [${pos},${t.begin}] belong to no tensor`);
     pos = t.end;
     prev = t;
@@ -259,6 +296,17 @@ export class SafetensorsFile {
     const bytes = new Uint8Array(t.end - t.begin);
     await readExactly(this.fh, bytes, 8 + this.headerLength + t.begin, this.path);
     return { dtype: t.dtype, shape: [...t.shape], data: decode(this.path, name, t.dtype, bytes) };
+  }
+  /**
+   * Read a tensor that must hold floating-point values (model weights, LoRA factors, embedding vectors): an integer
+   * dtype is refused naming the file and key, never reinterpreted (a float tensor relabelled I32 would load as noise).
+   */
+  async readFloat(name: string): Promise<RawTensor & { data: Float32Array }> {
+    const t = this.info(name);
+    if (!FLOAT_DTYPES.has(t.dtype)) {
+      throw new SdtuneError('format', `${this.path}: tensor ${brief(name)} has dtype ${t.dtype}, expected a floating-point dtype (F32, F16, BF16 or F64)`);
+    }
+    return (await this.read(name)) as RawTensor & { data: Float32Array };
   }
   /** Read every tensor, one at a time (for small files). */
   async readAll(): Promise<Map<string, RawTensor>> {

@@ -4,10 +4,11 @@
  */
 import * as tf from '@tensorflow/tfjs';
 import { existsSync } from 'node:fs';
-import { mkdir, readFile, readdir, rename, rm, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, readdir, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { SdtuneError, fmtShape } from '../errors.js';
 import { SafetensorsFile, writeSafetensors } from '../io/safetensors.js';
+import { writeFileAtomic } from '../runtime/atomic.js';
 import type { GeneratorState } from '../runtime/rng.js';
 import type { LoaderState } from '../data/loader.js';
 import { type AdamWState, adamwStateFromHost, adamwStateToHost } from './optim.js';
@@ -48,8 +49,8 @@ export async function saveCheckpoint(
     await writeSafetensors(path.join(tmp, PARAMS), params, { metadata: { format: 'sdtune-trainable/1' } });
     const host = await adamwStateToHost(opt);
     await writeSafetensors(path.join(tmp, OPTIM), host.tensors, { metadata: { step: String(host.step) } });
-    await writeFile(path.join(tmp, STATE), JSON.stringify(state, null, 1));
-    await writeFile(path.join(tmp, 'config.resolved.yaml'), configYaml);
+    await writeFileAtomic(path.join(tmp, STATE), Buffer.from(JSON.stringify(state, null, 1))); // disk full: a one-line error
+    await writeFileAtomic(path.join(tmp, 'config.resolved.yaml'), Buffer.from(configYaml));
     await rm(final, { recursive: true, force: true });
     await rename(tmp, final);
   } catch (e) {
@@ -93,7 +94,7 @@ export async function loadCheckpoint(dir: string, vars: Map<string, tf.Variable>
       throw new SdtuneError('format', `${dir}: checkpoint does not match this training setup (missing: ${missing.slice(0, 4).join(', ') || '-'}; unexpected: ${extra.slice(0, 4).join(', ') || '-'}); resume with the same method and settings`);
     }
     for (const [k, v] of vars) {
-      const t = await f.read(k);
+      const t = await f.readFloat(k);
       if (fmtShape(t.shape) !== fmtShape(v.shape)) throw new SdtuneError('format', `${dir}: ${k} is ${fmtShape(t.shape)} in the checkpoint, ${fmtShape(v.shape)} now`);
       v.assign(tf.tensor(t.data as Float32Array, t.shape));
     }
@@ -104,7 +105,7 @@ export async function loadCheckpoint(dir: string, vars: Map<string, tf.Variable>
   try {
     const tensors = new Map<string, { shape: number[]; data: Float32Array }>();
     for (const k of o.keys()) {
-      const t = await o.read(k);
+      const t = await o.readFloat(k);
       tensors.set(k, { shape: t.shape, data: t.data as Float32Array });
     }
     return { opt: adamwStateFromHost({ step: Number(o.metadata.step), tensors }, vars), state };

@@ -4,7 +4,7 @@
  * and saved with the outputs as config.resolved.yaml (dumpConfig), which resolves back to the same object.
  * Every mistake is a one-line SdtuneError naming the key (and its file line or flag), expected vs found.
  */
-import { readFile } from 'node:fs/promises';
+import { readFile, stat } from 'node:fs/promises';
 import path from 'node:path';
 import YAML from 'yaml';
 import { embeddingFileStem } from '../adapters/embeddings.js';
@@ -245,6 +245,7 @@ const validKeys = (method: Method) => [...Object.keys(SCHEMA), ...GROUPS].filter
 
 /** The valid key a user most likely meant by `key`, if any. */
 function suggest(key: string, method: Method): string | undefined {
+  if (key.length > 100) return undefined; // no valid key is that long (and edit distance costs length x length)
   const leaf = key.slice(key.lastIndexOf('.') + 1);
   const valid = validKeys(method);
   const alias = ALIASES[leaf];
@@ -265,8 +266,10 @@ function suggest(key: string, method: Method): string | undefined {
 // ---- values ----
 
 const isMap = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
-const show = (v: unknown): string =>
-  v === null ? 'null' : Array.isArray(v) ? JSON.stringify(v) : isMap(v) ? 'a mapping' : typeof v === 'string' ? JSON.stringify(v) : String(v);
+const show = (v: unknown): string => {
+  const s = v === null ? 'null' : Array.isArray(v) ? JSON.stringify(v) : isMap(v) ? 'a mapping' : typeof v === 'string' ? JSON.stringify(v) : String(v);
+  return s.length > 100 ? `${s.slice(0, 97)}...` : s; // one short line, whatever the file holds
+};
 
 function expected(s: Spec): string {
   const range = (what: string) => {
@@ -360,7 +363,7 @@ function unknownKey(key: string, method: Method, origin: Origin): SdtuneError {
     (guess ? `did you mean ${guess}?`
       : inSection.length ? `valid keys: ${inSection.join(', ')}`
       : `valid sections: ${SECTIONS.filter((s) => !isMethodSection(s) || s === method).join(', ')}`);
-  return usageError(`${at(origin, key)}unknown key ${key} (${hint})`);
+  return usageError(`${at(origin, key)}unknown key ${clip(JSON.stringify(key).slice(1, -1))} (${hint})`);
 }
 
 /**
@@ -393,6 +396,94 @@ function setPath(obj: Record<string, unknown>, key: string, v: unknown): void {
   o[parts[parts.length - 1]] = v;
 }
 
+// ---- bounded YAML: a config from a stranger costs little time and memory, and every failure is one line ----
+
+/** A training config is a few KB with under 100 keys, so these only stop hostile files. */
+export const MAX_CONFIG_BYTES = 1 << 20;
+export const MAX_CONFIG_KEYS = 1000;
+const MAX_YAML_TOKENS = 50_000; // a config of 1000 keys and 1000 list items has ~15,000; bounds the work of error-heavy input
+const MAX_YAML_DEPTH = 64;
+const MAX_YAML_ALIASES = 100; // the yaml library's maxAliasCount: aliases resolved in all (billion-laughs guard)
+
+/** `s` cut to `n` characters for a one-line message. */
+const clip = (s: string, n = 80) => (s.length > n ? `${s.slice(0, n - 3)}...` : s);
+/** 1-based line of character `offset`. */
+const lineAt = (text: string, offset: number) => {
+  let line = 1;
+  for (let i = text.indexOf('\n'); i >= 0 && i < offset; i = text.indexOf('\n', i + 1)) line++;
+  return line;
+};
+
+/**
+ * Parse YAML text with its cost bounded before the yaml library builds anything: size, the number of mapping keys
+ * (its duplicate-key check is quadratic per mapping) and the nesting depth (its composer recurses, and deep input
+ * can exhaust the stack or the heap) are checked on the lexer's token stream, then exactly on the CST.
+ */
+function parseYamlBounded(text: string, src: string): { doc: YAML.Document.Parsed; lc: YAML.LineCounter } {
+  if (text.length > MAX_CONFIG_BYTES) throw fileError(`${src}: the config is ${text.length.toLocaleString('en-US')} characters, more than the ${MAX_CONFIG_BYTES.toLocaleString('en-US')} a config may have`);
+  const tooDeep = (offset: number) => fileError(`${src}:${lineAt(text, offset)}: invalid YAML: nested more than ${MAX_YAML_DEPTH} levels deep`);
+  // 1. tokens: keys (":" and "?" indicators), flow depth, block indicators on one line ("- - - x" nests without indent)
+  let offset = 0;
+  let keys = 0;
+  let flow = 0;
+  let onLine = 0;
+  let count = 0;
+  for (const tok of new YAML.Lexer().lex(text)) {
+    if (++count > MAX_YAML_TOKENS) throw fileError(`${src}:${lineAt(text, offset)}: the config has more than ${MAX_YAML_TOKENS.toLocaleString('en-US')} YAML tokens (not a training config?)`);
+    if (tok === '[' || tok === '{') {
+      if (++flow > MAX_YAML_DEPTH) throw tooDeep(offset);
+    } else if (tok === ']' || tok === '}') flow = Math.max(0, flow - 1);
+    else if (tok === ':' || tok === '?') {
+      if (++keys > MAX_CONFIG_KEYS) throw fileError(`${src}:${lineAt(text, offset)}: the config has more than ${MAX_CONFIG_KEYS} keys (a training config has under 100)`);
+    } else if (tok === '\n' || tok === '\r\n') onLine = 0;
+    if (flow === 0 && (tok === '-' || tok === '?' || tok === ':') && ++onLine > MAX_YAML_DEPTH) throw tooDeep(offset);
+    if (tok !== YAML.CST.DOCUMENT && tok !== YAML.CST.FLOW_END && tok !== YAML.CST.SCALAR) offset += tok.length;
+  }
+  // 2. the CST, depth exactly (iteratively: the depth is what is being bounded)
+  const lc = new YAML.LineCounter();
+  const tokens = [...new YAML.Parser(lc.addNewLine).parse(text)];
+  const stack: [YAML.CST.Token | null | undefined, number][] = tokens.map((t) => [t, 0]);
+  while (stack.length) {
+    const [t, depth] = stack.pop()!;
+    if (!t) continue;
+    if (depth > MAX_YAML_DEPTH) throw tooDeep(t.offset);
+    if (t.type === 'document') stack.push([t.value, depth]);
+    else if (t.type === 'block-map' || t.type === 'block-seq' || t.type === 'flow-collection') {
+      for (const it of t.items) stack.push([it.value, depth + 1], [it.key, depth + 1]); // the key first: it names the line
+    }
+  }
+  // 3. compose (as YAML.parseDocument does)
+  const composer = new YAML.Composer({ prettyErrors: false });
+  const docs: YAML.Document.Parsed[] = [];
+  for (const d of composer.compose(tokens, true, text.length)) if (docs.push(d) > 1) break;
+  const doc = docs[0]!;
+  if (docs.length > 1) throw fileError(`${src}:${lc.linePos(docs[1]!.range[0]).line}: invalid YAML: a config holds one document (found a second "---")`);
+  if (doc.errors.length) {
+    const e = doc.errors[0]!;
+    throw fileError(`${src}:${lc.linePos(e.pos[0]).line}: invalid YAML: ${clip(e.message.split('\n')[0]!, 200)}`);
+  }
+  return { doc, lc };
+}
+
+/** doc.toJS with aliases bounded; its errors (an alias to a missing anchor, too many aliases) name the alias's line. */
+function yamlToJs(doc: YAML.Document.Parsed, lc: YAML.LineCounter, src: string): unknown {
+  try {
+    return doc.toJS({ maxAliasCount: MAX_YAML_ALIASES });
+  } catch (e) {
+    // the first alias whose anchor is not defined before it (as the library resolves them), else the first alias
+    let at: YAML.Alias | undefined;
+    const anchors = new Set<string>();
+    YAML.visit(doc, (_, n) => {
+      if (YAML.isAlias(n)) {
+        at ??= n;
+        if (!anchors.has(n.source)) return ((at = n), YAML.visit.BREAK);
+      } else if (YAML.isNode(n) && n.anchor) anchors.add(n.anchor);
+    });
+    const line = at?.range ? `:${lc.linePos(at.range[0]).line}` : '';
+    throw fileError(`${src}${line}: invalid YAML: ${clip((e as Error).message.split('\n')[0]!, 200)}`);
+  }
+}
+
 /**
  * Parse YAML text (`source` names it in messages), merge flag overrides (dotted keys like 'train.lr' or the FLAG_KEYS
  * names; undefined values ignored; strings read as YAML scalars), fill the method's defaults and validate types,
@@ -407,14 +498,9 @@ export function resolveConfig(method: Method, yamlText: string | null, overrides
 
   // 1. the file
   if (yamlText !== null && yamlText.trim() !== '') {
-    const lc = new YAML.LineCounter();
-    const doc = YAML.parseDocument(yamlText, { lineCounter: lc, prettyErrors: false });
-    if (doc.errors.length) {
-      const e = doc.errors[0];
-      throw fileError(`${src}:${lc.linePos(e.pos[0]).line}: invalid YAML: ${e.message.split('\n')[0]}`);
-    }
+    const { doc, lc } = parseYamlBounded(yamlText, src);
     for (const [k, v] of keyLines(doc, lc, src)) origin.set(k, v);
-    const root: unknown = doc.toJS();
+    const root = yamlToJs(doc, lc, src);
     if (root !== null && !isMap(root)) throw usageError(`${src}: expected a mapping with sections ${SECTIONS.join(', ')}, found ${show(root)}`);
     for (const [k, v] of Object.entries(root ?? {})) {
       if (isMethodSection(k) && k !== method) {
@@ -563,8 +649,11 @@ export async function loadConfigFile(method: Method, file: string | null, overri
   if (file === null) return resolveConfig(method, null, overrides);
   let text: string;
   try {
+    const { size } = await stat(file);
+    if (size > MAX_CONFIG_BYTES) throw fileError(`${file}: the config is ${size.toLocaleString('en-US')} bytes, more than the ${MAX_CONFIG_BYTES.toLocaleString('en-US')} a config may have`);
     text = await readFile(file, 'utf8');
   } catch (e) {
+    if (e instanceof SdtuneError) throw e;
     throw fileError(`cannot read config ${file}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
   }
   return resolveConfig(method, text, overrides, file);

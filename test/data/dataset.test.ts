@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { readFile, writeFile, mkdir } from 'node:fs/promises';
+import { mkdir, readFile, symlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import sharp from 'sharp';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -119,6 +119,40 @@ describe('scanDataset', () => {
     await writeFile(path.join(dir, 'rot.jpg'), img);
     const { items } = await scan(dir);
     expect([items[0]!.width, items[0]!.height]).toEqual([4, 8]);
+  });
+
+  it('skips symlinks that leave the dataset folder or loop back to it, with a warning; links inside are followed', async () => {
+    const data = path.join(dir, 'data');
+    const outside = path.join(dir, 'outside');
+    await writeImage(path.join(data, 'a.png'), 4, 4, 1);
+    await writeImage(path.join(data, 'b.png'), 4, 4, 2, 'b caption');
+    await writeImage(path.join(outside, 'x.png'), 4, 4, 3, 'secret caption');
+    await symlink(path.join(outside, 'x.txt'), path.join(data, 'a.txt')); // the caption would become a file from elsewhere
+    await symlink(path.join(outside, 'x.png'), path.join(data, 'c.png'));
+    await symlink('.', path.join(data, '1_loop')); // would count a.png and b.png again
+    await symlink('..', path.join(data, '2_up'));
+    await symlink(outside, path.join(data, '3_out'));
+    await symlink('b.txt', path.join(data, 'd.txt')); // inside: followed
+    await symlink('b.png', path.join(data, 'd.png'));
+    await writeImage(path.join(data, '5_real', 'e.png'), 4, 4, 4, 'e caption');
+    await symlink('5_real', path.join(data, '4_dup')); // inside, but the same images again
+    const { items, warnings } = await scan(data);
+    expect(items.map((i) => [path.basename(i.path), i.caption, i.repeats])).toEqual([
+      ['a.png', '', 1],
+      ['b.png', 'b caption', 1],
+      ['d.png', 'b caption', 1],
+      ['e.png', 'e caption', 5],
+    ]);
+    const w = warnings.join('\n');
+    expect(w).toMatch(/ignoring subfolder \S*1_loop: a symlink to \S+, the dataset folder itself or one above it/);
+    expect(w).toMatch(/ignoring subfolder \S*2_up: a symlink to \S+, the dataset folder itself or one above it/);
+    expect(w).toMatch(/ignoring subfolder \S*3_out: a symlink to \S*outside, outside the dataset folder/);
+    expect(w).toMatch(/skipping image \S*c\.png: a symlink to \S*x\.png, outside the dataset folder/);
+    expect(w).toMatch(/ignoring caption \S*a\.txt: a symlink to \S*x\.txt, outside the dataset folder/);
+    expect(w).toMatch(/ignoring subfolder \S*4_dup: a symlink to \S*5_real, which is scanned already \(its images would count twice\)/);
+    expect(w).toMatch(/1 of 4 images have no caption/);
+    expect(w).not.toContain('secret');
+    expect(warnings).toHaveLength(7);
   });
 });
 

@@ -304,6 +304,25 @@ describe('diffusers folders (synthetic)', () => {
     await writeSafetensors(path.join(dir, 'model.safetensors'), new Map([...plainTensors(CLIP(), 1), ['text_model.foo.weight', filled([2], 0)]]));
     await expectError(openCheckpoint(dir), 'format', /"text_model.foo.weight"/);
   });
+
+  it('a weight stored as an integer dtype is refused when read, naming file, key, expected and found dtype', async () => {
+    const dir = path.join(tmp, 'relabelled', 'text_encoder');
+    await mkdir(dir, { recursive: true });
+    await writeFile(path.join(dir, 'config.json'), JSON.stringify(inferTextEncoderConfig(CLIP())));
+    const t = plainTensors(CLIP(), 1);
+    const key = 'text_model.final_layer_norm.weight';
+    const f32 = t.get(key)!.data as Float32Array;
+    t.set(key, { shape: t.get(key)!.shape, data: new Int32Array(f32.buffer), dtype: 'I32' }); // the same bytes, relabelled
+    await writeSafetensors(path.join(dir, 'model.safetensors'), t);
+    const src = await openCheckpoint(dir);
+    try {
+      const e = await expectError(readTensorRef(src.components.text_encoder!.tensors.get(key)!), 'format', `model.safetensors: tensor "${key}" has dtype I32, expected a floating-point dtype (F32, F16, BF16 or F64)`);
+      expect(e.message).not.toContain('\n');
+      expect((await readTensorRef(src.components.text_encoder!.tensors.get('text_model.final_layer_norm.bias')!)).data[0]).toBe(1);
+    } finally {
+      await src.close();
+    }
+  });
 });
 
 describeGolden('golden checkpoints', () => {

@@ -5,7 +5,7 @@ import sharp from 'sharp';
 import { crc32, deflateSync } from 'node:zlib';
 import { afterAll, describe, expect, it } from 'vitest';
 import { SdtuneError } from '../../src/errors.js';
-import { formatInfotext, parseInfotext, readImageRgb, readPngText, writePng, type GenerationParams } from '../../src/io/png.js';
+import { MAX_TEXT_CHUNK, MAX_TEXT_TOTAL, formatInfotext, infotextPairs, parseInfotext, readImageRgb, readPngText, writePng, type GenerationParams } from '../../src/io/png.js';
 
 const dir = mkdtempSync(path.join(tmpdir(), 'sdtune-png-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -71,6 +71,27 @@ describe('parseInfotext (A1111 parse_generation_parameters)', () => {
   });
 });
 
+describe('infotext scanner (linear; the A1111 regex backtracks quadratically)', () => {
+  // the regex it replaces, kept as the reference: A1111 infotext_utils.re_param with Python's Unicode \w
+  const RE_PARAM = /\s*([\p{L}\p{N}_][\p{L}\p{N}_ \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)/gu;
+  it('yields exactly the regex matches on 20,000 random strings over the characters that matter', () => {
+    const alphabet = ['a', 'Z', '1', '_', ' ', ' ', '-', '/', ':', ':', ',', ',', '"', '"', '\\', '\n', '\r', '\t', '\u00a0', '\u2028', 'é', '猫', '𝐀', '\ud800', '.', 'x'];
+    let seed = 12345;
+    const rnd = (n: number) => ((seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) % n);
+    for (let n = 0; n < 20_000; n++) {
+      const s = Array.from({ length: rnd(30) }, () => alphabet[rnd(alphabet.length)]).join('');
+      const ref = [...s.matchAll(RE_PARAM)].map((m) => [m[1], m[2]]);
+      expect(infotextPairs(s), `string #${n}: ${JSON.stringify(s)}`).toEqual(ref);
+    }
+  });
+  it('a 1,000,000-letter line without a colon parses (the regex took 22.5 s at 40,000)', () => {
+    const r = parseInfotext('a'.repeat(1_000_000));
+    expect(r.prompt).toHaveLength(1_000_000);
+    expect(r.raw.Steps).toBeUndefined();
+    expect(infotextPairs(`${'a '.repeat(500_000)}:1`)).toEqual([['a '.repeat(500_000), '1']]); // the key is the whole run
+  });
+});
+
 describe('writePng / readPngText / readImageRgb', () => {
   const [W, H] = [7, 5];
   const rgb = Uint8Array.from({ length: W * H * 3 }, (_, i) => (i * 37 + 11) % 256);
@@ -124,6 +145,37 @@ describe('writePng / readPngText / readImageRgb', () => {
     const file = path.join(dir, 'z.png');
     writeFileSync(file, Buffer.concat([plain.subarray(0, 33), z, i, plain.subarray(33)]));
     expect(await readPngText(file)).toEqual({ Comment: 'héllo', parameters: '猫' });
+  });
+
+  it('bounds the text: a zTXt/iTXt zip bomb, a huge tEXt and too much text in all are refused with one line', async () => {
+    const plain = readFileSync(path.join(dir, 'c.png'));
+    const chunk = (type: string, data: Buffer) => {
+      const td = Buffer.concat([Buffer.from(type, 'latin1'), data]);
+      const out = Buffer.alloc(12 + data.length);
+      out.writeUInt32BE(data.length, 0);
+      td.copy(out, 4);
+      out.writeUInt32BE(crc32(td), 8 + data.length);
+      return out;
+    };
+    const png = (name: string, ...chunks: Buffer[]) => {
+      const file = path.join(dir, name);
+      writeFileSync(file, Buffer.concat([plain.subarray(0, 33), ...chunks, plain.subarray(33)]));
+      return file;
+    };
+    const bomb = deflateSync(Buffer.alloc(MAX_TEXT_CHUNK + 1, 0x41)); // ~4 KB that inflate past the limit
+    const z = png('bomb-z.png', chunk('zTXt', Buffer.concat([Buffer.from('parameters\0\0', 'latin1'), bomb])));
+    await expect(readPngText(z)).rejects.toThrow(new RegExp(`bomb-z\\.png: zTXt chunk "parameters" inflates to more than ${MAX_TEXT_CHUNK.toLocaleString('en-US')} bytes`));
+    const i = png('bomb-i.png', chunk('iTXt', Buffer.concat([Buffer.from('parameters\0\x01\0\0\0', 'latin1'), bomb])));
+    await expect(readPngText(i)).rejects.toThrow(/bomb-i\.png: iTXt chunk "parameters" inflates to more than/);
+    const big = png('big-t.png', chunk('tEXt', Buffer.concat([Buffer.from('parameters\0', 'latin1'), Buffer.alloc(MAX_TEXT_CHUNK, 0x41)])));
+    await expect(readPngText(big)).rejects.toThrow(/big-t\.png: tEXt chunk at byte 33 holds [\d,]+ bytes, more than the [\d,]+ byte limit for PNG text/);
+    const part = deflateSync(Buffer.alloc(MAX_TEXT_CHUNK - 1000, 0x42));
+    const n = Math.ceil(MAX_TEXT_TOTAL / (MAX_TEXT_CHUNK - 1000)) + 1;
+    const many = png('many-z.png', ...Array.from({ length: n }, (_, k) => chunk('zTXt', Buffer.concat([Buffer.from(`k${k}\0\0`, 'latin1'), part]))));
+    await expect(readPngText(many)).rejects.toThrow(new RegExp(`many-z\\.png: .*over ${MAX_TEXT_TOTAL.toLocaleString('en-US')} bytes in all`));
+    // just under the per-chunk limit is fine
+    const ok = png('ok-z.png', chunk('zTXt', Buffer.concat([Buffer.from('parameters\0\0', 'latin1'), part])));
+    expect((await readPngText(ok)).parameters).toHaveLength(MAX_TEXT_CHUNK - 1000);
   });
 
   it('reads grayscale / RGBA images as RGB', async () => {

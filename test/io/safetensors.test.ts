@@ -1,9 +1,10 @@
-import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SdtuneError } from '../../src/errors.js';
 import {
+  MAX_TENSORS,
   SafetensorsFile,
   bf16BitsToF32,
   f16BitsToF32,
@@ -12,7 +13,7 @@ import {
   readSafetensorsHeader,
   writeSafetensors,
 } from '../../src/io/safetensors.js';
-import { withAtomicFile, writeFileAtomic } from '../../src/runtime/atomic.js';
+import { withAtomicFile, writeAll, writeFileAtomic } from '../../src/runtime/atomic.js';
 import { describeGolden, golden } from '../golden.js';
 
 let dir: string;
@@ -305,6 +306,50 @@ describe('malformed safetensors files', () => {
   it('missing file', async () => expectFileError(tmp('does-not-exist.safetensors'), 'cannot open'));
 });
 
+describe('hostile safetensors headers (bounded work, one-line errors)', () => {
+  const J = JSON.stringify;
+  it('metadata nested 100,000 arrays deep is refused before JSON.parse (was a RangeError: stack overflow)', async () => {
+    const deep = `{"__metadata__":{"x":${'['.repeat(100_000)}${']'.repeat(100_000)}}}`;
+    await expectFileError(await mkFile('deep.safetensors', deep), 'header nests deeper than 32 levels');
+    // brackets inside strings are text, not nesting
+    const f = await SafetensorsFile.open(await mkFile('brackets.safetensors', J({ __metadata__: { x: '['.repeat(1000) } })));
+    expect(f.metadata.x).toHaveLength(1000);
+    await f.close();
+  });
+  it('more than MAX_TENSORS tensors are refused by a count before JSON.parse', async () => {
+    const entries = (n: number) => `{${Array.from({ length: n }, (_, i) => `"t${i}":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}`).join(',')}}`;
+    await expectFileError(await mkFile('many.safetensors', entries(MAX_TENSORS + 1)), `header lists more than ${MAX_TENSORS.toLocaleString('en-US')} tensors`);
+    const f = await SafetensorsFile.open(await mkFile('some.safetensors', entries(1000)));
+    expect(f.tensors.size).toBe(1000);
+    await f.close();
+  });
+  it('huge or multi-line names and values are cut short in messages', async () => {
+    const name = `a\n${'x'.repeat(1_000_000)}`;
+    const e = await SafetensorsFile.open(await mkFile('longname.safetensors', J({ [name]: entry('F32', [...new Array(100_000).fill(1), -1], 0, 4) }), 4)).catch((x: Error) => x);
+    expect(e).toBeInstanceOf(SdtuneError);
+    expect((e as Error).message).toMatch(/tensor "a\\nxxx+\.\.\. shape \[1,1,1,[1,]+\.\.\. is not a list of non-negative integers$/);
+    expect((e as Error).message.length).toBeLessThan(400);
+    expect((e as Error).message).not.toContain('\n');
+  });
+  it('readFloat refuses integer dtypes naming file, key, expected and found; reads F32/F16/BF16/F64', async () => {
+    const file = tmp('dtypes.safetensors');
+    const x = new Float32Array([1.5, -2]);
+    await writeSafetensors(file, {
+      f32: { shape: [2], data: x }, f16: { shape: [2], data: x, dtype: 'F16' }, bf16: { shape: [2], data: x, dtype: 'BF16' },
+      f64: { shape: [2], data: x, dtype: 'F64' }, i32: { shape: [2], data: new Int32Array(x.buffer) }, u32: { shape: [2], data: new Int32Array([1, 2]), dtype: 'U32' },
+    });
+    const f = await SafetensorsFile.open(file);
+    for (const k of ['f32', 'f16', 'bf16', 'f64']) expect(Array.from((await f.readFloat(k)).data), k).toEqual([1.5, -2]);
+    for (const [k, d] of [['i32', 'I32'], ['u32', 'U32']]) {
+      const e = await f.readFloat(k).catch((x: unknown) => x);
+      expect(e).toBeInstanceOf(SdtuneError);
+      expect((e as Error).message).toBe(`${file}: tensor "${k}" has dtype ${d}, expected a floating-point dtype (F32, F16, BF16 or F64)`);
+    }
+    expect((await f.read('i32')).data).toBeInstanceOf(Int32Array); // read() still reads integer tensors (token ids, position ids)
+    await f.close();
+  });
+});
+
 describe('atomic writes', () => {
   const listTmp = async (d: string) => (await readdir(d)).filter((n) => n.endsWith('.tmp'));
 
@@ -331,6 +376,42 @@ describe('atomic writes', () => {
     await writeFileAtomic(target, Buffer.from('new'));
     expect(await readFile(target, 'utf8')).toBe('new');
     expect(await listTmp(d)).toEqual([]);
+  });
+});
+
+describe('write failures of the disk or folder', () => {
+  it('disk full (ENOSPC) is a one-line file error naming the target and the free space; no temp file, old file intact', async () => {
+    const d = tmp('full');
+    const target = path.join(d, 'model.safetensors');
+    await writeFileAtomic(target, Buffer.from('old'));
+    // the kernel's own ENOSPC: /dev/full fails every write with it
+    const fillFromFullDisk = async () => {
+      const full = await open('/dev/full', 'w');
+      try {
+        await writeAll(full, new Uint8Array(4096));
+      } finally {
+        await full.close();
+      }
+    };
+    const e = await withAtomicFile(target, fillFromFullDisk).catch((x: unknown) => x);
+    expect(e).toBeInstanceOf(SdtuneError);
+    expect((e as SdtuneError).kind).toBe('file');
+    expect((e as Error).message).toMatch(new RegExp(`^cannot write ${target.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}: no space left on the device \\(ENOSPC, [\\d.]+ [KMGT]?i?B free in .*\\); nothing was written, the existing model.safetensors is unchanged$`));
+    expect(await readFile(target, 'utf8')).toBe('old');
+    expect(await readdir(d)).toEqual(['model.safetensors']);
+    await rm(target);
+    const e2 = await withAtomicFile(target, fillFromFullDisk).catch((x: unknown) => x);
+    expect((e2 as Error).message).toMatch(/\(ENOSPC, .*\); nothing was written$/);
+    expect(await readdir(d)).toEqual([]);
+  });
+  it('a folder that cannot be created is a file error naming the target; errors of the fill itself pass through', async () => {
+    const blocker = tmp('blocker');
+    await writeFile(blocker, 'a file, not a folder');
+    const e = await writeSafetensors(path.join(blocker, 'sub', 'x.safetensors'), {}).catch((x: unknown) => x);
+    expect(e).toBeInstanceOf(SdtuneError);
+    expect((e as Error).message).toMatch(/^cannot write .*blocker\/sub\/x\.safetensors: .*\((ENOTDIR|EEXIST)\); nothing was written$/);
+    const enoent = Object.assign(new Error('ENOENT: no such file or directory, open \'src\''), { code: 'ENOENT', syscall: 'open' });
+    await expect(withAtomicFile(tmp('pass.bin'), () => Promise.reject(enoent))).rejects.toBe(enoent); // a source file's problem, not the target's
   });
 });
 

@@ -181,6 +181,50 @@ describe('errors name the key, expected vs found', () => {
   });
 });
 
+describe('hostile YAML: bounded work, one-line file errors with the line', () => {
+  const fileErr = (yaml: string) => {
+    const e = errorOf(() => resolveConfig('lora', yaml, {}, 'x.yaml'));
+    expect(e.kind, e.message).toBe('file');
+    expect(e.message).not.toContain('\n');
+    return e.message;
+  };
+  it('an alias to a missing anchor and a billion-laughs bomb (errors of doc.toJS, were "internal error")', () => {
+    expect(fileErr(`${BASE}train:\n  lr: *nope\n`)).toBe('x.yaml:6: invalid YAML: Unresolved alias (the anchor must be set before the alias): nope');
+    const lol = ['a: &a [x, x, x, x, x, x, x, x, x]'];
+    for (const [k, prev] of [['b', 'a'], ['c', 'b'], ['d', 'c'], ['e', 'd'], ['f', 'e'], ['g', 'f'], ['h', 'g'], ['i', 'h']]) lol.push(`${k}: &${k} [${new Array(9).fill(`*${prev}`).join(', ')}]`);
+    expect(fileErr(`${BASE}${lol.join('\n')}\n`)).toMatch(/^x\.yaml:\d+: invalid YAML: Excessive alias count indicates a resource exhaustion attack$/);
+  });
+  it('deep nesting (flow, compact "- - -", indentation) is refused before the recursive composer sees it', () => {
+    expect(fileErr(`${BASE}x: ${'['.repeat(200_000)}${']'.repeat(200_000)}\n`)).toBe('x.yaml:5: invalid YAML: nested more than 64 levels deep');
+    expect(fileErr(`${BASE}x:\n${'- '.repeat(200_000)}1\n`)).toBe('x.yaml:6: invalid YAML: nested more than 64 levels deep');
+    const stairs = Array.from({ length: 300 }, (_, i) => `${' '.repeat(i)}k${i}:`).join('\n');
+    expect(fileErr(`${BASE}${stairs} 1\n`)).toBe('x.yaml:69: invalid YAML: nested more than 64 levels deep');
+    // 64 levels is fine (and reported as an unknown key, not as YAML)
+    expect(usage('lora', `${BASE}x: ${'['.repeat(63)}${']'.repeat(63)}\n`)).toMatch(/unknown key x/);
+  });
+  it('100,000 keys (the yaml library checks duplicates quadratically: > 300 s) and over 1 MB are refused before parsing', async () => {
+    const keys = Array.from({ length: 100_000 }, (_, i) => `k${i}: 1`).join('\n');
+    expect(fileErr(keys)).toBe('x.yaml:1001: the config has more than 1000 keys (a training config has under 100)');
+    const big = `${BASE}# ${'x'.repeat(1 << 20)}\n`;
+    expect(fileErr(big)).toMatch(/^x\.yaml: the config is 1,048,6\d\d characters, more than the 1,048,576 a config may have$/);
+    const dir = await mkdtemp(path.join(os.tmpdir(), 'sdtune-cfg-'));
+    try {
+      await writeFile(path.join(dir, 'big.yaml'), big);
+      await expect(loadConfigFile('lora', path.join(dir, 'big.yaml'), {})).rejects.toMatchObject({ kind: 'file', message: /big\.yaml: the config is [\d,]+ bytes, more than the 1,048,576/ });
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+  it('other parser errors keep their line; a second document is refused; huge keys and values are cut short', () => {
+    expect(fileErr(`${BASE}a: 1\n---\nb: 2\n`)).toBe('x.yaml:6: invalid YAML: a config holds one document (found a second "---")');
+    expect(fileErr(`${BASE}model:\n  path: again\n`)).toMatch(/^x\.yaml:5: invalid YAML: Map keys must be unique/);
+    const long = usage('lora', `${BASE}train:\n  "${'k'.repeat(1000)}\\nz": 1\n  lr: [${new Array(10_000).fill(1).join(', ')}]\n`);
+    for (const line of long.split('\n')) expect(line.length).toBeLessThan(500); // two problems, one short line each
+    expect(long).toMatch(/unknown key train\.kkk+\.\.\./);
+    expect(long).toMatch(/train\.lr: expected a number > 0, found \[1,1,1,[1,]*\.\.\./);
+  });
+});
+
 describe('overrides', () => {
   it('short flags and dotted keys override the file; command-line strings are read as YAML scalars', () => {
     const c = resolveConfig('lora', `${BASE}train:\n  lr: 1e-4\n  seed: 1\n`, {
