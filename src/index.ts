@@ -5,6 +5,8 @@ export { assertDeviceHealthy, probeAdapter, type AdapterSummary } from './runtim
 export { TorchGenerator, randnNHWC, batchGenerators, randomSeed } from './runtime/rng.js';
 export { progress } from './runtime/progress.js';
 export { measurePeak, checkpoint, trainableIn, type PeakMeasurement } from './runtime/memory.js';
+export { disposeTape } from './runtime/memory.js';
+export { Interrupted, checkBeforeEveryKernel } from './runtime/interrupt.js';
 export { SafetensorsFile, readSafetensorsHeader, writeSafetensors } from './io/safetensors.js';
 export { openCheckpoint } from './io/checkpoint.js';
 export { convertCheckpoint, type ConvertResult } from './io/convert.js';
@@ -28,5 +30,6 @@ export { generate, resolveGenerateOptions, toUint8, DEFAULT_CFG, DEFAULT_STEPS, 
 export { estimateSampling, assertSamplingFits, assertTrainingFits, trainingFloorBytes, MAX_IMAGE_SIDE, type MemoryEstimate, type SamplingShape } from './infer/budget.js';
 export { sampleToFiles, type SampleOptions } from './infer/sample.js';
 export { resolveConfig, loadConfigFile, dumpConfig, type TrainConfig, type Method } from './train/config.js';
+export { withModelDefaults, resolutionWarning, type ModelResolvedConfig } from './train/config.js';
 export { train, type TrainOptions, type TrainResult } from './train/loop.js';
 export { diffusionLoss } from './train/loss.js';

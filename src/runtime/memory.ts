@@ -1,6 +1,6 @@
 /**
  * Memory helpers (design principle 10): an honest peak-memory probe that counts data buffers, not Tensor objects,
- * and gradient checkpointing for the training forward.
+ * gradient checkpointing for the training forward, and freeing a gradient tape that a throw left behind.
  *
  * Why not tf.memory() / tf.profile(): both sum the bytes of every live Tensor, and tensors often share one buffer
  * (reshape, clone, and above all the clone of every input the tape saves for the backward pass, which on the cpu
@@ -140,6 +140,22 @@ function recompute(again: () => tf.Tensor, saved: tf.Tensor[], params: tf.Tensor
     value.dispose();
     return xs.map((x, i) => grads[i] ?? tf.zerosLike(x));
   } finally {
-    if (outerDepth === 0) e.state.activeTape = outerTape;
+    if (outerDepth === 0) {
+      // a throw (an interrupt) left the recomputation's own tape behind: free what it saved before putting ours back
+      if (e.state.activeTape && e.state.activeTape !== outerTape) disposeTape();
+      e.state.activeTape = outerTape;
+    }
   }
+}
+
+/**
+ * After a throw out of tf.grad / variableGrads (an interrupt): free the tensors the gradient tape saved for the
+ * backward pass (kept, so no tidy frees them; normally the end of the backward pass does) and drop the tape. The
+ * forward's and backward's tidy scopes have already freed everything else. Does nothing while a tape is recording.
+ */
+export function disposeTape(): void {
+  const s = tf.engine().state;
+  if (s.gradientDepth !== 0 || !s.activeTape) return;
+  for (const node of s.activeTape) for (const t of node.saved ?? []) t.dispose();
+  s.activeTape = null as unknown as typeof s.activeTape;
 }

@@ -34,7 +34,7 @@ export interface TrainConfig {
     caption_extension: string; // caption file next to each image (kohya); diffusers' metadata.jsonl wins when present
     metadata: string | null; // metadata file name in dir (file_name/text columns); null = metadata.jsonl if present
     repeats: number; // each image counts this many times per epoch (kohya's "10_name" folder prefix)
-    resolution: [number, number]; // [width, height] in pixels (multiples of 8); YAML accepts 512 or [w, h]
+    resolution: [number, number] | null; // [width, height] in pixels (multiples of 8); YAML accepts 512 or [w, h]; null = the UNet's sample_size x 8 (filled in by the loop once the model is loaded, see withModelDefaults)
     center_crop: boolean; // false = random crop (diffusers --center_crop off)
     flip: boolean; // random horizontal flip (kohya flip_aug, diffusers --random_flip)
     buckets: {
@@ -151,7 +151,7 @@ const SCHEMA: Record<string, Spec> = {
   'model.path': str(), 'model.tokenizer': str(true), 'model.config': str(true), 'model.backend': oneOf(BACKENDS, true),
   'model.prediction_type': oneOf(['epsilon', 'v_prediction'], true),
   'data.dir': str(), 'data.caption_extension': str(), 'data.metadata': str(true), 'data.repeats': int(1),
-  'data.resolution': { t: 'size' }, 'data.center_crop': bool, 'data.flip': bool,
+  'data.resolution': { t: 'size', nullable: true }, 'data.center_crop': bool, 'data.flip': bool,
   'data.buckets.enabled': bool, 'data.buckets.min_side': int(8, { mult: 8 }), 'data.buckets.max_side': int(8, { mult: 8 }),
   'data.buckets.step': int(8, { mult: 8 }),
   'data.caption_dropout': num(0, { max: 1 }), 'data.shuffle_captions': bool, 'data.keep_tokens': int(0),
@@ -182,7 +182,7 @@ function defaults(method: Method): Record<string, unknown> {
   const lora = method === 'lora';
   return {
     'model.tokenizer': null, 'model.config': null, 'model.backend': null, 'model.prediction_type': null,
-    'data.caption_extension': '.txt', 'data.metadata': null, 'data.repeats': 1, 'data.resolution': 512,
+    'data.caption_extension': '.txt', 'data.metadata': null, 'data.repeats': 1, 'data.resolution': null,
     'data.center_crop': false, 'data.flip': false, 'data.buckets.enabled': false, 'data.buckets.min_side': 256,
     'data.buckets.max_side': 1024, 'data.buckets.step': 64, 'data.caption_dropout': 0, 'data.shuffle_captions': false,
     'data.keep_tokens': 0, 'data.cache_latents': true, 'data.cache_dir': null, 'data.templates': null,
@@ -285,7 +285,8 @@ function expected(s: Spec): string {
     strs: 'a list of strings',
     size: 'a size in pixels, multiple of 8: 512 or [width, height]',
   }[s.t];
-  return s.nullable ? `${base} or null` : base;
+  if (!s.nullable) return base;
+  return s.t === 'size' ? `${base}, or null for the model's own size` : `${base} or null`;
 }
 
 /** Command-line values arrive as strings: read them as YAML scalars (1e-4, true, null, [512, 768]) where the key
@@ -603,10 +604,7 @@ function crossCheck(c: TrainConfig, method: Method, origin: Origin): void {
   if (bad !== undefined) fail('data.templates', `data.templates: every template needs {} where the token goes, found ${show(bad)}`);
   const b = d.buckets;
   if (b.min_side > b.max_side) fail('data.buckets.min_side', `data.buckets.min_side (${b.min_side}) exceeds data.buckets.max_side (${b.max_side})`);
-  const [w, h] = d.resolution;
-  if (b.enabled && (Math.min(w, h) < b.min_side || Math.max(w, h) > b.max_side)) {
-    fail('data.resolution', `data.resolution ${w}x${h} must lie within data.buckets.min_side..max_side (${b.min_side}..${b.max_side}) when buckets are enabled`);
-  }
+  if (d.resolution) checkBucketRange(d.resolution, b, at(origin, 'data.resolution'));
   if (o.sample_every !== null && o.sample_prompts.length === 0) {
     fail('output.sample_every', 'output.sample_every is set but output.sample_prompts is empty (list the prompts to sample)');
   }
@@ -642,6 +640,55 @@ function crossCheck(c: TrainConfig, method: Method, origin: Origin): void {
     nonEmpty('textual_inversion.init_word', ti.init_word);
     if (ti.token === ti.init_word.trim()) fail('textual_inversion.token', `textual_inversion.token must differ from textual_inversion.init_word (both ${show(ti.token)})`);
   }
+}
+
+/** With buckets on, the resolution must lie within their side range. */
+function checkBucketRange([w, h]: [number, number], b: TrainConfig['data']['buckets'], where: string): void {
+  if (b.enabled && (Math.min(w, h) < b.min_side || Math.max(w, h) > b.max_side)) {
+    throw usageError(`${where}data.resolution ${w}x${h} must lie within data.buckets.min_side..max_side (${b.min_side}..${b.max_side}) when buckets are enabled`);
+  }
+}
+
+/** A config whose model-dependent defaults are filled in (what the loop trains with and saves). */
+export type ModelResolvedConfig = TrainConfig & { data: TrainConfig['data'] & { resolution: [number, number] } };
+
+/**
+ * Fill the defaults that follow the model, once it is loaded: data.resolution null -> the UNet's sample_size x 8
+ * (the size the model was trained at, as diffusers' pipelines default to: 512 for SD v1, 64 for the bundled tiny
+ * model). Returns a new config; the loop saves this one, so a resume reads back the same resolution.
+ */
+export function withModelDefaults(c: TrainConfig, unetSampleSize: number): ModelResolvedConfig {
+  if (c.data.resolution) return c as ModelResolvedConfig;
+  const side = unetSampleSize * 8;
+  const out = { ...c, data: { ...c.data, resolution: [side, side] as [number, number] } };
+  checkBucketRange(out.data.resolution, out.data.buckets, `data.resolution (default: the UNet's sample_size ${unetSampleSize} x 8): `);
+  return out;
+}
+
+/** An upscale by more than this (training side / the images' median short side) is warned about. */
+export const RESOLUTION_UPSCALE_WARNING = 2;
+
+/**
+ * A warning when the training resolution is far above the images' own size: every image is upscaled (no detail is
+ * gained) while a step costs as much as at the full resolution (the UNet's work grows with the pixel count).
+ * Rule: the resolution's shorter side over the median of the images' shorter sides exceeds
+ * RESOLUTION_UPSCALE_WARNING. The suggestion is that median rounded down to a multiple of 8.
+ */
+export function resolutionWarning(resolution: [number, number], images: readonly { width: number; height: number }[]): string | undefined {
+  if (images.length === 0) return undefined;
+  const shorts = images.map((i) => Math.min(i.width, i.height)).sort((a, b) => a - b);
+  const median = shorts[Math.floor((shorts.length - 1) / 2)];
+  const [w, h] = resolution;
+  const ratio = Math.min(w, h) / median;
+  if (!(ratio > RESOLUTION_UPSCALE_WARNING)) return undefined;
+  const largest = images.reduce((a, i) => (i.width * i.height > a.width * a.height ? i : a));
+  const suggest = Math.max(8, Math.floor(median / 8) * 8);
+  const same = images.every((i) => i.width === largest.width && i.height === largest.height);
+  const sizes = same ? `${largest.width}x${largest.height}` : `median short side ${median} px, largest ${largest.width}x${largest.height}`;
+  return (
+    `data.resolution ${w}x${h} is ${ratio.toFixed(1)}x the images' size (${images.length} images, ${sizes}): every image is ` +
+    `upscaled and each step costs as much as at ${w}x${h}; to train at the images' size use --resolution ${suggest}`
+  );
 }
 
 /** Read a YAML config file (null = flags only) and resolveConfig it; a missing file is an SdtuneError('file'). */

@@ -10,7 +10,7 @@ import { mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { makeBuckets } from '../data/buckets.js';
 import { LatentCache, TextCache, sampleLatents } from '../data/cache.js';
-import { DataLoader, disposeBatch } from '../data/loader.js';
+import { type Batch, DataLoader, type LoaderState, disposeBatch } from '../data/loader.js';
 import { scanDataset } from '../data/dataset.js';
 import { SdtuneError } from '../errors.js';
 import { type LoadedModel, disposeModel, loadModel } from '../io/model.js';
@@ -20,10 +20,12 @@ import { assertTrainingFits } from '../infer/budget.js';
 import { generate, toUint8 } from '../infer/pipeline.js';
 import { vaeEncode } from '../models/vae.js';
 import { currentBackend } from '../runtime/backend.js';
+import { Interrupted, checkBeforeEveryKernel } from '../runtime/interrupt.js';
+import { disposeTape } from '../runtime/memory.js';
 import { progress } from '../runtime/progress.js';
-import { TorchGenerator, randnNHWC } from '../runtime/rng.js';
+import { type GeneratorState, TorchGenerator, randnNHWC } from '../runtime/rng.js';
 import { type Schedule, samplerFromConfig, scheduleFromConfig } from '../schedulers/index.js';
-import { type Method, type TrainConfig, describeSteps, dumpConfig } from './config.js';
+import { type Method, type ModelResolvedConfig, type TrainConfig, describeSteps, dumpConfig, resolutionWarning, withModelDefaults } from './config.js';
 import { checkpointName, loadCheckpoint, resolveResume, saveCheckpoint } from './checkpoint.js';
 import { type PredictionType, diffusionLoss } from './loss.js';
 import { lrFactor } from './lr.js';
@@ -35,8 +37,12 @@ import { TI_TEMPLATES, createTiRecipe } from './recipes/textual-inversion.js';
 export interface TrainOptions {
   /** checkpoint folder (or output folder) to continue from */
   resume?: string | null;
-  /** stop after the current step, saving a checkpoint (Ctrl-C) */
+  /** stop, saving a checkpoint of the last completed step (Ctrl-C); checked between steps and, through
+   *  `interrupt`'s kernel hook, inside a step too (on an async backend a timer can fire it mid-step) */
   signal?: AbortSignal;
+  /** a cheap synchronous stop request, polled like `signal` between steps and before every kernel of a step (the
+   *  CLI's worker passes an Atomics.load of the flag its main thread sets on Ctrl-C) */
+  interrupt?: () => boolean;
   /** human log lines (default: stderr) */
   log?: (line: string) => void;
   /** no progress bar */
@@ -57,7 +63,7 @@ export interface TrainResult {
 }
 
 /** Build the method's recipe on a loaded model. */
-function makeRecipe(method: Method, model: LoadedModel, c: TrainConfig, gen: TorchGenerator): Recipe {
+function makeRecipe(method: Method, model: LoadedModel, c: ModelResolvedConfig, gen: TorchGenerator): Recipe {
   if (method === 'lora') {
     const l = c.lora!;
     if (l.dropout) throw new SdtuneError('unsupported', `lora.dropout = ${l.dropout}: LoRA dropout is not implemented yet; set it to 0`);
@@ -92,15 +98,22 @@ function makeRecipe(method: Method, model: LoadedModel, c: TrainConfig, gen: Tor
   return createTiRecipe(model, { token: t.token, initWord: t.init_word, vectors: t.vectors, templates: c.data.templates ?? [...TI_TEMPLATES] });
 }
 
-/** Train with `method` as configured; returns when max steps are done or the signal fires. */
-export async function train(method: Method, c: TrainConfig, o: TrainOptions = {}): Promise<TrainResult> {
+/**
+ * Train with `method` as configured; returns when max steps are done or a stop is requested (`signal`, `interrupt`).
+ * A stop request inside a step interrupts it at its next kernel: the partial step is discarded (never applied; the
+ * optimizer update itself is not interruptible) and the last completed step is saved, with the generator and
+ * data-loader state from before the discarded step, so `--resume` continues the same curve.
+ */
+export async function train(method: Method, config: TrainConfig, o: TrainOptions = {}): Promise<TrainResult> {
   const log = o.log ?? ((l: string) => process.stderr.write(l + '\n'));
-  const model = await loadModel(c.model.path, { configDir: c.model.config ?? undefined, tokenizerDir: c.model.tokenizer ?? undefined });
+  const stopRequested = () => (o.signal?.aborted ?? false) || (o.interrupt?.() ?? false);
+  const model = await loadModel(config.model.path, { configDir: config.model.config ?? undefined, tokenizerDir: config.model.tokenizer ?? undefined });
   const cleanups: (() => void)[] = [() => disposeModel(model)];
   let tb: TensorBoardWriter | undefined;
   try {
-    if (!model.unet || !model.vae || !model.textEncoder || !model.tokenizer) throw new SdtuneError('usage', `${c.model.path}: training needs unet, vae, text_encoder and tokenizer`);
+    if (!model.unet || !model.vae || !model.textEncoder || !model.tokenizer) throw new SdtuneError('usage', `${config.model.path}: training needs unet, vae, text_encoder and tokenizer`);
     const unetP = model.unet;
+    const c = withModelDefaults(config, unetP.config.sample_size);
     const vae = model.vae;
     const pred = (c.model.prediction_type ?? (model.schedulerConfig.prediction_type as string | undefined) ?? 'epsilon') as PredictionType;
     if (pred !== 'epsilon' && pred !== 'v_prediction') throw new SdtuneError('unsupported', `prediction type ${pred}`);
@@ -115,6 +128,8 @@ export async function train(method: Method, c: TrainConfig, o: TrainOptions = {}
       uncaptioned: c.textual_inversion ? 'templates' : 'empty',
       onWarning: (m) => (warnings++ < 20 ? log(`warning: ${m}`) : undefined),
     });
+    const tooLarge = resolutionWarning(c.data.resolution, items);
+    if (tooLarge) log(`warning: ${tooLarge}`);
     const gen = new TorchGenerator(c.train.seed);
     const recipe = makeRecipe(method, model, c, gen);
     cleanups.push(() => recipe.dispose());
@@ -131,7 +146,7 @@ export async function train(method: Method, c: TrainConfig, o: TrainOptions = {}
     if (textCache) cleanups.push(() => textCache.dispose());
     const loaderOpts = {
       batchSize: c.train.batch_size,
-      resolution: c.data.resolution as [number, number],
+      resolution: c.data.resolution,
       buckets: c.data.buckets.enabled ? makeBuckets(c.data.resolution, c.data.buckets.min_side, c.data.buckets.max_side, c.data.buckets.step) : undefined,
       randomCrop: !c.data.center_crop,
       flip: c.data.flip,
@@ -172,51 +187,122 @@ export async function train(method: Method, c: TrainConfig, o: TrainOptions = {}
     const T = schedule.config.numTrainTimesteps;
     const pick = (n: number) => gen.randint(0, n, [1])[0];
     const ckRoot = path.join(c.output.dir, 'checkpoints');
-    const save = async () => saveCheckpoint(ckRoot, vars, opt, { method, step, rng: gen.getState(), loader: loader.getState(), lossEma }, configYaml, c.output.keep_last);
+    // `at`: the generator and data-loader state after the last completed step (taken before each step, so that the
+    // draws of a step interrupted part-way are not saved)
+    const save = async (at: { rng: GeneratorState; loader: LoaderState } = { rng: gen.getState(), loader: loader.getState() }) =>
+      saveCheckpoint(ckRoot, vars, opt, { method, step, ...at, lossEma }, configYaml, c.output.keep_last);
     const losses: number[] = [];
     const files: string[] = [];
     let checkpoint = '';
+    let savedStep = step; // a resumed run's starting step is saved already
     // a resumed run starts the bar at its step: those steps count, but not towards the rate
     const bar = o.quiet ? undefined : progress({ total, label: method, initial: step, logEvery: Math.max(1, Math.round(total / 20)) });
-    // 4. the loop
-    while (step < total) {
-      const t0 = performance.now();
-      let lossSum = 0;
-      const acc = new Map<string, tf.Tensor>();
-      for (let micro = 0; micro < ga; micro++) {
-        const batch = await loader.next();
-        const b = batch.captions.length;
-        const latents = batch.latents
-          ? sampleLatents(batch.latents, gen, vae.config.scaling_factor)
-          : tf.tidy(() => sampleLatents(encodePixels(batch.pixels!), gen, vae.config.scaling_factor));
+    // a stop request during a step's forward/backward throws Interrupted at the next kernel; disarmed for the
+    // optimizer update (never applied partly), sampling and saving
+    let armed = false;
+    cleanups.push(checkBeforeEveryKernel(() => armed && stopRequested()));
+
+    /** Stop on request: save the last completed step (when this run completed one not yet saved) and return. */
+    const stop = async (inStep: boolean, at?: { rng: GeneratorState; loader: LoaderState }): Promise<TrainResult> => {
+      bar?.done();
+      const discarded = inStep ? ` (step ${step + 1} was stopped part-way and discarded)` : '';
+      if (savedStep !== step) {
+        checkpoint = await save(at);
+        savedStep = step;
+        files.push(...(await recipe.export(c.output.dir, `${c.output.name}-${checkpointName(step)}`, step)));
+        log(`interrupted at step ${step}: checkpoint ${checkpoint}; continue with --resume ${c.output.dir}${discarded}`);
+      } else if (checkpoint || o.resume) {
+        log(`interrupted at step ${step}: checkpoint ${checkpoint || o.resume} already holds it; continue with --resume ${c.output.dir}${discarded}`);
+      } else {
+        log(`interrupted before the first step finished: nothing to save${discarded}`);
+      }
+      return { steps: step, losses, files, checkpoint, stopped: 'interrupted' };
+    };
+
+    /** Validation samples of the current weights; a stop request skips the rest of them (the step is complete). */
+    const sampleInterruptibly = async () => {
+      armed = true;
+      try {
+        await sampleImages(model, recipe, c, step, tb!);
+      } catch (e) {
+        if (!(e instanceof Interrupted)) throw e;
+        log(`sampling at step ${step} interrupted`);
+      } finally {
+        armed = false;
+      }
+    };
+
+    /** One forward + backward pass on the next batch: adds its gradients (/ ga) into `acc`, returns its loss. Frees
+     *  everything it made when it throws (an interrupt), the tensors the gradient tape saved included. */
+    const microStep = async (acc: Map<string, tf.Tensor>): Promise<number> => {
+      const owned: tf.Tensor[] = []; // freed when this pass ends, however it ends
+      const own = <T extends tf.Tensor>(t: T) => (owned.push(t), t);
+      let batch: Batch | undefined;
+      let grads: tf.NamedTensorMap = {};
+      try {
+        const bt = (batch = await loader.next());
+        const b = bt.captions.length;
+        const latents = own(
+          bt.latents ? sampleLatents(bt.latents, gen, vae.config.scaling_factor) : tf.tidy(() => sampleLatents(encodePixels(bt.pixels!), gen, vae.config.scaling_factor)),
+        );
         const [, h, w, ch] = latents.shape;
-        const noise = tf.tidy(() => {
+        const noise = own(tf.tidy(() => {
           const n = randnNHWC(gen, [b, ch, h, w]);
           // noise offset (Crosslabs): a per-channel constant shift, diffusers noise += offset * randn(B, C, 1, 1)
           return c.train.noise_offset ? tf.add(n, tf.mul(randnNHWC(gen, [b, ch, 1, 1]), c.train.noise_offset)) : n;
-        }) as tf.Tensor4D;
+        }) as tf.Tensor4D);
         const timesteps = gen.randint(0, T, [b]);
-        const captions = batch.captions.map((cap) => recipe.captionFor(cap, pick));
-        const ids = captionIds(model, captions);
+        const captions = bt.captions.map((cap) => recipe.captionFor(cap, pick));
+        const ids = own(captionIds(model, captions));
         // a frozen text encoder gives the same embedding for the same caption: cache it
-        const frozenCtx = textCache ? tf.tidy(() => tf.stack(captions.map((cap) => textCache.get(cap))) as tf.Tensor3D) : undefined;
-        const { value, grads } = tf.variableGrads(
-          () => diffusionLoss(unetP.params, unetP.config, schedule, { latents, noise, timesteps, context: frozenCtx ?? recipe.encodeIds(ids) }, { predictionType: pred, minSnrGamma: c.train.min_snr_gamma, gradientCheckpointing: c.train.gradient_checkpointing }),
+        const frozenCtx = textCache ? own(tf.tidy(() => tf.stack(captions.map((cap) => textCache.get(cap))) as tf.Tensor3D)) : undefined;
+        // the loss is owned from inside the tape: when the backward pass throws, engine.gradients loses it
+        const r = tf.variableGrads(
+          () => own(diffusionLoss(unetP.params, unetP.config, schedule, { latents, noise, timesteps, context: frozenCtx ?? recipe.encodeIds(ids) }, { predictionType: pred, minSnrGamma: c.train.min_snr_gamma, gradientCheckpointing: c.train.gradient_checkpointing })),
           [...vars.values()],
         );
-        lossSum += (await value.data())[0];
+        grads = r.grads;
+        const loss = (await r.value.data())[0];
         for (const [name, v] of vars) {
           const g = grads[v.name];
           const scaled = ga > 1 ? tf.div(g, ga) : g;
           const prev = acc.get(name);
-          acc.set(name, prev ? tf.add(prev, scaled) : scaled);
-          if (prev) prev.dispose();
+          if (prev) {
+            acc.set(name, tf.add(prev, scaled));
+            tf.dispose([prev, scaled]);
+          } else acc.set(name, scaled);
           if (scaled !== g) g.dispose();
         }
-        tf.dispose([value, latents, noise, ids]);
-        frozenCtx?.dispose();
-        disposeBatch(batch);
+        return loss;
+      } catch (e) {
+        tf.dispose(Object.values(grads));
+        disposeTape();
+        throw e;
+      } finally {
+        tf.dispose(owned);
+        if (batch) disposeBatch(batch);
       }
+    };
+
+    // 4. the loop
+    while (step < total) {
+      const before = { rng: gen.getState(), loader: loader.getState() };
+      if (stopRequested()) return await stop(false, before); // e.g. Ctrl-C while the model was loading
+      const t0 = performance.now();
+      let lossSum = 0;
+      const acc = new Map<string, tf.Tensor>();
+      let interrupted = false;
+      armed = true;
+      try {
+        for (let micro = 0; micro < ga; micro++) lossSum += await microStep(acc);
+      } catch (e) {
+        tf.dispose([...acc.values()]);
+        if (!(e instanceof Interrupted)) throw e;
+        interrupted = true;
+      } finally {
+        armed = false;
+      }
+      if (interrupted) return await stop(true, before);
       const loss = lossSum / ga;
       if (!Number.isFinite(loss)) {
         tf.dispose([...acc.values()]);
@@ -244,23 +330,19 @@ export async function train(method: Method, c: TrainConfig, o: TrainOptions = {}
       tb.scalars({ loss, loss_smoothed: lossEma, lr, grad_norm: totalNorm, step_seconds: seconds }, step);
       bar?.tick(1, { loss: lossEma.toFixed(4), lr: lr.toExponential(2) });
       o.onStep?.(step, loss);
-      if (c.output.sample_every && step % c.output.sample_every === 0 && step < total) await sampleImages(model, recipe, c, step, tb);
-      const interrupted = o.signal?.aborted ?? false;
-      if ((c.output.save_every && step % c.output.save_every === 0 && step < total) || interrupted) {
+      if (c.output.sample_every && step % c.output.sample_every === 0 && step < total) await sampleInterruptibly();
+      if (stopRequested()) return await stop(false);
+      if (c.output.save_every && step % c.output.save_every === 0 && step < total) {
         checkpoint = await save();
+        savedStep = step;
         files.push(...(await recipe.export(c.output.dir, `${c.output.name}-${checkpointName(step)}`, step)));
-      }
-      if (interrupted) {
-        bar?.done();
-        log(`interrupted at step ${step}: checkpoint ${checkpoint}; continue with --resume ${c.output.dir}`);
-        return { steps: step, losses, files, checkpoint, stopped: 'interrupted' };
       }
     }
     bar?.done();
     // 5. final outputs
     checkpoint = await save();
     files.push(...(await recipe.export(c.output.dir, c.output.name, step)));
-    if (c.output.sample_every || c.output.sample_prompts.length) await sampleImages(model, recipe, c, step, tb);
+    if (c.output.sample_every || c.output.sample_prompts.length) await sampleInterruptibly();
     log(`done: ${step} steps; wrote ${files.join(', ')}`);
     return { steps: step, losses, files, checkpoint, stopped: 'done' };
   } finally {
@@ -270,7 +352,7 @@ export async function train(method: Method, c: TrainConfig, o: TrainOptions = {}
 }
 
 /** Validation images with the current weights: PNGs in <output>/samples and TensorBoard image summaries. */
-async function sampleImages(model: LoadedModel, recipe: Recipe, c: TrainConfig, step: number, tb: TensorBoardWriter): Promise<void> {
+async function sampleImages(model: LoadedModel, recipe: Recipe, c: ModelResolvedConfig, step: number, tb: TensorBoardWriter): Promise<void> {
   if (!c.output.sample_prompts.length) return;
   const [w, h] = c.data.resolution;
   await recipe.withInference(async () => {

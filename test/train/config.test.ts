@@ -12,7 +12,9 @@ import {
   dumpConfig,
   flagOverrides,
   loadConfigFile,
+  resolutionWarning,
   resolveConfig,
+  withModelDefaults,
 } from '../../src/train/config.js';
 
 const BASE = 'model:\n  path: models/sd15\ndata:\n  dir: data/dog\n';
@@ -40,7 +42,7 @@ describe('defaults', () => {
   it('LoRA: kohya / diffusers defaults, derived paths', () => {
     const c = resolveConfig('lora', BASE, {});
     expect(c.model).toEqual({ path: 'models/sd15', tokenizer: null, config: null, backend: null, prediction_type: null });
-    expect(c.data).toMatchObject({ caption_extension: '.txt', metadata: null, repeats: 1, resolution: [512, 512], center_crop: false, flip: false });
+    expect(c.data).toMatchObject({ caption_extension: '.txt', metadata: null, repeats: 1, resolution: null, center_crop: false, flip: false });
     expect(c.data.buckets).toEqual({ enabled: false, min_side: 256, max_side: 1024, step: 64 });
     expect(c.data).toMatchObject({ caption_dropout: 0, shuffle_captions: false, keep_tokens: 0, cache_latents: true, templates: null });
     expect(c.train).toEqual({
@@ -105,7 +107,7 @@ describe('errors name the key, expected vs found', () => {
     expect(usage('lora', `${BASE}lora:\n  rank: 0\n`)).toMatch(/lora.rank: expected an integer >= 1, found 0$/);
     expect(usage('lora', `${BASE}lora:\n  rank: 4.5\n`)).toMatch(/lora.rank: expected an integer >= 1, found 4.5$/);
     expect(usage('lora', withData('resolution: 500'))).toMatch(
-      /data.resolution: expected a size in pixels, multiple of 8: 512 or \[width, height\], found 500/,
+      /data.resolution: expected a size in pixels, multiple of 8: 512 or \[width, height\], or null for the model's own size, found 500/,
     );
     expect(usage('lora', `${BASE}train:\n  lr_scheduler: cosin\n`)).toMatch(/train.lr_scheduler: expected one of "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", found "cosin"/);
     expect(usage('lora', `${BASE}train:\n  adam_beta2: 1\n`)).toMatch(/train.adam_beta2: expected a number in \[0, 1\), found 1/);
@@ -145,7 +147,7 @@ describe('errors name the key, expected vs found', () => {
     expect(usage('lora', `${BASE}train:\n  lr_scheduler: linear\n  lr_warmup_steps: 100\n  max_steps: 50\n`)).toMatch(/train.lr_warmup_steps \(100\) exceeds train.max_steps \(50\)/);
     expect(usage('lora', `${BASE}lora:\n  text_encoder_lr: 1e-5\n`)).toMatch(/lora.text_encoder_lr is set but lora.text_encoder is false/);
     expect(usage('lora', `${BASE}output:\n  sample_every: 100\n`)).toMatch(/sample_prompts is empty/);
-    expect(usage('lora', BASE, { 'data.buckets': { enabled: true, min_side: 640 } })).toMatch(/data.buckets.min_side \(640\) exceeds|within data.buckets/);
+    expect(usage('lora', BASE, { 'data.buckets': { enabled: true, min_side: 640 }, resolution: 512 })).toMatch(/data.resolution 512x512 must lie within data.buckets/);
     expect(usage('lora', BASE, { 'data.templates': ['a photo'] })).toMatch(/data.templates: every template needs \{\}/);
     expect(usage('lora', BASE, { 'data.caption_extension': 'txt' })).toMatch(/starting with "."/);
     expect(usage('textual_inversion', TI, { token: 'my logo' })).toMatch(/--token: textual_inversion.token: expected one word/);
@@ -308,5 +310,34 @@ describe('describeSteps', () => {
     expect(describeSteps(cfg({ 'batch-size': 2 }), 5, [3, 2]).line).toMatch(/= 3 batches \(over 2 buckets\)/);
     expect(errorOf(() => describeSteps(cfg({ 'lr-scheduler': 'linear', 'lr-warmup-steps': 50 }), 10)).message).toMatch(/lr_warmup_steps \(50\) exceeds the 10 training steps/);
     expect(errorOf(() => describeSteps(cfg({}), 0)).kind).toBe('file');
+  });
+});
+
+describe('defaults that follow the model and the data', () => {
+  it('data.resolution null = the UNet sample_size x 8, written into the config; explicit sizes stay', () => {
+    const c = resolveConfig('lora', BASE, {});
+    expect(c.data.resolution).toBeNull();
+    const r = withModelDefaults(c, 64);
+    expect(r.data.resolution).toEqual([512, 512]);
+    expect(c.data.resolution).toBeNull(); // a new object
+    expect(dumpConfig(r)).toMatch(/resolution: \[ 512, 512 \]/);
+    expect(resolveConfig('lora', dumpConfig(r), {}).data.resolution).toEqual([512, 512]);
+    expect(withModelDefaults(resolveConfig('lora', BASE, { resolution: '768x512' }), 64).data.resolution).toEqual([768, 512]);
+    expect(withModelDefaults(resolveConfig('lora', BASE, { resolution: null }), 8).data.resolution).toEqual([64, 64]);
+    // the bucket range is checked once the default is known
+    const buckets = resolveConfig('lora', BASE, { 'data.buckets': { enabled: true, min_side: 640 } });
+    expect(errorOf(() => withModelDefaults(buckets, 64)).message).toMatch(/data.resolution \(default: the UNet's sample_size 64 x 8\): data.resolution 512x512 must lie within/);
+  });
+
+  it('warns when the resolution is more than 2x the images\' median short side, suggesting --resolution', () => {
+    const logo = Array.from({ length: 8 }, () => ({ width: 64, height: 64 }));
+    expect(resolutionWarning([512, 512], logo)).toBe(
+      "data.resolution 512x512 is 8.0x the images' size (8 images, 64x64): every image is upscaled and each step costs as much as at 512x512; to train at the images' size use --resolution 64",
+    );
+    expect(resolutionWarning([128, 128], logo)).toBeUndefined(); // 2x: fine
+    expect(resolutionWarning([64, 64], logo)).toBeUndefined();
+    expect(resolutionWarning([512, 512], [])).toBeUndefined();
+    const mixed = [{ width: 100, height: 150 }, { width: 1024, height: 768 }, { width: 200, height: 90 }];
+    expect(resolutionWarning([512, 512], mixed)).toMatch(/5.1x the images' size \(3 images, median short side 100 px, largest 1024x768\).*--resolution 96$/);
   });
 });

@@ -1,9 +1,13 @@
-/** `sdtune lora` and `sdtune textual-inversion`: flags + YAML -> a resolved config -> the training loop. */
+/** `sdtune lora` and `sdtune textual-inversion`: flags + YAML -> a resolved config -> the training loop, in a worker
+ *  thread so that Ctrl-C is honoured within seconds even in the middle of a long step. */
+import { Worker } from 'node:worker_threads';
 import type { Argv } from 'yargs';
+import { SdtuneError } from '../../errors.js';
 import { selectBackend } from '../../runtime/backend.js';
-import { type Method, FLAG_KEYS, flagOverrides, loadConfigFile } from '../../train/config.js';
+import { type Method, type TrainConfig, FLAG_KEYS, flagOverrides, loadConfigFile } from '../../train/config.js';
 import { train } from '../../train/loop.js';
 import { runCommand } from '../run.js';
+import type { TrainWorkerData, TrainWorkerMessage } from '../train-worker.js';
 
 const DESCRIBE: Record<string, string> = {
   model: 'model folder or .safetensors (model.path)',
@@ -13,7 +17,7 @@ const DESCRIBE: Record<string, string> = {
   'batch-size': 'images per step (train.batch_size)',
   lr: 'learning rate (train.lr)',
   seed: 'seed (train.seed)',
-  resolution: 'training size (data.resolution)',
+  resolution: "training size (data.resolution; default: the model's, its UNet sample_size x 8)",
   rank: 'LoRA rank (lora.rank)',
   alpha: 'LoRA alpha (lora.alpha)',
   'conv-rank': 'LoCon rank of the 3x3 convs, with lora.targets attn+ff+conv (lora.conv_rank, kohya conv_dim; default: --rank)',
@@ -42,19 +46,75 @@ function options(a: Argv, method: Method): Argv {
 async function run(method: Method, argv: Record<string, unknown>): Promise<void> {
   const { overrides, configPath, resume } = flagOverrides(argv);
   const config = await loadConfigFile(method, configPath, overrides);
-  const b = await selectBackend(config.model.backend ?? undefined);
+  const requested = (config.model.backend ?? process.env.SDTUNE_BACKEND ?? '').trim().toLowerCase();
+  const r = await trainInWorker(method, config, resume, requested === 'webgpu');
+  const { files, stopped } = 'workerBackendError' in r ? await trainHere(method, config, resume, r.workerBackendError) : r;
+  for (const f of files) process.stdout.write(f + '\n');
+  if (stopped === 'interrupted') process.exitCode = 130;
+}
+
+const FIRST_INTERRUPT = '\ninterrupt: stopping the current step and saving the last completed one (Ctrl-C again to quit now)\n';
+
+/** Start the worker: compiled, dist/cli/train-worker.js; from the sources, train-worker-tsx.mjs, which registers
+ *  tsx in the worker (a worker does not inherit the main thread's hooks) and imports train-worker.ts. */
+function startWorker(data: TrainWorkerData): Worker {
+  const compiled = !import.meta.url.endsWith('.ts');
+  return new Worker(new URL(compiled ? '../train-worker.js' : '../train-worker-tsx.mjs', import.meta.url), { workerData: data });
+}
+
+/**
+ * Train in a worker thread (src/cli/train-worker.ts) while this thread owns Ctrl-C: the first sets the shared
+ * interrupt flag, which the worker sees at its next kernel, even in the middle of a step; the second exits at
+ * once (process.exit ends the worker with the process). With `backendFallback`, a backend that fails to start in
+ * the worker is returned as `workerBackendError` (for the caller to try in this thread) instead of thrown.
+ */
+async function trainInWorker(
+  method: Method,
+  config: TrainConfig,
+  resume: string | null,
+  backendFallback: boolean,
+): Promise<{ files: string[]; stopped: 'done' | 'interrupted' } | { workerBackendError: string }> {
+  const interrupt = new SharedArrayBuffer(4);
+  const flag = new Int32Array(interrupt);
+  const worker = startWorker({ method, config, resume, interrupt, tty: { isTTY: Boolean(process.stderr.isTTY), columns: process.stderr.columns }, backendFallback });
+  const onSigint = () => {
+    if (Atomics.load(flag, 0) !== 0) process.exit(130);
+    process.stderr.write(FIRST_INTERRUPT);
+    Atomics.store(flag, 0, 1);
+  };
+  process.on('SIGINT', onSigint);
+  try {
+    return await new Promise((resolve, reject) => {
+      worker.on('message', (m: TrainWorkerMessage) => {
+        if (m.type === 'out') process[m.stream].write(m.text);
+        else if (m.type === 'result') resolve({ files: m.files, stopped: m.stopped });
+        else if (m.type === 'error') reject(new SdtuneError(m.kind, m.message));
+        else if (m.type === 'backend-failed') resolve({ workerBackendError: m.message });
+      });
+      worker.on('error', reject); // a bug in the worker: its error, with the stack
+      worker.on('exit', (code) => reject(new Error(`the training worker exited (code ${code}) without a result`)));
+    });
+  } finally {
+    process.off('SIGINT', onSigint);
+    await worker.terminate();
+  }
+}
+
+/** Train in this thread, when the backend could not start in a worker (`workerError`) but starts here: Ctrl-C is
+ *  then seen between steps, and within one only where the backend awaits the device. */
+async function trainHere(method: Method, config: TrainConfig, resume: string | null, workerError: string): Promise<{ files: string[]; stopped: 'done' | 'interrupted' }> {
+  const b = await selectBackend(config.model.backend ?? undefined); // fails as it would have in the worker: that error
+  process.stderr.write(`note: the backend could not start in a worker thread (${workerError}); training in the main thread, where Ctrl-C stops between steps\n`);
   process.stderr.write(b.message + '\n');
   const ac = new AbortController();
   const onSigint = () => {
     if (ac.signal.aborted) process.exit(130);
-    process.stderr.write('\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to quit now)\n');
+    process.stderr.write(FIRST_INTERRUPT);
     ac.abort();
   };
   process.on('SIGINT', onSigint);
   try {
-    const r = await train(method, config, { resume, signal: ac.signal });
-    for (const f of r.files) process.stdout.write(f + '\n');
-    if (r.stopped === 'interrupted') process.exitCode = 130;
+    return await train(method, config, { resume, signal: ac.signal });
   } finally {
     process.off('SIGINT', onSigint);
   }
