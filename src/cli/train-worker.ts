@@ -16,6 +16,8 @@ export interface TrainWorkerData {
   method: Method;
   config: TrainConfig;
   resume: string | null;
+  /** replace an earlier run in the output folder */
+  overwrite: boolean;
   /** Int32Array(1) over a SharedArrayBuffer: non-zero = stop (set by the main thread on Ctrl-C) */
   interrupt: SharedArrayBuffer;
   /** the main thread's stderr, so the progress bar draws in place on a terminal */
@@ -57,7 +59,7 @@ try {
   }
   if (backend) {
     process.stderr.write(backend.message + '\n');
-    const r = await train(d.method, d.config, { resume: d.resume, interrupt: () => Atomics.load(flag, 0) !== 0 });
+    const r = await train(d.method, d.config, { resume: d.resume, overwrite: d.overwrite, interrupt: () => Atomics.load(flag, 0) !== 0 });
     post({ type: 'result', files: r.files, stopped: r.stopped });
   }
 } catch (e) {

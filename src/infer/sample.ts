@@ -11,6 +11,7 @@ import { embeddingHash, loraHash, modelHash } from '../io/hashes.js';
 import { type LoadedModel, type OpenModelOptions, disposeModel, loadModel } from '../io/model.js';
 import { formatInfotext, readImageRgb, writePng } from '../io/png.js';
 import { setAttentionChunkElements } from '../models/layers.js';
+import { TargetExistsError } from '../runtime/atomic.js';
 import { progress } from '../runtime/progress.js';
 import { SAMPLER_LABELS, type SamplerName, resolveSampler } from '../schedulers/index.js';
 import { assertSamplingFits, checkImageSize, fmtBytes } from './budget.js';
@@ -46,6 +47,8 @@ export interface SampleOptions {
   /** max attention score elements at once (memory) */
   attentionChunk?: number;
   load?: OpenModelOptions;
+  /** replace an existing `out` PNG (default: refuse) */
+  overwrite?: boolean;
   /** no progress output (default: a bar on a TTY, a line every ~10% of the steps and >= 10 s apart elsewhere) */
   quiet?: boolean;
   /** notes for the user, e.g. which embeddings the prompts use (default: stderr) */
@@ -93,6 +96,9 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
   if (!Number.isInteger(nIter) || nIter < 1) throw usageError(`nIter must be a positive integer, got ${o.nIter}`);
   const outPng = o.out?.toLowerCase().endsWith('.png');
   if (outPng && nIter * batch > 1) throw usageError(`out ${o.out} names one PNG but ${nIter * batch} images are requested; give a directory`);
+  if (outPng && !o.overwrite && existsSync(o.out!)) {
+    throw usageError(`out ${o.out} already exists; choose another name, a directory (numbered files), or the overwrite option (--overwrite) to replace it`);
+  }
   checkImageSize(o.width, o.height); // before the model loads
   if (o.attentionChunk !== undefined) setAttentionChunkElements(o.attentionChunk);
   const sampler = o.sampler ? resolveSampler(o.sampler) : undefined;
@@ -195,8 +201,21 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
           denoisingStrength: init ? (o.strength ?? (mask ? 1 : 0.75)) : undefined,
           version: `sdtune ${SDTUNE_VERSION}`,
         });
-        const file = outPng ? o.out! : path.join(outDir, `${String(index++).padStart(5, '0')}-${r.seeds[k]}.png`);
-        await writePng(file, toUint8(r.images[k]), width, height, text);
+        const rgb = toUint8(r.images[k]);
+        let file = o.out!;
+        if (outPng) await writePng(file, rgb, width, height, text);
+        else {
+          // numbered files never replace one: another run writing into the same folder just moves us on a number
+          for (let tries = 0; ; tries++) {
+            file = path.join(outDir, `${String(index++).padStart(5, '0')}-${r.seeds[k]}.png`);
+            try {
+              await writePng(file, rgb, width, height, text, { exclusive: true });
+              break;
+            } catch (e) {
+              if (!(e instanceof TargetExistsError) || tries > 1000) throw e;
+            }
+          }
+        }
         files.push(file);
         seeds.push(r.seeds[k]);
       }

@@ -6,7 +6,7 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { crc32, inflateSync } from 'node:zlib';
 import sharp from 'sharp';
 import { SdtuneError } from '../errors.js';
-import { writeFileAtomic } from '../runtime/atomic.js';
+import { writeFileAtomic, type AtomicOptions } from '../runtime/atomic.js';
 
 export interface GenerationParams {
   prompt: string;
@@ -273,15 +273,15 @@ function parseChunks(buf: Uint8Array, file: string): Chunk[] {
 }
 
 /** Write an RGB PNG (uint8 HxWx3) atomically, with the A1111 "parameters" text chunk placed before the first IDAT. */
-export async function writePng(path: string, rgb: Uint8Array, width: number, height: number, parameters?: string): Promise<void> {
+export async function writePng(path: string, rgb: Uint8Array, width: number, height: number, parameters?: string, opts: AtomicOptions = {}): Promise<void> {
   if (!(width > 0 && height > 0 && Number.isInteger(width) && Number.isInteger(height)) || rgb.length !== width * height * 3) {
     throw new SdtuneError('usage', `writePng ${path}: expected ${width}x${height}x3 = ${width * height * 3} bytes of RGB, got ${rgb.length}`);
   }
   // sharp cannot write arbitrary tEXt/iTXt chunks, so the chunk is spliced into its output.
   const png = await sharp(Buffer.from(rgb.buffer, rgb.byteOffset, rgb.byteLength), { raw: { width, height, channels: 3 } }).png().toBuffer();
-  if (parameters === undefined) return writeFileAtomic(path, png);
+  if (parameters === undefined) return writeFileAtomic(path, png, opts);
   const idat = parseChunks(png, path).find((c) => c.type === 'IDAT')!.start;
-  await writeFileAtomic(path, [png.subarray(0, idat), textChunk('parameters', parameters), png.subarray(idat)]);
+  await writeFileAtomic(path, [png.subarray(0, idat), textChunk('parameters', parameters), png.subarray(idat)], opts);
 }
 
 /** Bounds on the text read from a PNG from a stranger: A1111 parameters are a few KB and ComfyUI's workflow JSON

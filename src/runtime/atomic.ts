@@ -3,7 +3,7 @@
  * target, so readers never see a half-written checkpoint and a crash leaves the old file intact.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdir, open, rename, rm, stat, statfs, type FileHandle } from 'node:fs/promises';
+import { link, mkdir, open, rename, rm, stat, statfs, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { SdtuneError, fileError } from '../errors.js';
 
@@ -59,7 +59,19 @@ async function writeFailure(err: unknown, target: string, dir: string, fromFill:
  * the disk or the folder (full, read-only, no permission) is an SdtuneError('file') naming `target`, and leaves
  * neither a temp file nor a changed target.
  */
-export async function withAtomicFile(target: string, fill: (fh: FileHandle) => Promise<void>): Promise<void> {
+/** Thrown by an `exclusive` atomic write whose target appeared meanwhile (nothing was written). */
+export class TargetExistsError extends Error {
+  constructor(readonly target: string) {
+    super(`${target} already exists`);
+  }
+}
+
+export interface AtomicOptions {
+  /** never replace an existing target: the temp file is hard-linked into place (fails with TargetExistsError) */
+  exclusive?: boolean;
+}
+
+export async function withAtomicFile(target: string, fill: (fh: FileHandle) => Promise<void>, opts: AtomicOptions = {}): Promise<void> {
   const dir = path.dirname(path.resolve(target));
   const tmp = path.join(dir, `.${path.basename(target)}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`);
   let fh: FileHandle;
@@ -77,20 +89,24 @@ export async function withAtomicFile(target: string, fill: (fh: FileHandle) => P
     await fh.sync();
     closed = true;
     await fh.close();
-    await rename(tmp, target);
+    if (opts.exclusive) {
+      await link(tmp, target); // atomic and never over an existing file (EEXIST)
+      await rm(tmp, { force: true });
+    } else await rename(tmp, target);
   } catch (err) {
     if (!closed) await fh.close().catch(() => {});
     await rm(tmp, { force: true }).catch(() => {});
+    if (opts.exclusive && (err as NodeJS.ErrnoException).code === 'EEXIST') throw new TargetExistsError(target);
     throw await writeFailure(err, target, dir, !filled);
   }
   await syncDir(dir);
 }
 
 /** Write a file atomically from one buffer or from chunks written in order. */
-export async function writeFileAtomic(target: string, data: Uint8Array | Uint8Array[]): Promise<void> {
+export async function writeFileAtomic(target: string, data: Uint8Array | Uint8Array[], opts: AtomicOptions = {}): Promise<void> {
   await withAtomicFile(target, async (fh) => {
     for (const chunk of Array.isArray(data) ? data : [data]) await writeAll(fh, chunk);
-  });
+  }, opts);
 }
 
 /** Best-effort fsync of a directory so the rename itself is durable (not supported on every platform). */

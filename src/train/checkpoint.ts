@@ -11,6 +11,7 @@ import { SafetensorsFile, writeSafetensors } from '../io/safetensors.js';
 import { writeFileAtomic } from '../runtime/atomic.js';
 import type { GeneratorState } from '../runtime/rng.js';
 import type { LoaderState } from '../data/loader.js';
+import { ABSURD_MAGNITUDE } from './guards.js';
 import { type AdamWState, adamwStateFromHost, adamwStateToHost } from './optim.js';
 
 export interface TrainState {
@@ -20,6 +21,8 @@ export interface TrainState {
   rng: GeneratorState;
   loader: LoaderState;
   lossEma: number | null;
+  /** the run this checkpoint belongs to: pruning touches only the same run's checkpoints (absent before 0.1.1) */
+  runId?: string;
 }
 
 const STATE = 'state.json';
@@ -58,7 +61,9 @@ export async function saveCheckpoint(
     throw e;
   }
   if (keepLast !== null) {
-    const all = (await listCheckpoints(root)).filter((d) => d !== final);
+    // only this run's checkpoints are pruned: a folder from another run (another runId, or none) is never deleted
+    const all: string[] = [];
+    for (const d of await listCheckpoints(root)) if (d !== final && (await runIdOf(d)) === state.runId) all.push(d);
     for (const old of all.slice(0, Math.max(0, all.length - (keepLast - 1)))) await rm(old, { recursive: true, force: true });
   }
   return final;
@@ -73,12 +78,57 @@ export async function listCheckpoints(root: string): Promise<string[]> {
     .map((d) => path.join(root, d));
 }
 
-/** `--resume DIR`: a checkpoint folder, or an output/checkpoints folder (its latest checkpoint). */
-export async function resolveResume(dir: string): Promise<string> {
-  if (existsSync(path.join(dir, STATE))) return dir;
+async function runIdOf(dir: string): Promise<string | undefined> {
+  try {
+    return (JSON.parse(await readFile(path.join(dir, STATE), 'utf8')) as TrainState).runId;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Why a checkpoint's trainables are unfit to resume from (NaN/Inf or a magnitude over float16's max), if they are. */
+export async function checkpointProblem(dir: string): Promise<string | undefined> {
+  let f: SafetensorsFile;
+  try {
+    f = await SafetensorsFile.open(path.join(dir, PARAMS));
+  } catch (e) {
+    return (e as Error).message;
+  }
+  try {
+    for (const k of f.keys()) {
+      const { data } = await f.readFloat(k);
+      for (let i = 0; i < data.length; i++) {
+        const v = data[i] as number;
+        if (!Number.isFinite(v)) return `${k} has non-finite values`;
+        if (Math.abs(v) > ABSURD_MAGNITUDE) return `${k} has values up to ${Math.abs(v).toExponential(2)}`;
+      }
+    }
+    return undefined;
+  } catch (e) {
+    return (e as Error).message;
+  } finally {
+    await f.close();
+  }
+}
+
+/**
+ * `--resume DIR`: a checkpoint folder, or an output/checkpoints folder (its latest healthy checkpoint: one whose
+ * trainables are NaN/Inf or blown up is skipped with a note; sdtune never writes one, an older version might have).
+ */
+export async function resolveResume(dir: string, log: (line: string) => void = () => {}): Promise<string> {
+  if (existsSync(path.join(dir, STATE))) {
+    const bad = await checkpointProblem(dir);
+    if (bad) throw new SdtuneError('format', `--resume ${dir}: this checkpoint cannot be resumed from: ${bad}`);
+    return dir;
+  }
   for (const root of [dir, path.join(dir, 'checkpoints')]) {
     const all = await listCheckpoints(root);
-    if (all.length) return all[all.length - 1];
+    for (const ck of all.reverse()) {
+      const bad = await checkpointProblem(ck);
+      if (!bad) return ck;
+      log(`note: skipping checkpoint ${ck}: ${bad}`);
+    }
+    if (all.length) throw new SdtuneError('format', `--resume ${dir}: none of its ${all.length} checkpoints can be resumed from (see the notes above)`);
   }
   throw new SdtuneError('file', `--resume ${dir}: no checkpoint found (expected ${STATE} in it, or step-NNNNNN folders under it or its checkpoints/)`);
 }

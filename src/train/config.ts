@@ -127,7 +127,7 @@ export const FLAG_KEYS: Record<string, string> = {
   output: 'output.dir', name: 'output.name', 'save-every': 'output.save_every', 'save-precision': 'output.save_precision',
   'sample-every': 'output.sample_every', 'sample-prompt': 'output.sample_prompts', logdir: 'output.logging_dir',
 };
-const NON_CONFIG_FLAGS = new Set(['config', 'resume', 'set']);
+const NON_CONFIG_FLAGS = new Set(['config', 'resume', 'set', 'overwrite']);
 
 // ---- schema: one entry per dotted key ----
 

@@ -6,7 +6,8 @@
  * state is checkpointed with the loader's, so `--resume` continues the same curve exactly.
  */
 import * as tf from '@tensorflow/tfjs';
-import { mkdir, writeFile } from 'node:fs/promises';
+import { lstatSync } from 'node:fs';
+import { mkdir, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { makeBuckets } from '../data/buckets.js';
 import { LatentCache, TextCache, sampleLatents } from '../data/cache.js';
@@ -19,6 +20,7 @@ import { TensorBoardWriter } from '../io/tensorboard.js';
 import { assertTrainingFits } from '../infer/budget.js';
 import { generate, toUint8 } from '../infer/pipeline.js';
 import { vaeEncode } from '../models/vae.js';
+import { writeFileAtomic } from '../runtime/atomic.js';
 import { currentBackend } from '../runtime/backend.js';
 import { Interrupted, checkBeforeEveryKernel } from '../runtime/interrupt.js';
 import { disposeTape } from '../runtime/memory.js';
@@ -29,6 +31,7 @@ import { type Method, type ModelResolvedConfig, type TrainConfig, describeSteps,
 import { checkpointName, loadCheckpoint, resolveResume, saveCheckpoint } from './checkpoint.js';
 import { type PredictionType, diffusionLoss } from './loss.js';
 import { lrFactor } from './lr.js';
+import { acquireRunLock, divergedError, newRunId, prepareRunFolder, unhealthyTrainable } from './guards.js';
 import { type AdamWState, adamwStep, clipGradNorm, createAdamW, disposeAdamW } from './optim.js';
 import { type Recipe, captionIds } from './recipe.js';
 import { createLoraRecipe } from './recipes/lora.js';
@@ -49,6 +52,8 @@ export interface TrainOptions {
   quiet?: boolean;
   /** called after every optimizer step (tests, tools) */
   onStep?: (step: number, loss: number) => void;
+  /** a fresh run may replace an earlier run in its output folder (its checkpoints are removed first) */
+  overwrite?: boolean;
 }
 
 export interface TrainResult {
@@ -106,6 +111,44 @@ function makeRecipe(method: Method, model: LoadedModel, c: ModelResolvedConfig, 
  */
 export async function train(method: Method, config: TrainConfig, o: TrainOptions = {}): Promise<TrainResult> {
   const log = o.log ?? ((l: string) => process.stderr.write(l + '\n'));
+  // the output folder: ours alone while we run (a lock), never an earlier run's (unless overwrite/resume), and
+  // nothing in it that leads elsewhere (a symlinked subfolder would take our writes outside it)
+  const out = config.output.dir;
+  await mkdir(out, { recursive: true });
+  for (const sub of ['checkpoints', 'logs', 'samples', 'latents']) {
+    const p = path.join(out, sub);
+    let link = false;
+    try {
+      link = lstatSync(p).isSymbolicLink();
+    } catch {
+      /* absent */
+    }
+    if (link) throw new SdtuneError('usage', `${p} is a symbolic link; sdtune writes only inside the output folder ${out}: remove the link or choose another --output`);
+  }
+  const lock = await acquireRunLock(out, log);
+  try {
+    prepareRunFolder(out, config.output.name, { overwrite: o.overwrite, resume: Boolean(o.resume) }, log);
+    await removeOrphans(out);
+    return await trainLocked(method, config, o, log);
+  } finally {
+    lock.release();
+  }
+}
+
+/** Temp files and folders of saves that a killed process left behind (safe to remove: we hold the lock). */
+async function removeOrphans(out: string): Promise<void> {
+  for (const dir of [out, path.join(out, 'checkpoints')]) {
+    let names: string[] = [];
+    try {
+      names = await readdir(dir);
+    } catch {
+      continue;
+    }
+    for (const n of names) if (n.startsWith('.') && n.endsWith('.tmp')) await rm(path.join(dir, n), { recursive: true, force: true });
+  }
+}
+
+async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions, log: (line: string) => void): Promise<TrainResult> {
   const stopRequested = () => (o.signal?.aborted ?? false) || (o.interrupt?.() ?? false);
   const model = await loadModel(config.model.path, { configDir: config.model.config ?? undefined, tokenizerDir: config.model.tokenizer ?? undefined });
   const cleanups: (() => void)[] = [() => disposeModel(model)];
@@ -165,8 +208,11 @@ export async function train(method: Method, config: TrainConfig, o: TrainOptions
     cleanups.push(() => disposeAdamW(opt));
     let step = 0;
     let lossEma: number | null = null;
+    let runId = newRunId();
+    let resumedFrom: string | undefined;
     if (o.resume) {
-      const dir = await resolveResume(o.resume);
+      const dir = await resolveResume(o.resume, log);
+      resumedFrom = dir;
       const r = await loadCheckpoint(dir, vars);
       if (r.state.method !== method) throw new SdtuneError('usage', `resume: ${dir} is a ${r.state.method} checkpoint, not ${method}`);
       disposeAdamW(opt);
@@ -175,12 +221,14 @@ export async function train(method: Method, config: TrainConfig, o: TrainOptions
       gen.setState(r.state.rng);
       loader = DataLoader.fromState(items, loaderOpts, r.state.loader);
       lossEma = r.state.lossEma;
+      runId = r.state.runId ?? runId;
       log(`resumed from ${dir} at step ${step}`);
     }
-    await mkdir(c.output.dir, { recursive: true });
     const configYaml = dumpConfig(c);
-    await writeFile(path.join(c.output.dir, 'config.resolved.yaml'), configYaml);
+    await writeFileAtomic(path.join(c.output.dir, 'config.resolved.yaml'), new TextEncoder().encode(configYaml));
     tb = await TensorBoardWriter.create(c.output.log_dir);
+    // a resumed run replaces what an earlier process logged after its checkpoint (TensorBoard purges steps > step)
+    if (o.resume) tb.sessionStart(step + 1);
     const nParams = [...vars.values()].reduce((a, v) => a + v.size, 0);
     log(`backend: ${currentBackend()?.name ?? tf.getBackend()}; method: ${method}; trainable parameters: ${nParams.toLocaleString('en-US')}${c.train.gradient_checkpointing ? '; gradient checkpointing' : ''}`);
     log(`steps: ${steps.line}`);
@@ -189,8 +237,18 @@ export async function train(method: Method, config: TrainConfig, o: TrainOptions
     const ckRoot = path.join(c.output.dir, 'checkpoints');
     // `at`: the generator and data-loader state after the last completed step (taken before each step, so that the
     // draws of a step interrupted part-way are not saved)
-    const save = async (at: { rng: GeneratorState; loader: LoaderState } = { rng: gen.getState(), loader: loader.getState() }) =>
-      saveCheckpoint(ckRoot, vars, opt, { method, step, ...at, lossEma }, configYaml, c.output.keep_last);
+    // nothing is saved or exported from weights that are not finite or have blown up: the run stops as diverged,
+    // naming the last good checkpoint (every saved one passed this check)
+    const lastGood = () => checkpoint || resumedFrom;
+    const assertHealthy = async () => {
+      const bad = await unhealthyTrainable(vars);
+      if (bad) throw divergedError(step, `${bad.name} has ${bad.what}`, lastGood(), c.output.dir);
+    };
+    const save = async (at: { rng: GeneratorState; loader: LoaderState } = { rng: gen.getState(), loader: loader.getState() }) => {
+      await assertHealthy();
+      await tb!.flush(); // a kill after this save loses no logged step the checkpoint covers
+      return saveCheckpoint(ckRoot, vars, opt, { method, step, ...at, lossEma, runId }, configYaml, c.output.keep_last);
+    };
     const losses: number[] = [];
     const files: string[] = [];
     let checkpoint = '';
@@ -306,12 +364,13 @@ export async function train(method: Method, config: TrainConfig, o: TrainOptions
       const loss = lossSum / ga;
       if (!Number.isFinite(loss)) {
         tf.dispose([...acc.values()]);
-        throw new SdtuneError(
-          'usage',
-          `loss became ${loss} at step ${step + 1}; training stopped. The last checkpoint (${checkpoint || 'none yet'}) is intact. Try a lower learning rate.`,
-        );
+        throw divergedError(step + 1, `the loss became ${loss}`, lastGood(), c.output.dir);
       }
       const { grads: clipped, totalNorm } = await clipGradNorm(acc, c.train.max_grad_norm);
+      if (!Number.isFinite(totalNorm)) {
+        tf.dispose([...acc.values(), ...clipped.values()]);
+        throw divergedError(step + 1, `the gradient norm became ${totalNorm} (the update was not applied)`, lastGood(), c.output.dir);
+      }
       const factor = lrFactor(c.train, step, total);
       const lr = c.train.lr * factor;
       adamwStep(opt, vars, clipped, {

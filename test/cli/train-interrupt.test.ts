@@ -66,8 +66,8 @@ describe('Ctrl-C during training', () => {
     expect(r.err).toMatch(/interrupted at step 1: checkpoint .*step-000001; continue with --resume .* \(step 2 was stopped part-way and discarded\)/);
     expect(readdirSync(path.join(out, 'checkpoints'))).toEqual(['step-000001']);
     expect(r.out.trim().split('\n')).toEqual([
-      path.join(out, 'textual_inversion-step-000001.safetensors'),
-      path.join(out, 'textual_inversion-step-000001.diffusers.safetensors'),
+      path.join(out, 'my-logo-step-000001.safetensors'),
+      path.join(out, 'my-logo-step-000001.diffusers.safetensors'),
     ]);
     const again = spawnSync(process.execPath, [BIN, ...ti(out, '--resolution', '256', '--max-steps', '2', '--resume', out)], { cwd: ROOT, env, encoding: 'utf8' });
     expect(again.status, again.stderr).toBe(0);
@@ -123,6 +123,6 @@ if (!isMainThread && workerData?.interrupt instanceof SharedArrayBuffer) {
     const r = spawnSync(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', ...ti(out, '--max-steps', '1')], { cwd: ROOT, env, encoding: 'utf8' });
     expect(r.status, r.stderr).toBe(0);
     expect(r.stderr).toMatch(/^backend: wasm/m);
-    expect(r.stdout).toContain(path.join(out, 'textual_inversion.safetensors'));
+    expect(r.stdout).toContain(path.join(out, 'my-logo.safetensors'));
   });
 });

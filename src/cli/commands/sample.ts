@@ -27,6 +27,7 @@ export function registerSample(y: Argv): Argv {
         .option('mask', { type: 'string', describe: 'inpainting mask, white = repaint, same size as --init-image' })
         .option('lora', { type: 'string', array: true, describe: 'FILE[:WEIGHT], repeatable' })
         .option('embedding', { type: 'string', array: true, describe: 'FILE[:TOKEN], repeatable (token defaults to the file name)' })
+        .option('overwrite', { type: 'boolean', default: false, describe: 'replace an existing --out PNG' })
         .option('out', { type: 'string', default: 'outputs', describe: 'a .png file (one image) or a directory (NNNNN-SEED.png)' })
         .option('eta', { type: 'number', describe: 'DDIM eta' })
         .option('attention-chunk', { type: 'number', describe: 'max attention score elements computed at once (memory)' })
@@ -59,6 +60,7 @@ export function registerSample(y: Argv): Argv {
           lora: argv.lora,
           embedding: argv.embedding,
           out: argv.out,
+          overwrite: argv.overwrite,
           eta: argv.eta,
           attentionChunk: argv['attention-chunk'],
           memoryCheck: argv['memory-check'],

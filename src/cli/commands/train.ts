@@ -3,9 +3,7 @@
 import { Worker } from 'node:worker_threads';
 import type { Argv } from 'yargs';
 import { SdtuneError } from '../../errors.js';
-import { selectBackend } from '../../runtime/backend.js';
 import { type Method, type TrainConfig, FLAG_KEYS, flagOverrides, loadConfigFile } from '../../train/config.js';
-import { train } from '../../train/loop.js';
 import { runCommand } from '../run.js';
 import type { TrainWorkerData, TrainWorkerMessage } from '../train-worker.js';
 
@@ -33,6 +31,7 @@ function options(a: Argv, method: Method): Argv {
   let y = a
     .option('config', { type: 'string', describe: 'YAML config (see configs/)' })
     .option('resume', { type: 'string', describe: 'continue from a checkpoint folder or an output folder' })
+    .option('overwrite', { type: 'boolean', describe: 'replace an earlier run in the output folder (its checkpoints are deleted)' })
     .option('set', { type: 'string', array: true, describe: 'override any key: --set train.lr=2e-4' });
   const skip = method === 'lora' ? ['token', 'init-word', 'vectors'] : ['rank', 'alpha', 'conv-rank', 'conv-alpha', 'train-text-encoder'];
   for (const flag of Object.keys(FLAG_KEYS)) {
@@ -47,10 +46,37 @@ async function run(method: Method, argv: Record<string, unknown>): Promise<void>
   const { overrides, configPath, resume } = flagOverrides(argv);
   const config = await loadConfigFile(method, configPath, overrides);
   const requested = (config.model.backend ?? process.env.SDTUNE_BACKEND ?? '').trim().toLowerCase();
-  const r = await trainInWorker(method, config, resume, requested === 'webgpu');
-  const { files, stopped } = 'workerBackendError' in r ? await trainHere(method, config, resume, r.workerBackendError) : r;
+  const run: RunRequest = { method, config, resume, overwrite: Boolean(argv.overwrite) };
+  const r = await trainInWorker(run, requested === 'webgpu');
+  const { files, stopped } = 'workerBackendError' in r ? await trainHere(run, r.workerBackendError) : r;
   for (const f of files) process.stdout.write(f + '\n');
-  if (stopped === 'interrupted') process.exitCode = 130;
+  // after a graceful stop: 130 for Ctrl-C, 143 for SIGTERM (docker stop, systemd, timeout), as a shell reports them
+  if (stopped === 'interrupted') process.exitCode = stopSignal === 'SIGTERM' ? 143 : 130;
+}
+
+interface RunRequest {
+  method: Method;
+  config: TrainConfig;
+  resume: string | null;
+  overwrite: boolean;
+}
+
+let stopSignal: NodeJS.Signals | undefined;
+
+/** SIGINT and SIGTERM: the first asks for a graceful stop (`request`), a second one exits at once. */
+function onStopSignals(request: () => void): () => void {
+  const handler = (sig: NodeJS.Signals) => {
+    if (stopSignal) process.exit(sig === 'SIGTERM' ? 143 : 130);
+    stopSignal = sig;
+    process.stderr.write(sig === 'SIGTERM' ? FIRST_INTERRUPT.replace('interrupt:', 'SIGTERM:').replace('Ctrl-C again', 'a second signal') : FIRST_INTERRUPT);
+    request();
+  };
+  process.on('SIGINT', handler);
+  process.on('SIGTERM', handler);
+  return () => {
+    process.off('SIGINT', handler);
+    process.off('SIGTERM', handler);
+  };
 }
 
 const FIRST_INTERRUPT = '\ninterrupt: stopping the current step and saving the last completed one (Ctrl-C again to quit now)\n';
@@ -68,21 +94,11 @@ function startWorker(data: TrainWorkerData): Worker {
  * once (process.exit ends the worker with the process). With `backendFallback`, a backend that fails to start in
  * the worker is returned as `workerBackendError` (for the caller to try in this thread) instead of thrown.
  */
-async function trainInWorker(
-  method: Method,
-  config: TrainConfig,
-  resume: string | null,
-  backendFallback: boolean,
-): Promise<{ files: string[]; stopped: 'done' | 'interrupted' } | { workerBackendError: string }> {
+async function trainInWorker(run: RunRequest, backendFallback: boolean): Promise<{ files: string[]; stopped: 'done' | 'interrupted' } | { workerBackendError: string }> {
   const interrupt = new SharedArrayBuffer(4);
   const flag = new Int32Array(interrupt);
-  const worker = startWorker({ method, config, resume, interrupt, tty: { isTTY: Boolean(process.stderr.isTTY), columns: process.stderr.columns }, backendFallback });
-  const onSigint = () => {
-    if (Atomics.load(flag, 0) !== 0) process.exit(130);
-    process.stderr.write(FIRST_INTERRUPT);
-    Atomics.store(flag, 0, 1);
-  };
-  process.on('SIGINT', onSigint);
+  const worker = startWorker({ ...run, interrupt, tty: { isTTY: Boolean(process.stderr.isTTY), columns: process.stderr.columns }, backendFallback });
+  const offSignals = onStopSignals(() => Atomics.store(flag, 0, 1));
   try {
     return await new Promise((resolve, reject) => {
       worker.on('message', (m: TrainWorkerMessage) => {
@@ -95,28 +111,25 @@ async function trainInWorker(
       worker.on('exit', (code) => reject(new Error(`the training worker exited (code ${code}) without a result`)));
     });
   } finally {
-    process.off('SIGINT', onSigint);
+    offSignals();
     await worker.terminate();
   }
 }
 
 /** Train in this thread, when the backend could not start in a worker (`workerError`) but starts here: Ctrl-C is
  *  then seen between steps, and within one only where the backend awaits the device. */
-async function trainHere(method: Method, config: TrainConfig, resume: string | null, workerError: string): Promise<{ files: string[]; stopped: 'done' | 'interrupted' }> {
+async function trainHere(run: RunRequest, workerError: string): Promise<{ files: string[]; stopped: 'done' | 'interrupted' }> {
+  const [{ selectBackend }, { train }] = await Promise.all([import('../../runtime/backend.js'), import('../../train/loop.js')]);
+  const { method, config, resume, overwrite } = run;
   const b = await selectBackend(config.model.backend ?? undefined); // fails as it would have in the worker: that error
   process.stderr.write(`note: the backend could not start in a worker thread (${workerError}); training in the main thread, where Ctrl-C stops between steps\n`);
   process.stderr.write(b.message + '\n');
   const ac = new AbortController();
-  const onSigint = () => {
-    if (ac.signal.aborted) process.exit(130);
-    process.stderr.write(FIRST_INTERRUPT);
-    ac.abort();
-  };
-  process.on('SIGINT', onSigint);
+  const offSignals = onStopSignals(() => ac.abort());
   try {
-    return await train(method, config, { resume, signal: ac.signal });
+    return await train(method, config, { resume, overwrite, signal: ac.signal });
   } finally {
-    process.off('SIGINT', onSigint);
+    offSignals();
   }
 }
 
