@@ -4,6 +4,7 @@ import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { SdtuneError } from '../../src/errors.js';
 import { readEmbedding } from '../../src/adapters/embeddings.js';
 import { readLora } from '../../src/adapters/lora.js';
 import { injectLora } from '../../src/adapters/lora-inject.js';
@@ -97,13 +98,14 @@ describe('training loop (bundled tiny model)', () => {
     }
   });
 
-  it('a NaN loss stops training with a clear message and leaves the last checkpoint intact', async () => {
+  it('a diverging run (lr 1e30) stops as diverged, names the last good checkpoint and leaves the checkpoints intact', async () => {
     const out = path.join(tmp, 'nan');
     await train('lora', config('lora', out, { 'train.max_steps': 2, 'output.save_every': 1 }), quiet);
     const before = readdirSync(path.join(out, 'checkpoints'));
-    await expect(train('lora', config('lora', out, { 'train.max_steps': 6, 'train.lr': 1e30, 'train.max_grad_norm': 0 }), { ...quiet, resume: out })).rejects.toThrow(
-      /loss became (NaN|Infinity|-Infinity) at step \d+; training stopped\. The last checkpoint/,
-    );
+    const e = await train('lora', config('lora', out, { 'train.max_steps': 6, 'train.lr': 1e30, 'train.max_grad_norm': 0 }), { ...quiet, resume: out }).catch((x: Error) => x);
+    expect((e as SdtuneError).kind).toBe('diverged');
+    expect((e as Error).message).toMatch(/^training diverged at step \d+: (the loss became|the gradient norm became|.* has (non-finite|values up to))/);
+    expect((e as Error).message).toContain(`the last good checkpoint is ${path.join(out, 'checkpoints', 'step-000002')}`);
     expect(readdirSync(path.join(out, 'checkpoints'))).toEqual(before);
   });
 
