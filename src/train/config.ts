@@ -7,7 +7,7 @@
 import { readFile, stat } from 'node:fs/promises';
 import path from 'node:path';
 import YAML from 'yaml';
-import { embeddingFileStem } from '../adapters/embeddings.js';
+import { embeddingFileStem } from '../adapters/file-names.js';
 import { SdtuneError, fileError, usageError } from '../errors.js';
 import { BACKENDS, type BackendName } from '../runtime/backend-names.js';
 import { resolveSampler } from '../schedulers/names.js';

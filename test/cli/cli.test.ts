@@ -31,6 +31,18 @@ describe('sdtune command line (no reference data needed)', () => {
     expect(bad.code).toBe(2);
   });
 
+  it('declaring the commands (what --help needs) loads no tfjs: the library is imported when a command runs', () => {
+    const script = [
+      ...['train', 'sample', 'convert', 'inspect'].map((c) => `await import('./src/cli/commands/${c}.ts');`),
+      "const { createRequire } = await import('node:module');",
+      'const cache = Object.keys(createRequire(import.meta.url).cache);',
+      "process.stdout.write(JSON.stringify(cache.filter((k) => k.includes('@tensorflow'))));",
+    ].join('\n');
+    const r = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { cwd: path.resolve(path.dirname(BIN), '..'), encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toEqual([]);
+  });
+
   it('a missing required flag is one line naming the command help', () => {
     const r = sdtune('sample', '--prompt', 'x');
     expect(r.code).toBe(2);

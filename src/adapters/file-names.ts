@@ -1,0 +1,17 @@
+/** File names of adapters (a module without tfjs: the config and the command line use it). */
+
+/** Characters that cannot be in a file name on some OS (Windows' set, which includes POSIX's /), and control characters. */
+// eslint-disable-next-line no-control-regex
+const UNSAFE_IN_FILE_NAME = /[<>:"/\\|?*\u0000-\u001f\u007f]/g;
+const WINDOWS_RESERVED = /^(con|prn|aux|nul|com\d|lpt\d)$/i;
+
+/**
+ * The file-name stem for an embedding of `token`, as A1111 loads embeddings by file name: the token without the
+ * characters unsafe in file names (`<my-logo>` -> `my-logo`), trimmed of spaces and dots at the ends; `embedding`
+ * when nothing is left, and `_` appended to a Windows device name.
+ */
+export function embeddingFileStem(token: string): string {
+  const stem = token.replace(UNSAFE_IN_FILE_NAME, '').replace(/^[\s.]+|[\s.]+$/g, '');
+  if (!stem) return 'embedding';
+  return WINDOWS_RESERVED.test(stem) ? `${stem}_` : stem;
+}
