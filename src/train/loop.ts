@@ -21,7 +21,6 @@ import { assertTrainingFits } from '../infer/budget.js';
 import { generate, toUint8 } from '../infer/pipeline.js';
 import { vaeEncode } from '../models/vae.js';
 import { writeFileAtomic } from '../runtime/atomic.js';
-import { currentBackend } from '../runtime/backend.js';
 import { Interrupted, checkBeforeEveryKernel } from '../runtime/interrupt.js';
 import { disposeTape } from '../runtime/memory.js';
 import { progress } from '../runtime/progress.js';
@@ -230,7 +229,7 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
     // a resumed run replaces what an earlier process logged after its checkpoint (TensorBoard purges steps > step)
     if (o.resume) tb.sessionStart(step + 1);
     const nParams = [...vars.values()].reduce((a, v) => a + v.size, 0);
-    log(`backend: ${currentBackend()?.name ?? tf.getBackend()}; method: ${method}; trainable parameters: ${nParams.toLocaleString('en-US')}${c.train.gradient_checkpointing ? '; gradient checkpointing' : ''}`);
+    log(`method: ${method}; trainable parameters: ${nParams.toLocaleString('en-US')}${c.train.gradient_checkpointing ? '; gradient checkpointing' : ''}`);
     log(`steps: ${steps.line}`);
     const T = schedule.config.numTrainTimesteps;
     const pick = (n: number) => gen.randint(0, n, [1])[0];

@@ -2,7 +2,7 @@
 // worker thread, so its main thread sees the signal at once and the worker stops at its next kernel), and twice.
 // Assertions are on behaviour (exit code, files, which step was saved), never on wall-clock times.
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -116,6 +116,52 @@ if (!isMainThread && workerData?.interrupt instanceof SharedArrayBuffer) {
     // the worker never got to save: the process ended without it
     expect(r.err).not.toMatch(/interrupted at step/);
     expect(existsSync(path.join(out, 'checkpoints'))).toBe(false);
+  });
+
+  it('SIGTERM (docker stop, systemd, timeout) stops like Ctrl-C: the last finished step is saved, exit 143', async () => {
+    const out = path.join(tmp, 'sigterm');
+    let sent = false;
+    const r = await run(ti(out, '--resolution', '64', '--max-steps', '20'), (err, child) => {
+      if (!sent && /textual_inversion \[.*\] 1\/20 /.test(err)) {
+        sent = true;
+        child.kill('SIGTERM');
+      }
+    });
+    expect(r.code, r.err).toBe(143);
+    expect(r.err).toMatch(/SIGTERM: stopping the current step and saving the last completed one \(a second signal to quit now\)/);
+    const saved = readdirSync(path.join(out, 'checkpoints'));
+    expect(saved).toHaveLength(1);
+    expect(r.err).toContain(`interrupted at step ${Number(saved[0].slice(5))}: checkpoint`);
+  });
+
+  it('after kill -9: the stale lock is taken over, a fresh run is refused, --resume removes the orphan temp files and finishes', async () => {
+    const out = path.join(tmp, 'killed');
+    const ck = path.join(out, 'checkpoints');
+    const running = run(ti(out, '--max-steps', '400', '--save-every', '1'), () => {});
+    const child = children[children.length - 1];
+    const poll = setInterval(() => {
+      if (existsSync(path.join(ck, 'step-000002')) && child.exitCode === null) child.kill('SIGKILL');
+    }, 50);
+    const r = await running.finally(() => clearInterval(poll));
+    expect(r.signal).toBe('SIGKILL');
+    expect(existsSync(path.join(out, '.sdtune.lock'))).toBe(true); // left behind by the killed process
+    const orphan = path.join(ck, '.step-000999.12345.tmp');
+    mkdirSync(orphan);
+    const last = readdirSync(ck).filter((d) => /^step-\d+$/.test(d)).sort().pop()!;
+    const step = Number(last.slice(5));
+    // a fresh run without --resume is refused: the folder holds that run
+    const fresh = spawnSync(process.execPath, [BIN, ...ti(out, '--max-steps', '2')], { cwd: ROOT, env, encoding: 'utf8' });
+    expect(fresh.status).toBe(2);
+    expect(fresh.stderr).toMatch(/holds an earlier run .*continue it with --resume/);
+    // (the refused run took over the dead process' lock first, and let it go)
+    expect(fresh.stderr).toMatch(/note: removing the stale lock of an earlier run that did not finish \(pid \d+/);
+    expect(existsSync(path.join(out, '.sdtune.lock'))).toBe(false);
+    const again = spawnSync(process.execPath, [BIN, ...ti(out, '--max-steps', String(step + 2), '--resume', out)], { cwd: ROOT, env, encoding: 'utf8' });
+    expect(again.status, again.stderr).toBe(0);
+    expect(again.stderr).toContain(`resumed from ${path.join(ck, last)} at step ${step}`);
+    expect(again.stderr).toMatch(new RegExp(`done: ${step + 2} steps`));
+    expect(existsSync(orphan)).toBe(false);
+    expect(existsSync(path.join(out, '.sdtune.lock'))).toBe(false);
   });
 
   it('runs the same from the TypeScript sources through tsx (node --import tsx src/cli/main.ts)', () => {
