@@ -9,7 +9,7 @@ export { disposeTape } from './runtime/memory.js';
 export { Interrupted, checkBeforeEveryKernel } from './runtime/interrupt.js';
 export { SafetensorsFile, readSafetensorsHeader, writeSafetensors } from './io/safetensors.js';
 export { openCheckpoint } from './io/checkpoint.js';
-export { convertCheckpoint, type ConvertResult } from './io/convert.js';
+export { convertCheckpoint, saveModel, type ConvertResult, type SaveModelOptions, type SavePrecision } from './io/convert.js';
 export { loadModel, disposeModel, inspectModel, type LoadedModel, type ModelReport, type OpenModelOptions } from './io/model.js';
 export { formatInfotext, parseInfotext, readPngText, writePng, readImageRgb } from './io/png.js';
 export { TensorBoardWriter, readEventFile } from './io/tensorboard.js';

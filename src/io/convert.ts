@@ -15,9 +15,37 @@ import { fileError, usageError } from '../errors.js';
 import { sd15ModelIndex } from '../models/presets.js';
 import { writeFileAtomic } from '../runtime/atomic.js';
 import { TOKENIZER_FILES, type TokenizerFileName } from '../tokenizer/clip.js';
-import { CONFIGS_METADATA_KEY, TOKENIZER_METADATA_PREFIX, openCheckpoint, readTensorRef, type CheckpointSource, type ComponentSource, type TensorRef } from './checkpoint.js';
+import { CONFIGS_METADATA_KEY, TOKENIZER_METADATA_PREFIX, openCheckpoint, readTensorRef, type CheckpointSource } from './checkpoint.js';
 import { COMPONENTS, diffusersToLdmTable, transformShape, type Component } from './ldm-keymap.js';
-import { writeSafetensors, type Dtype, type WritableTensor } from './safetensors.js';
+import { writeSafetensors, type Dtype, type LazyTensor } from './safetensors.js';
+import { flattenParams, type ParamTree } from '../models/params.js';
+import type { LoadedModel } from './model.js';
+import { tensorToTorch, torchShapeOf } from './layout.js';
+
+/** Float precision of the weights written: fp32 / fp16 / bf16; undefined keeps each tensor's stored float dtype. */
+export type SavePrecision = 'fp32' | 'fp16' | 'bf16';
+
+/** One tensor to write: diffusers key, torch layout; its data is read only when it is written. */
+interface ExportTensor {
+  shape: number[];
+  /** stored dtype (of the source file, or F32 for weights in memory) */
+  dtype: Dtype;
+  read: () => Promise<Float32Array | Int32Array>;
+}
+interface ExportComponent {
+  config: Record<string, unknown>;
+  tensors: Map<string, ExportTensor>;
+}
+/** What the writers write, from a file (convert) or from weights in memory (saveModel). */
+interface ExportSource {
+  path: string;
+  variant: 'v1' | 'inpaint';
+  components: Partial<Record<Component, ExportComponent>>;
+  schedulerConfig: Record<string, unknown>;
+  modelIndex?: Record<string, unknown>;
+  tokenizerDir?: string;
+  embeddedTokenizer?: Partial<Record<TokenizerFileName, string>>;
+}
 
 export interface ConvertOptions {
   /** default: the other layout */
@@ -51,12 +79,15 @@ async function assertFree(out: string, wantDir: boolean): Promise<void> {
   if (st.isDirectory() !== wantDir) throw usageError(`${out} exists and is a ${st.isDirectory() ? 'folder' : 'file'}; expected a ${wantDir ? 'folder' : '.safetensors file'} path`);
 }
 
-/** Output dtype of one tensor: F16 when halving floats, else its stored dtype (F64 narrowed to F32). */
-const outDtype = (ref: TensorRef, half: boolean): Dtype => (isFloat(ref.dtype) ? (half ? 'F16' : ref.dtype === 'F64' ? 'F32' : ref.dtype) : ref.dtype);
+const PRECISION_DTYPE: Record<SavePrecision, Dtype> = { fp32: 'F32', fp16: 'F16', bf16: 'BF16' };
+
+/** Output dtype of one tensor: the precision's for floats when one is given, else its stored dtype (F64 narrowed to F32). */
+const outDtype = (ref: { dtype: Dtype }, prec: SavePrecision | undefined): Dtype =>
+  isFloat(ref.dtype) ? (prec ? PRECISION_DTYPE[prec] : ref.dtype === 'F64' ? 'F32' : ref.dtype) : ref.dtype;
 
 /** A config whose dtype field (if it has one) names the dtype the weights are written in. */
-function withDtype(src: ComponentSource, half: boolean): Record<string, unknown> {
-  const names = new Set([...src.tensors.values()].filter((r) => isFloat(r.dtype)).map((r) => DTYPE_NAME[outDtype(r, half)] ?? 'float32'));
+function withDtype(src: ExportComponent, prec: SavePrecision | undefined): Record<string, unknown> {
+  const names = new Set([...src.tensors.values()].filter((r) => isFloat(r.dtype)).map((r) => DTYPE_NAME[outDtype(r, prec)] ?? 'float32'));
   const config = { ...src.config };
   if (names.size === 1) for (const k of ['dtype', 'torch_dtype']) if (k in config) config[k] = [...names][0];
   return config;
@@ -73,7 +104,7 @@ export interface ConvertResult {
 }
 
 /** The tokenizer files of the source: its tokenizer folder's (those TOKENIZER_FILES names), else a single file's embedded ones. */
-async function sourceTokenizer(src: CheckpointSource): Promise<{ from: string; files: Partial<Record<TokenizerFileName, string>> } | undefined> {
+async function sourceTokenizer(src: ExportSource): Promise<{ from: string; files: Partial<Record<TokenizerFileName, string>> } | undefined> {
   if (src.tokenizerDir) {
     const files: Partial<Record<TokenizerFileName, string>> = {};
     for (const name of Object.keys(TOKENIZER_FILES) as TokenizerFileName[]) {
@@ -104,8 +135,10 @@ export async function convertCheckpoint(input: string, output: string, opts: Con
     const total = present.reduce((n, c) => n + src.components[c]!.tensors.size, 0);
     let done = 0;
     const tick = () => opts.onProgress?.(++done, total);
-    const tok = await sourceTokenizer(src);
-    const r = to === 'single-file' ? await writeSingleFile(src, present, output, !!opts.half, tick, tok?.files) : await writeDiffusers(src, present, output, !!opts.half, tick, tok?.files);
+    const from = exportSourceOf(src);
+    const tok = await sourceTokenizer(from);
+    const prec = opts.half ? 'fp16' : undefined;
+    const r = to === 'single-file' ? await writeSingleFile(from, present, output, prec, tick, tok?.files) : await writeDiffusers(from, present, output, prec, tick, tok?.files);
     const notes = !tok && src.components.text_encoder ? [`no tokenizer found for ${input}, so ${output} has none: sampling it needs --tokenizer DIR (or convert again with --tokenizer DIR)`] : [];
     return { ...r, tokenizer: tok?.from ?? null, notes };
   } finally {
@@ -113,18 +146,86 @@ export async function convertCheckpoint(input: string, output: string, opts: Con
   }
 }
 
-/** One LDM-keyed file with the diffusers converter's key set, configs in the metadata. */
-async function writeSingleFile(src: CheckpointSource, present: Component[], output: string, half: boolean, tick: () => void, tokenizer?: Partial<Record<TokenizerFileName, string>>) {
-  const tensors = new Map<string, WritableTensor>();
+export interface SaveModelOptions {
+  /** 'diffusers' (a folder) or 'single-file' (an LDM-keyed .safetensors, what A1111 and ComfyUI load); default: from
+   *  the output path (`.safetensors` = single file) */
+  to?: 'diffusers' | 'single-file';
+  /** default fp32 */
+  precision?: SavePrecision;
+  onProgress?: (done: number, total: number) => void;
+}
+
+/**
+ * Write a model held in memory (e.g. after full fine-tuning) as a diffusers folder or a single file, with the configs
+ * and tokenizer it was loaded with. Written tensor by tensor: each is read back from the backend, converted to torch
+ * layout and written before the next, so saving needs one tensor of host memory beyond the model. Atomic like
+ * convert (temp + rename); an existing non-empty output is refused.
+ */
+export async function saveModel(model: LoadedModel, output: string, opts: SaveModelOptions = {}): Promise<ConvertResult> {
+  const to = opts.to ?? (output.endsWith('.safetensors') ? 'single-file' : 'diffusers');
+  const isFile = output.endsWith('.safetensors');
+  if (to === 'single-file' && !isFile) throw usageError(`single-file output must be a .safetensors path (got ${output})`);
+  if (to === 'diffusers' && isFile) throw usageError(`diffusers output is a folder, not ${output}; choose a folder name or save as single-file`);
+  await assertFree(output, to === 'diffusers');
+  const parts: [Component, { params: ParamTree } | undefined][] = [['unet', model.unet], ['vae', model.vae], ['text_encoder', model.textEncoder]];
+  const components: ExportSource['components'] = {};
+  for (const [c, part] of parts) {
+    if (!part) continue;
+    const config = model.source?.configs[c];
+    if (!config) throw usageError(`${model.path}: the ${c} config it was loaded with is unknown (load the model with loadModel to save it)`);
+    const tensors = new Map<string, ExportTensor>();
+    for (const [k, t] of flattenParams(part.params)) {
+      if (k.includes('.lora_')) throw usageError(`${model.path}: ${c} has LoRA factors injected (${k}); merge or remove them before saving the model`);
+      tensors.set(k, { shape: torchShapeOf(k, t.shape), dtype: t.dtype === 'int32' ? 'I32' : 'F32', read: async () => (await tensorToTorch(k, t)).data as Float32Array | Int32Array });
+    }
+    components[c] = { config, tensors };
+  }
+  const src: ExportSource = { path: model.path, variant: model.variant, components, schedulerConfig: model.schedulerConfig, ...model.source };
+  const present = COMPONENTS.filter((c) => components[c]);
+  const total = present.reduce((n, c) => n + components[c]!.tensors.size, 0);
+  let done = 0;
+  const tick = () => opts.onProgress?.(++done, total);
+  const tok = await sourceTokenizer(src);
+  const prec = opts.precision ?? 'fp32';
+  const r = to === 'single-file' ? await writeSingleFile(src, present, output, prec, tick, tok?.files) : await writeDiffusers(src, present, output, prec, tick, tok?.files);
+  const notes = !tok && components.text_encoder ? [`${model.path} has no tokenizer, so ${output} has none: sampling it needs --tokenizer DIR`] : [];
+  return { ...r, tokenizer: tok?.from ?? null, notes };
+}
+
+/** A checkpoint's tensors as an ExportSource (each read from its file when written). */
+function exportSourceOf(src: CheckpointSource): ExportSource {
+  const components: ExportSource['components'] = {};
+  for (const c of COMPONENTS) {
+    const comp = src.components[c];
+    if (!comp) continue;
+    const tensors = new Map<string, ExportTensor>();
+    for (const [k, ref] of comp.tensors) tensors.set(k, { shape: ref.shape, dtype: ref.dtype, read: async () => (await readTensorRef(ref)).data });
+    components[c] = { config: comp.config, tensors };
+  }
+  return { path: src.path, variant: src.variant, components, schedulerConfig: src.schedulerConfig, modelIndex: src.modelIndex, tokenizerDir: src.tokenizerDir, embeddedTokenizer: src.embeddedTokenizer };
+}
+
+/** The tensors of one file, each read (and counted by `tick`) only when the writer gets to it. */
+const lazy = (t: ExportTensor, shape: number[], prec: SavePrecision | undefined, tick: () => void): LazyTensor => ({
+  shape,
+  dtype: outDtype(t, prec),
+  load: async () => {
+    const d = await t.read();
+    tick();
+    return d;
+  },
+});
+
+/** One LDM-keyed file with the diffusers converter's key set, configs in the metadata; written tensor by tensor. */
+async function writeSingleFile(src: ExportSource, present: Component[], output: string, prec: SavePrecision | undefined, tick: () => void, tokenizer?: Partial<Record<TokenizerFileName, string>>) {
+  const tensors = new Map<string, LazyTensor>();
   const configs: Record<string, unknown> = { scheduler: src.schedulerConfig };
   for (const c of present) {
     const comp = src.components[c]!;
-    configs[c] = withDtype(comp, half);
+    configs[c] = withDtype(comp, prec);
     for (const e of diffusersToLdmTable(c, comp.tensors.keys(), src.path)) {
-      const ref = comp.tensors.get(e.from)!;
-      const raw = await readTensorRef(ref);
-      tensors.set(e.to, { shape: transformShape(e.transform, raw.shape, e.to), data: raw.data, dtype: outDtype(ref, half) });
-      tick();
+      const t = comp.tensors.get(e.from)!;
+      tensors.set(e.to, lazy(t, transformShape(e.transform, t.shape, e.to), prec, tick));
     }
   }
   const metadata: Record<string, string> = { [CONFIGS_METADATA_KEY]: JSON.stringify(configs) };
@@ -133,8 +234,8 @@ async function writeSingleFile(src: CheckpointSource, present: Component[], outp
   return { layout: 'single-file', tensors: tensors.size, bytes: (await stat(output)).size };
 }
 
-/** A diffusers folder, built in a hidden sibling folder and renamed into place. */
-async function writeDiffusers(src: CheckpointSource, present: Component[], output: string, half: boolean, tick: () => void, tokenizer?: Partial<Record<TokenizerFileName, string>>) {
+/** A diffusers folder, built in a hidden sibling folder and renamed into place; each weights file tensor by tensor. */
+async function writeDiffusers(src: ExportSource, present: Component[], output: string, prec: SavePrecision | undefined, tick: () => void, tokenizer?: Partial<Record<TokenizerFileName, string>>) {
   const out = path.resolve(output);
   const tmp = path.join(path.dirname(out), `.sdtune-tmp-${path.basename(out)}-${process.pid}-${randomBytes(4).toString('hex')}`);
   await mkdir(tmp, { recursive: true });
@@ -147,13 +248,9 @@ async function writeDiffusers(src: CheckpointSource, present: Component[], outpu
       const comp = src.components[c]!;
       const dir = path.join(tmp, c);
       await mkdir(dir);
-      await writeFileAtomic(path.join(dir, 'config.json'), jsonBytes(withDtype(comp, half)));
-      const tensors = new Map<string, WritableTensor>();
-      for (const [k, ref] of comp.tensors) {
-        const raw = await readTensorRef(ref);
-        tensors.set(k, { shape: raw.shape, data: raw.data, dtype: outDtype(ref, half) });
-        tick();
-      }
+      await writeFileAtomic(path.join(dir, 'config.json'), jsonBytes(withDtype(comp, prec)));
+      const tensors = new Map<string, LazyTensor>();
+      for (const [k, t] of comp.tensors) tensors.set(k, lazy(t, t.shape, prec, tick));
       await writeSafetensors(path.join(dir, WEIGHTS_FILE[c]), tensors, { metadata: { format: 'pt' } });
       count += tensors.size;
       bytes += (await stat(path.join(dir, WEIGHTS_FILE[c]))).size;

@@ -36,6 +36,14 @@ export interface LoadedModel {
   tokenizer?: ClipTokenizer;
   schedulerConfig: Record<string, unknown>;
   notes: string[];
+  /** where it came from, for writing it back out (saveModel): each component's config.json fields as read, the
+   *  pipeline's model_index.json, and the tokenizer files (a folder, or those embedded in a single file) */
+  source?: {
+    configs: Partial<Record<Component, Record<string, unknown>>>;
+    modelIndex?: Record<string, unknown>;
+    tokenizerDir?: string;
+    embeddedTokenizer?: CheckpointSource['embeddedTokenizer'];
+  };
 }
 
 const SPECS = {
@@ -97,7 +105,14 @@ async function tokenizerOf(ck: CheckpointSource, opts: OpenModelOptions, notes: 
 /** Load a model's networks (and tokenizer, when there is a text encoder) into memory. */
 export async function loadModel(path: string, opts: OpenModelOptions = {}): Promise<LoadedModel> {
   const ck = await openCheckpoint(path, opts);
-  const loaded: LoadedModel = { path, layout: ck.layout, variant: ck.variant, schedulerConfig: ck.schedulerConfig, notes: [...ck.notes] };
+  const loaded: LoadedModel = {
+    path,
+    layout: ck.layout,
+    variant: ck.variant,
+    schedulerConfig: ck.schedulerConfig,
+    notes: [...ck.notes],
+    source: { configs: {}, modelIndex: ck.modelIndex, tokenizerDir: opts.tokenizerDir ?? ck.tokenizerDir, embeddedTokenizer: ck.embeddedTokenizer },
+  };
   try {
     const want = (opts.components ?? (['text_encoder', 'unet', 'vae'] as Component[])).filter((c) => ck.components[c]);
     if (opts.components) {
@@ -114,6 +129,7 @@ export async function loadModel(path: string, opts: OpenModelOptions = {}): Prom
     for (const [name, { config, spec }] of checked) {
       const tensors = await readComponent(ck.components[name]!);
       const params = buildParams(`${path} (${name})`, spec, tensors);
+      loaded.source!.configs[name] = ck.components[name]!.config;
       if (name === 'unet') loaded.unet = { config: config as UNetConfig, params };
       else if (name === 'vae') loaded.vae = { config: config as VaeConfig, params };
       else loaded.textEncoder = { config: config as ClipTextConfig, params };

@@ -36,6 +36,16 @@ export interface WritableTensor {
   data: Float32Array | Int32Array | Uint16Array;
   dtype?: Dtype;
 }
+/**
+ * A tensor whose data is produced only when it is written (`load`, called once, in write order): a writer of many
+ * lazy tensors holds one tensor's data at a time, so a model can be saved with one tensor of extra memory.
+ */
+export interface LazyTensor {
+  shape: number[];
+  /** the dtype written (Float32Array data is narrowed to F16 / BF16 as for WritableTensor) */
+  dtype: Dtype;
+  load: () => Promise<Float32Array | Int32Array | Uint16Array>;
+}
 export interface WriteOptions {
   metadata?: Record<string, string>;
   /** convert every Float32Array tensor without an explicit dtype to this dtype on write */
@@ -366,10 +376,17 @@ function encode(name: string, data: WritableTensor['data'], dtype: Dtype): Uint8
 /** Write tensors as safetensors following the reference writer rules, atomically and one tensor at a time. */
 export async function writeSafetensors(
   path: string,
-  tensors: Map<string, WritableTensor> | Record<string, WritableTensor>,
+  tensors: Map<string, WritableTensor | LazyTensor> | Record<string, WritableTensor | LazyTensor>,
   opts: WriteOptions = {},
 ): Promise<void> {
   const entries = (tensors instanceof Map ? [...tensors] : Object.entries(tensors)).map(([name, t]) => {
+    if ('load' in t) {
+      if (!(t.dtype in DTYPE_SIZE)) throw new SdtuneError('format', `${path}: tensor "${name}" has unknown dtype ${t.dtype}`);
+      if (!Array.isArray(t.shape) || !t.shape.every(isCount)) throw new SdtuneError('format', `${path}: tensor "${name}" has invalid shape ${JSON.stringify(t.shape)}`);
+      const n = numel(t.shape);
+      if (n === undefined) throw new SdtuneError('format', `${path}: tensor "${name}" shape ${fmtShape(t.shape)} is too large`);
+      return { name, t, dtype: t.dtype, n, key: Buffer.from(name, 'utf8') };
+    }
     const dtype = t.dtype ?? (t.data instanceof Float32Array ? (opts.floatDtype ?? 'F32') : t.data instanceof Int32Array ? 'I32' : undefined);
     if (!dtype) throw new SdtuneError('format', `${path}: tensor "${name}" is a Uint16Array and needs dtype F16, BF16 or U16`);
     if (!(dtype in DTYPE_SIZE)) throw new SdtuneError('format', `${path}: tensor "${name}" has unknown dtype ${dtype}`);
@@ -377,7 +394,7 @@ export async function writeSafetensors(
     if (!Array.isArray(t.shape) || !t.shape.every(isCount)) throw new SdtuneError('format', `${path}: tensor "${name}" has invalid shape ${JSON.stringify(t.shape)}`);
     if (numel(t.shape) !== t.data.length)
       throw new SdtuneError('format', `${path}: tensor "${name}" shape ${fmtShape(t.shape)} x ${dtype} needs ${numel(t.shape)} elements but data has ${t.data.length}`);
-    return { name, t, dtype, key: Buffer.from(name, 'utf8') };
+    return { name, t, dtype, n: t.data.length, key: Buffer.from(name, 'utf8') };
   });
   entries.sort((a, b) => WRITE_ORDER.indexOf(a.dtype) - WRITE_ORDER.indexOf(b.dtype) || Buffer.compare(a.key, b.key));
 
@@ -391,7 +408,7 @@ export async function writeSafetensors(
   }
   let offset = 0;
   for (const e of entries) {
-    const end = offset + e.t.data.length * DTYPE_SIZE[e.dtype];
+    const end = offset + e.n * DTYPE_SIZE[e.dtype];
     parts.push(`${JSON.stringify(e.name)}:{"dtype":"${e.dtype}","shape":${JSON.stringify(e.t.shape)},"data_offsets":[${offset},${end}]}`);
     offset = end;
   }
@@ -402,7 +419,11 @@ export async function writeSafetensors(
 
   await withAtomicFile(path, async (fh) => {
     await writeAll(fh, Buffer.concat([prefix, header]));
-    for (const e of entries) await writeAll(fh, encode(e.name, e.t.data, e.dtype));
+    for (const e of entries) {
+      const data = 'load' in e.t ? await e.t.load() : e.t.data;
+      if (data.length !== e.n) throw new SdtuneError('format', `${path}: tensor "${e.name}" shape ${fmtShape(e.t.shape)} needs ${e.n} elements but its data has ${data.length}`);
+      await writeAll(fh, encode(e.name, data, e.dtype));
+    }
   });
 }
 
