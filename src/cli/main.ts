@@ -6,7 +6,7 @@ import { registerInspect } from './commands/inspect.js';
 import { registerSample } from './commands/sample.js';
 import { registerTrain } from './commands/train.js';
 
-const COMMANDS = ['inspect', 'convert', 'sample', 'lora', 'textual-inversion'];
+const COMMANDS = ['inspect', 'convert', 'sample', 'lora', 'textual-inversion', 'finetune'];
 
 let cli = yargs(hideBin(process.argv))
   .scriptName('sdtune')

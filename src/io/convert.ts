@@ -152,6 +152,8 @@ export interface SaveModelOptions {
   to?: 'diffusers' | 'single-file';
   /** default fp32 */
   precision?: SavePrecision;
+  /** replace an existing output (atomically: the old one goes only once the new one is complete) */
+  overwrite?: boolean;
   onProgress?: (done: number, total: number) => void;
 }
 
@@ -166,7 +168,7 @@ export async function saveModel(model: LoadedModel, output: string, opts: SaveMo
   const isFile = output.endsWith('.safetensors');
   if (to === 'single-file' && !isFile) throw usageError(`single-file output must be a .safetensors path (got ${output})`);
   if (to === 'diffusers' && isFile) throw usageError(`diffusers output is a folder, not ${output}; choose a folder name or save as single-file`);
-  await assertFree(output, to === 'diffusers');
+  if (!opts.overwrite) await assertFree(output, to === 'diffusers');
   const parts: [Component, { params: ParamTree } | undefined][] = [['unet', model.unet], ['vae', model.vae], ['text_encoder', model.textEncoder]];
   const components: ExportSource['components'] = {};
   for (const [c, part] of parts) {
@@ -187,7 +189,7 @@ export async function saveModel(model: LoadedModel, output: string, opts: SaveMo
   const tick = () => opts.onProgress?.(++done, total);
   const tok = await sourceTokenizer(src);
   const prec = opts.precision ?? 'fp32';
-  const r = to === 'single-file' ? await writeSingleFile(src, present, output, prec, tick, tok?.files) : await writeDiffusers(src, present, output, prec, tick, tok?.files);
+  const r = to === 'single-file' ? await writeSingleFile(src, present, output, prec, tick, tok?.files) : await writeDiffusers(src, present, output, prec, tick, tok?.files, opts.overwrite);
   const notes = !tok && components.text_encoder ? [`${model.path} has no tokenizer, so ${output} has none: sampling it needs --tokenizer DIR`] : [];
   return { ...r, tokenizer: tok?.from ?? null, notes };
 }
@@ -235,7 +237,7 @@ async function writeSingleFile(src: ExportSource, present: Component[], output: 
 }
 
 /** A diffusers folder, built in a hidden sibling folder and renamed into place; each weights file tensor by tensor. */
-async function writeDiffusers(src: ExportSource, present: Component[], output: string, prec: SavePrecision | undefined, tick: () => void, tokenizer?: Partial<Record<TokenizerFileName, string>>) {
+async function writeDiffusers(src: ExportSource, present: Component[], output: string, prec: SavePrecision | undefined, tick: () => void, tokenizer?: Partial<Record<TokenizerFileName, string>>, replace = false) {
   const out = path.resolve(output);
   const tmp = path.join(path.dirname(out), `.sdtune-tmp-${path.basename(out)}-${process.pid}-${randomBytes(4).toString('hex')}`);
   await mkdir(tmp, { recursive: true });
@@ -266,9 +268,17 @@ async function writeDiffusers(src: ExportSource, present: Component[], output: s
       await mkdir(path.join(tmp, 'tokenizer'));
       for (const [name, text] of Object.entries(tokenizer)) await writeFileAtomic(path.join(tmp, 'tokenizer', name), new TextEncoder().encode(text));
     }
-    await assertFree(out, true);
-    await rmdir(out).catch(() => {}); // an empty folder may stand in the way of the rename
-    await rename(tmp, out);
+    if (replace) {
+      // the complete new folder is in place before the old one goes: move the old aside, rename, then delete it
+      const old = `${tmp}-old`;
+      const had = await rename(out, old).then(() => true, () => false);
+      await rename(tmp, out);
+      if (had) await rm(old, { recursive: true, force: true });
+    } else {
+      await assertFree(out, true);
+      await rmdir(out).catch(() => {}); // an empty folder may stand in the way of the rename
+      await rename(tmp, out);
+    }
   } catch (e) {
     await rm(tmp, { recursive: true, force: true }).catch(() => {});
     throw e;

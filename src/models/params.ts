@@ -99,3 +99,38 @@ export function checkAgainstSpec(what: string, spec: Map<string, number[]>, foun
       list('shape mismatches', mismatched),
   );
 }
+
+let trainableCounter = 0;
+
+/**
+ * Make the leaves of `tree` whose dotted key passes `filter` trainable, in place: each becomes a tf.Variable holding
+ * the same data (the original tensor is released), so the networks' forward functions use it unchanged and
+ * gradients reach it. Returns the variables by dotted key. `frozen(tree, vars)` turns them back into plain tensors.
+ */
+export function makeTrainable(tree: ParamTree, filter: (key: string) => boolean, tag = 'params'): Map<string, tf.Variable> {
+  const vars = new Map<string, tf.Variable>();
+  const walk = (node: ParamTree, prefix: string) => {
+    for (const [k, v] of Object.entries(node)) {
+      const key = prefix ? `${prefix}.${k}` : k;
+      if (!isTensor(v)) walk(v, key);
+      else if (!(v instanceof tf.Variable) && v.dtype === 'float32' && filter(key)) {
+        const variable = tf.variable(v, true, `${tag}/${key}#${trainableCounter++}`);
+        v.dispose(); // the variable keeps the data
+        node[k] = variable;
+        vars.set(key, variable);
+      }
+    }
+  };
+  walk(tree, '');
+  return vars;
+}
+
+/** Undo makeTrainable: the variables' current values become plain tensors of the tree again. */
+export function frozen(tree: ParamTree, vars: Map<string, tf.Variable>): void {
+  for (const [key, variable] of vars) {
+    const parts = key.split('.');
+    const node = sub(tree, ...parts.slice(0, -1));
+    node[parts[parts.length - 1]] = tf.clone(variable);
+    variable.dispose();
+  }
+}

@@ -13,8 +13,11 @@ import { BACKENDS, type BackendName } from '../runtime/backend-names.js';
 import { resolveSampler } from '../schedulers/names.js';
 import { LR_SCHEDULERS, type LrSchedulerName } from './lr.js';
 
-export type Method = 'lora' | 'textual_inversion';
-export const METHODS: readonly Method[] = ['lora', 'textual_inversion'];
+export type Method = 'lora' | 'textual_inversion' | 'finetune';
+export const METHODS: readonly Method[] = ['lora', 'textual_inversion', 'finetune'];
+/** Which UNet parameters a full fine-tune trains: all, or only the transformer blocks' attention layers. */
+export type FinetuneFilter = 'all' | 'attention';
+export const FINETUNE_FILTERS: readonly FinetuneFilter[] = ['all', 'attention'];
 /** Which modules get LoRA (adapters/lora-inject.ts): the attention projections (diffusers' default); + everything
  *  else in the transformers (kohya's default networks.lora); + the resnets, down- and upsamplers (kohya LoCon). */
 export type LoraTargets = 'attn' | 'attn+ff' | 'attn+ff+conv';
@@ -85,12 +88,18 @@ export interface TrainConfig {
     init_word: string; // its initial embedding comes from this word (diffusers initializer_token)
     vectors: number; // embedding vectors per token (A1111 "vectors per token", diffusers --num_vectors)
   };
+  finetune?: {
+    unet: FinetuneFilter; // which UNet parameters train: 'all' (diffusers train_text_to_image) or 'attention' (attn1/attn2)
+    text_encoder: boolean; // also train the whole CLIP text encoder (kohya --train_text_encoder)
+    text_encoder_lr: number | null; // null = train.lr
+  };
   output: {
     dir: string; // default output/<name>
     name: string; // file name stem of the results; default: TI the token (<my-logo> -> my-logo), else the config file name, else the method
     save_every: number | null; // checkpoint every N steps; null = only at the end
     keep_last: number | null; // intermediate checkpoints kept (diffusers checkpoints_total_limit); null = all
-    save_precision: 'fp16' | 'fp32'; // dtype of the saved adapter (fp16 for LoRA as kohya; fp32 for embeddings)
+    save_precision: 'fp16' | 'fp32' | 'bf16'; // dtype of the saved result (fp16 for LoRA as kohya; fp32 for embeddings and full fine-tunes; bf16 for full fine-tunes only)
+    save_as: 'diffusers' | 'single_file' | 'both'; // full fine-tune: a diffusers folder and/or an LDM single file (A1111, ComfyUI)
     sample_every: number | null; // sample images every N steps; null = never
     sample_prompts: string[]; // prompts for those samples
     sample_seed: number;
@@ -168,18 +177,21 @@ const SCHEMA: Record<string, Spec> = {
   'lora.text_encoder_lr': num(0, { minOpen: true, nullable: true }), 'lora.dropout': num(0, { max: 1, maxOpen: true }),
   'textual_inversion.token': str(), 'textual_inversion.init_word': str(), 'textual_inversion.vectors': int(1, { max: 75 }),
   'output.dir': str(true), 'output.name': str(true), 'output.save_every': int(1, { nullable: true }),
-  'output.keep_last': int(1, { nullable: true }), 'output.save_precision': oneOf(['fp16', 'fp32']),
+  'output.keep_last': int(1, { nullable: true }), 'output.save_precision': oneOf(['fp16', 'fp32', 'bf16']),
+  'output.save_as': oneOf(['diffusers', 'single_file', 'both']),
+  'finetune.unet': oneOf(FINETUNE_FILTERS), 'finetune.text_encoder': bool, 'finetune.text_encoder_lr': num(0, { minOpen: true, nullable: true }),
   'output.sample_every': int(1, { nullable: true }), 'output.sample_prompts': { t: 'strs' }, 'output.sample_seed': int(0, { max: Number.MAX_SAFE_INTEGER }),
   'output.sample_steps': int(1), 'output.sample_sampler': str(true), 'output.log_dir': str(true), 'output.logging_dir': str(true),
   'output.also_diffusers_format': bool,
 };
-const SECTIONS = ['model', 'data', 'train', 'lora', 'textual_inversion', 'output'];
+const SECTIONS = ['model', 'data', 'train', 'lora', 'textual_inversion', 'finetune', 'output'];
 const GROUPS = new Set([...SECTIONS, 'data.buckets']);
 const REQUIRED = ['model.path', 'data.dir', 'textual_inversion.token', 'textual_inversion.init_word'];
 
 /** Defaults per method (kohya / diffusers conventions; the lr / weight decay / save precision differ by method). */
 function defaults(method: Method): Record<string, unknown> {
   const lora = method === 'lora';
+  const ft = method === 'finetune';
   return {
     'model.tokenizer': null, 'model.config': null, 'model.backend': null, 'model.prediction_type': null,
     'data.caption_extension': '.txt', 'data.metadata': null, 'data.repeats': 1, 'data.resolution': null,
@@ -187,17 +199,19 @@ function defaults(method: Method): Record<string, unknown> {
     'data.buckets.max_side': 1024, 'data.buckets.step': 64, 'data.caption_dropout': 0, 'data.shuffle_captions': false,
     'data.keep_tokens': 0, 'data.cache_latents': true, 'data.cache_dir': null, 'data.templates': null,
     'train.max_steps': null, 'train.epochs': 1, 'train.batch_size': 1, 'train.gradient_accumulation': 1,
-    'train.lr': lora ? 1e-4 : 5e-3, 'train.lr_scheduler': 'constant', 'train.lr_warmup_steps': 0, 'train.lr_num_cycles': 1,
-    'train.adam_beta1': 0.9, 'train.adam_beta2': 0.999, 'train.adam_epsilon': 1e-8, 'train.weight_decay': lora ? 1e-2 : 0,
+    'train.lr': lora ? 1e-4 : ft ? 1e-5 : 5e-3, 'train.lr_scheduler': 'constant', 'train.lr_warmup_steps': 0, 'train.lr_num_cycles': 1,
+    'train.adam_beta1': 0.9, 'train.adam_beta2': 0.999, 'train.adam_epsilon': 1e-8, 'train.weight_decay': lora || ft ? 1e-2 : 0,
     'train.max_grad_norm': 1, 'train.seed': 42, 'train.noise_offset': 0, 'train.min_snr_gamma': null, 'train.mixed_precision': 'no',
     'train.gradient_checkpointing': false,
     ...(lora
       ? { 'lora.rank': 16, 'lora.alpha': 8, 'lora.targets': 'attn', 'lora.conv_rank': null, 'lora.conv_alpha': null, 'lora.text_encoder': false, 'lora.text_encoder_lr': null, 'lora.dropout': 0 }
-      : { 'textual_inversion.vectors': 1 }),
+      : ft
+        ? { 'finetune.unet': 'all', 'finetune.text_encoder': false, 'finetune.text_encoder_lr': null }
+        : { 'textual_inversion.vectors': 1 }),
     'output.dir': null, 'output.name': null, 'output.save_every': null, 'output.keep_last': 3,
     'output.save_precision': lora ? 'fp16' : 'fp32', 'output.sample_every': null, 'output.sample_prompts': [],
     'output.sample_seed': 42, 'output.sample_steps': 20, 'output.sample_sampler': null, 'output.log_dir': null, 'output.logging_dir': null,
-    'output.also_diffusers_format': false,
+    'output.also_diffusers_format': false, 'output.save_as': 'diffusers',
   };
 }
 
@@ -514,7 +528,8 @@ export function resolveConfig(method: Method, yamlText: string | null, overrides
   // 2. the flags
   for (const [name, raw] of Object.entries(overrides)) {
     if (raw === undefined || NON_CONFIG_FLAGS.has(name)) continue;
-    const key = FLAG_KEYS[name] ?? name;
+    // --train-text-encoder sets the trained method's own key
+    const key = name === 'train-text-encoder' && method === 'finetune' ? 'finetune.text_encoder' : (FLAG_KEYS[name] ?? name);
     const label = FLAG_KEYS[name] ? `--${name}` : `override ${name}`;
     if (!(key in SCHEMA) && !GROUPS.has(key)) {
       problems.push(key.includes('.') ? unknownKey(key, method, new Map([[key, label]])).message : `unknown option --${name}${suggestFlag(name)}`);
@@ -622,6 +637,10 @@ function crossCheck(c: TrainConfig, method: Method, origin: Origin): void {
       fail(key, `${key}: expected ${key === 'output.name' ? 'a file name without / or \\' : 'a non-empty path'}, found ${show(v)}`);
     }
   }
+  if (method !== 'finetune') {
+    if (c.output.save_precision === 'bf16') fail('output.save_precision', `output.save_precision bf16 is for full fine-tunes; ${method} results are saved as fp16 or fp32`);
+    if (origin.has('output.save_as')) fail('output.save_as', `output.save_as is for full fine-tunes (${method} writes ${method === 'lora' ? 'LoRA' : 'embedding'} files)`);
+  }
   if (method === 'lora') {
     const l = c.lora!;
     if (l.text_encoder_lr !== null && !l.text_encoder) {
@@ -631,6 +650,11 @@ function crossCheck(c: TrainConfig, method: Method, origin: Origin): void {
       if (l[key] !== null && l.targets !== 'attn+ff+conv') {
         fail(`lora.${key}`, `lora.${key} is set but lora.targets ${show(l.targets)} adapts no 3x3 convolutions (use lora.targets: attn+ff+conv)`);
       }
+    }
+  } else if (method === 'finetune') {
+    const f = c.finetune!;
+    if (f.text_encoder_lr !== null && !f.text_encoder) {
+      fail('finetune.text_encoder_lr', 'finetune.text_encoder_lr is set but finetune.text_encoder is false (the text encoder is not trained)');
     }
   } else {
     const ti = c.textual_inversion!;

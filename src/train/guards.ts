@@ -98,6 +98,7 @@ export function earlierRun(dir: string, name: string): string[] {
     const n = readdirSync(ck).filter((d) => /^step-\d+$/.test(d)).length;
     if (n) found.push(`${n} checkpoint${n > 1 ? 's' : ''}`);
   }
+  if (entries.includes(name) && existsSync(path.join(dir, name, 'model_index.json'))) found.push(`${name}/`); // a full fine-tune's diffusers export
   const exports = entries.filter((f) => f.startsWith(name) && f.endsWith('.safetensors'));
   if (exports.length) found.push(exports.length > 2 ? `${exports.length} ${name}*.safetensors files` : exports.join(', '));
   return found;

@@ -33,6 +33,7 @@ import { lrFactor } from './lr.js';
 import { acquireRunLock, divergedError, newRunId, prepareRunFolder, unhealthyTrainable } from './guards.js';
 import { type AdamWState, adamwStep, clipGradNorm, createAdamW, disposeAdamW } from './optim.js';
 import { type Recipe, captionIds } from './recipe.js';
+import { createFinetuneRecipe } from './recipes/finetune.js';
 import { createLoraRecipe } from './recipes/lora.js';
 import { TI_TEMPLATES, createTiRecipe } from './recipes/textual-inversion.js';
 
@@ -79,7 +80,7 @@ function makeRecipe(method: Method, model: LoadedModel, c: ModelResolvedConfig, 
       targets: l.targets,
       textEncoder: l.text_encoder,
       textEncoderLr: l.text_encoder_lr,
-      savePrecision: c.output.save_precision,
+      savePrecision: c.output.save_precision as 'fp16' | 'fp32', // bf16 is refused for LoRA by the config
       alsoDiffusers: c.output.also_diffusers_format,
       gen,
       metadata: {
@@ -96,6 +97,16 @@ function makeRecipe(method: Method, model: LoadedModel, c: ModelResolvedConfig, 
         ss_base_model_version: 'sd_v1',
         ss_training_comment: 'trained with sdtune',
       },
+    });
+  }
+  if (method === 'finetune') {
+    const f = c.finetune!;
+    return createFinetuneRecipe(model, {
+      unet: f.unet,
+      textEncoder: f.text_encoder,
+      textEncoderLr: f.text_encoder_lr,
+      savePrecision: c.output.save_precision,
+      saveAs: c.output.save_as,
     });
   }
   const t = c.textual_inversion!;

@@ -33,7 +33,10 @@ function options(a: Argv, method: Method): Argv {
     .option('resume', { type: 'string', describe: 'continue from a checkpoint folder or an output folder' })
     .option('overwrite', { type: 'boolean', describe: 'replace an earlier run in the output folder (its checkpoints are deleted)' })
     .option('set', { type: 'string', array: true, describe: 'override any key: --set train.lr=2e-4' });
-  const skip = method === 'lora' ? ['token', 'init-word', 'vectors'] : ['rank', 'alpha', 'conv-rank', 'conv-alpha', 'train-text-encoder'];
+  const skip =
+    method === 'lora' ? ['token', 'init-word', 'vectors']
+    : method === 'finetune' ? ['token', 'init-word', 'vectors', 'rank', 'alpha', 'conv-rank', 'conv-alpha']
+    : ['rank', 'alpha', 'conv-rank', 'conv-alpha', 'train-text-encoder'];
   for (const flag of Object.keys(FLAG_KEYS)) {
     if (skip.includes(flag)) continue;
     // no yargs defaults: a default would override the YAML; the config supplies them
@@ -141,5 +144,11 @@ export function registerTrain(y: Argv): Argv {
       'train a textual-inversion embedding (A1111 + diffusers .safetensors output)',
       (a) => options(a, 'textual_inversion'),
       (argv) => runCommand(() => run('textual_inversion', argv)),
+    )
+    .command(
+      'finetune',
+      'fine-tune the whole UNet (or its attention layers), optionally the text encoder (diffusers folder / single-file output)',
+      (a) => options(a, 'finetune'),
+      (argv) => runCommand(() => run('finetune', argv)),
     );
 }
