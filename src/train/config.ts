@@ -639,7 +639,7 @@ function crossCheck(c: TrainConfig, method: Method, origin: Origin): void {
   }
   if (method !== 'finetune') {
     if (c.output.save_precision === 'bf16') fail('output.save_precision', `output.save_precision bf16 is for full fine-tunes; ${method} results are saved as fp16 or fp32`);
-    if (origin.has('output.save_as')) fail('output.save_as', `output.save_as is for full fine-tunes (${method} writes ${method === 'lora' ? 'LoRA' : 'embedding'} files)`);
+    if (c.output.save_as !== 'diffusers') fail('output.save_as', `output.save_as is for full fine-tunes (${method} writes ${method === 'lora' ? 'LoRA' : 'embedding'} files)`);
   }
   if (method === 'lora') {
     const l = c.lora!;

@@ -54,7 +54,7 @@ describe('defaults', () => {
     expect(c.textual_inversion).toBeUndefined();
     expect(c.output).toEqual({
       dir: 'output/lora', name: 'lora', save_every: null, keep_last: 3, save_precision: 'fp16', sample_every: null,
-      sample_prompts: [], sample_seed: 42, sample_steps: 20, sample_sampler: null, log_dir: 'output/lora/logs', logging_dir: null,
+      sample_prompts: [], sample_seed: 42, sample_steps: 20, sample_sampler: null, log_dir: 'output/lora/logs', logging_dir: null, save_as: 'diffusers',
       also_diffusers_format: false,
     });
     expect(c.data.cache_dir).toBe('output/lora');
