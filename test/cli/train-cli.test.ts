@@ -17,6 +17,23 @@ const sdtune = (...args: string[]) => {
 };
 
 describe('training commands', () => {
+  it('finetune --config configs/finetune.yaml (shortened) then sample --model on both exports', () => {
+    const out = path.join(tmp, 'finetune');
+    const r = sdtune('finetune', '--config', 'configs/finetune.yaml', '--max-steps', '2', '--output', out, '--set', 'output.save_every=null', '--set', 'train.lr_warmup_steps=0');
+    expect(r.code, r.err).toBe(0);
+    expect(r.out.trim().split('\n')).toEqual([path.join(out, 'finetune'), path.join(out, 'finetune.safetensors')]);
+    for (const model of [path.join(out, 'finetune'), path.join(out, 'finetune.safetensors')]) {
+      const png = path.join(tmp, `${path.basename(model)}.png`);
+      const s = sdtune('sample', '--model', model, '--prompt', 'a red circle, outlined style', '--steps', '2', '--seed', '1', '--out', png);
+      expect(s.code, s.err).toBe(0);
+      expect(existsSync(png)).toBe(true);
+    }
+    // the run folder now holds that run: a fresh one is refused
+    const again = sdtune('finetune', '--config', 'configs/finetune.yaml', '--max-steps', '1', '--output', out, '--set', 'train.lr_warmup_steps=0');
+    expect(again.code).toBe(2);
+    expect(again.err).toContain(`${out} holds an earlier run (config.resolved.yaml, 1 checkpoint, finetune/, finetune.safetensors)`);
+  });
+
   it('lora --config configs/style.yaml (shortened) then sample --lora', () => {
     const out = path.join(tmp, 'style');
     const r = sdtune('lora', '--config', 'configs/style.yaml', '--max-steps', '3', '--output', out, '--set', 'output.sample_every=null', '--set', 'output.save_every=null', '--set', 'train.lr_warmup_steps=0');
