@@ -45,8 +45,8 @@ const PREFIX = 'ema/';
 /**
  * diffusers EMAModel.get_decay(optimization_step): s = max(0, step - update_after_step - 1); 0 while s <= 0 (the
  * shadow copies the params); else (1 + s)/(10 + s), or with warmup 1 - (1 + s/inv_gamma)^-power; then capped at
- * `decay` and floored at `minDecay`. (Recent diffusers main replaced the non-warmup ramp by the constant `decay`;
- * the golden case and released versions used with train_text_to_image have the ramp, which we follow.)
+ * `decay` and floored at `minDecay`. (Some diffusers versions, e.g. training_utils.py at commit 0623b18, use the
+ * constant `decay` when warmup is off; the golden train_full_step was made with the ramp, which we follow.)
  */
 export function emaDecay(opts: EmaOptions, optimizationStep: number): number {
   const s = Math.max(0, optimizationStep - opts.updateAfterStep - 1);
