@@ -33,3 +33,4 @@ export { resolveConfig, loadConfigFile, dumpConfig, type TrainConfig, type Metho
 export { withModelDefaults, resolutionWarning, type ModelResolvedConfig } from './train/config.js';
 export { train, type TrainOptions, type TrainResult } from './train/loop.js';
 export { diffusionLoss } from './train/loss.js';
+export { createEma, emaStep, emaDecay, emaStateToHost, emaStateFromHost, disposeEma, EMA_DEFAULTS, type EmaOptions, type EmaState, type EmaHostState } from './train/ema.js';

@@ -69,6 +69,40 @@ describeGolden('img2img and inpaint vs diffusers', () => {
     expect(moved).toBeGreaterThan((c.tolerance as { atol_image: number }).atol_image);
   });
 
+  it('img2img at 256x256 (32x32 latents, the well-conditioned variant): every step and the image at the case tolerance', async () => {
+    const c = goldenCase('pipe_img2img_l32');
+    const call = c.call as Record<string, unknown>;
+    const tol = c.tolerance as { atol_image: number; atol_latents: number; png_u8: number };
+    const ref = await caseTensors('pipe_img2img_l32');
+    const [, h, w] = ref.get('init_image_nhwc01')!.shape;
+    const lat: Float32Array[] = [];
+    const before = tf.memory().numTensors;
+    const r = await generate(m, {
+      prompt: call.prompt as string,
+      negativePrompt: call.negative_prompt as string,
+      sampler: 'pndm',
+      steps: call.num_inference_steps as number,
+      cfg: call.guidance_scale as number,
+      strength: call.strength as number,
+      width: w,
+      height: h,
+      seed: 0,
+      initImage: rgb(ref.get('init_image_nhwc01')!.data as Float32Array, w, h),
+      onStep: (_i, _n, l) => lat.push(toNchwData(l)),
+    });
+    expect(tf.memory().numTensors).toBe(before);
+    expect(r.timesteps).toEqual(c.timesteps_used);
+    expect(lat.length).toBe((c.timesteps_used as number[]).length);
+    const errs = lat.map((l, i) => maxAbsDiff(l, ref.get(`latents_after_step_${i}`)!.data));
+    const imgErr = maxAbsDiff(r.images[0].data, ref.get('image')!.data);
+    const png = await readImageRgb(golden('cases', 'pipe_img2img_l32.png'));
+    const pngErr = maxAbsDiff(toUint8(r.images[0]), png.data);
+    console.log(`img2img 32x32 latents: latents err per step ${errs.map((e) => e.toExponential(1)).join(' ')} (atol ${tol.atol_latents}); image ${imgErr.toExponential(2)} (atol ${tol.atol_image}), PNG ${pngErr}/255`);
+    for (const e of errs) expect(e).toBeLessThanOrEqual(tol.atol_latents);
+    expect(imgErr).toBeLessThanOrEqual(tol.atol_image);
+    expect(pngErr).toBeLessThanOrEqual(tol.png_u8);
+  }, 1_200_000); // 256x256 VAE + 7 CFG UNet calls: ~16 s on wasm, ~6.5 min on the cpu backend of a 2-core machine
+
   it('inpaint with the 9-channel UNet (PNDM, strength 1)', async () => {
     const c = goldenCase('pipe_inpaint');
     const call = c.call as Record<string, unknown>;

@@ -1,17 +1,19 @@
-// One LoRA training step against diffusers/PEFT on PyTorch: loss, the gradient of every LoRA parameter, min-SNR
-// weighting and (with our AdamW) the updated parameters.
+// Training steps against diffusers/PEFT on PyTorch: LoRA (epsilon and v-prediction with min-SNR), textual inversion
+// (8x8 and the well-conditioned 32x32 latents) and full fine-tuning (every UNet parameter): loss, gradients, weights.
 import * as tf from '@tensorflow/tfjs';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { injectLora, loraTargetModules } from '../../src/adapters/lora-inject.js';
 import { torchToTfLayout, tfToTorchLayout } from '../../src/io/layout.js';
 import { type LoadedModel, disposeModel, loadModel } from '../../src/io/model.js';
 import { TorchGenerator } from '../../src/runtime/rng.js';
-import { scheduleFromConfig, snr } from '../../src/schedulers/index.js';
+import { scheduleFromConfig, snr, velocity } from '../../src/schedulers/index.js';
 import { diffusionLoss, minSnrWeights } from '../../src/train/loss.js';
 import { captionIds } from '../../src/train/recipe.js';
 import { TI_TEMPLATES, createTiRecipe } from '../../src/train/recipes/textual-inversion.js';
 import { caseTensors, describeGolden, golden, goldenCase } from '../golden.js';
-import { maxAbsDiff, nhwc } from '../helpers.js';
+import { flattenParams, unflattenParams } from '../../src/models/params.js';
+import { clipCoefficient, clipGradNorm } from '../../src/train/optim.js';
+import { maxAbsDiff, nhwc, relMaxErr, toNchw } from '../helpers.js';
 
 /** numpy.allclose semantics: |a - b| <= atol + rtol * |b| everywhere; returns the worst ratio (<= 1 passes). */
 function allcloseRatio(a: ArrayLike<number>, b: ArrayLike<number>, rtol: number, atol: number): number {
@@ -127,6 +129,160 @@ describeGolden('training step vs diffusers (textual inversion)', () => {
       expect(after).toEqual(before); // the base table is never modified
       r.dispose();
       tf.dispose([value, ...Object.values(grads), ids, latents, noise]);
+    } finally {
+      disposeModel(m);
+    }
+  });
+});
+
+/** The case's batch as our DiffusionBatch (NHWC latents/noise, the recorded text conditioning). */
+function caseBatch(ref: Awaited<ReturnType<typeof caseTensors>>) {
+  const ehs = ref.get('encoder_hidden_states')!;
+  return {
+    latents: nhwc(ref.get('latents')!),
+    noise: nhwc(ref.get('noise')!),
+    timesteps: ref.get('timesteps')!.data as Int32Array,
+    context: tf.tensor3d(ehs.data as Float32Array, ehs.shape as [number, number, number]),
+  };
+}
+
+/** Per-tensor gradient check of the cases' rule "max|diff| <= rtol * max|ref|": the worst ratio (<= 1 passes). */
+const gradRatio = (torchLayout: ArrayLike<number>, ref: ArrayLike<number>, rtol: number) => relMaxErr(torchLayout, ref) / rtol;
+
+describeGolden('training step vs diffusers (LoRA, v-prediction, min-SNR 5)', () => {
+  it('target v, snr weights min(snr,5)/(snr+1), weighted and unweighted loss, LoRA gradients', async () => {
+    const m = await loadModel(golden('tiny-sd'), { components: ['unet'] });
+    try {
+      const c = goldenCase('train_vpred_step');
+      const tol = c.tolerance as { atol_loss: number; grad: string };
+      const RTOL_GRAD = 3e-3; // tolerance.grad: "per tensor max|diff| <= 3e-3 * max|grad|"
+      expect(tol.grad).toMatch(/3e-3 \* max\|grad\|/);
+      const ref = await caseTensors('train_vpred_step');
+      // the case uses train_lora_step's LoRA: take every factor from that case, check the two this case records
+      const lora = await caseTensors('train_lora_step');
+      const unetP = m.unet!;
+      const vars = injectLora(unetP.params, loraTargetModules(unetP.params, 'unet', 'attn'), { rank: 4, alpha: 4, gen: new TorchGenerator(0) });
+      const peft = (ours: string) => ours.replace('.lora_down.weight', '.lora_A.default.weight').replace('.lora_up.weight', '.lora_B.default.weight');
+      for (const [key, v] of vars) {
+        const p = lora.get(`param/${peft(key)}`)!;
+        v.assign(tf.tensor(torchToTfLayout(key, { shape: p.shape, data: p.data }).data, v.shape));
+      }
+      const checked = c.lora_param_names as string[];
+      const ours = [...vars.keys()].filter((k) => checked.includes(peft(k)));
+      expect(ours.length).toBe(checked.length);
+      for (const k of ours) expect(maxAbsDiff(lora.get(`param/${peft(k)}`)!.data, ref.get(`param/${peft(k)}`)!.data)).toBe(0);
+
+      const schedule = scheduleFromConfig(m.schedulerConfig);
+      const batch = caseBatch(ref);
+      const t = Array.from(batch.timesteps);
+      const v = velocity(schedule, batch.latents, batch.noise, t) as tf.Tensor4D;
+      const vErr = maxAbsDiff(await toNchw(v), ref.get('target_v')!.data);
+      const w = minSnrWeights(schedule, batch.timesteps, c.snr_gamma as number, 'v_prediction');
+      const s = snr(schedule, t);
+      const wErr = maxAbsDiff(await w.data(), ref.get('mse_loss_weights')!.data);
+      console.log(`v-pred step: target_v err ${vErr.toExponential(2)}, weights ${Array.from(await w.data())} err ${wErr.toExponential(2)}`);
+      expect(vErr).toBeLessThanOrEqual(1e-6);
+      expect(relMaxErr(await s.data(), ref.get('snr')!.data)).toBeLessThanOrEqual(1e-6);
+      expect(wErr).toBeLessThanOrEqual(1e-6);
+
+      const opts = { predictionType: 'v_prediction' as const, minSnrGamma: c.snr_gamma as number };
+      const { value, grads } = tf.variableGrads(() => diffusionLoss(unetP.params, unetP.config, schedule, batch, opts), ours.map((k) => vars.get(k)!));
+      const loss = (await value.data())[0];
+      const plain = diffusionLoss(unetP.params, unetP.config, schedule, batch, { predictionType: 'v_prediction' });
+      const unweighted = (await plain.data())[0];
+      console.log(`v-pred step: loss ${loss} (ref ${ref.get('loss')!.data[0]}), unweighted ${unweighted} (ref ${ref.get('unweighted_loss')!.data[0]})`);
+      expect(Math.abs(loss - ref.get('loss')!.data[0])).toBeLessThanOrEqual(tol.atol_loss);
+      expect(Math.abs(unweighted - ref.get('unweighted_loss')!.data[0])).toBeLessThanOrEqual(tol.atol_loss);
+      for (const k of ours) {
+        const g = grads[vars.get(k)!.name];
+        const torch = tfToTorchLayout(k, { shape: [...g.shape], data: (await g.data()) as Float32Array });
+        const r = gradRatio(torch.data, ref.get(`grad/${peft(k)}`)!.data, RTOL_GRAD);
+        console.log(`v-pred step: grad ${peft(k)}: max|err|/max|ref| = ${(r * RTOL_GRAD).toExponential(2)} (tol ${RTOL_GRAD})`);
+        expect(r).toBeLessThanOrEqual(1);
+      }
+      tf.dispose([value, ...Object.values(grads), plain, v, w, s, batch.latents, batch.noise, batch.context]);
+    } finally {
+      disposeModel(m);
+    }
+  });
+});
+
+describeGolden('training step vs diffusers (textual inversion, 32x32 latents)', () => {
+  it('loss and the gradient of the new embedding row at the case tolerance', async () => {
+    const m = await loadModel(golden('tiny-sd'), { components: ['unet', 'text_encoder'] });
+    try {
+      const c = goldenCase('train_ti_step_l32');
+      const tol = c.tolerance as { atol_loss: number; rtol_grad: number };
+      const ref = await caseTensors('train_ti_step_l32');
+      const r = createTiRecipe(m, { token: '<my-token>', initWord: 'dog', vectors: 1, templates: [...TI_TEMPLATES] });
+      expect(r.ids).toEqual([c.new_token_id]);
+      const rows = [...r.trainables.values()][0];
+      expect(maxAbsDiff(await rows.data(), ref.get('new_embedding_init')!.data)).toBe(0);
+      const ids = tf.tensor2d(ref.get('input_ids')!.data as Int32Array, [2, 77], 'int32');
+      expect(Array.from(await captionIds(m, c.prompts as string[]).data())).toEqual(Array.from(await ids.data()));
+      const schedule = scheduleFromConfig(m.schedulerConfig);
+      const latents = nhwc(ref.get('latents')!);
+      const noise = nhwc(ref.get('noise')!);
+      const timesteps = ref.get('timesteps')!.data as Int32Array;
+      const ctx = r.encodeIds(ids);
+      const ehsErr = maxAbsDiff(await ctx.data(), ref.get('encoder_hidden_states')!.data);
+      const { value, grads } = tf.variableGrads(
+        () => diffusionLoss(m.unet!.params, m.unet!.config, schedule, { latents, noise, timesteps, context: r.encodeIds(ids) }, { predictionType: 'epsilon' }),
+        [rows],
+      );
+      const loss = (await value.data())[0];
+      const gErr = relMaxErr(await grads[rows.name].data(), ref.get('grad_new_embedding')!.data);
+      console.log(`TI step 32x32: loss ${loss} (ref ${ref.get('loss')!.data[0]}, err ${Math.abs(loss - ref.get('loss')!.data[0]).toExponential(2)}); ehs err ${ehsErr.toExponential(2)}; grad max|err|/max|ref| ${gErr.toExponential(2)} (tol ${tol.rtol_grad})`);
+      expect(Math.abs(loss - ref.get('loss')!.data[0])).toBeLessThanOrEqual(tol.atol_loss);
+      expect(gErr).toBeLessThanOrEqual(tol.rtol_grad);
+      r.dispose();
+      tf.dispose([value, ...Object.values(grads), ctx, ids, latents, noise]);
+    } finally {
+      disposeModel(m);
+    }
+  });
+});
+
+describeGolden('training step vs diffusers (full fine-tuning, every UNet parameter)', () => {
+  it('loss, gradients of every kind of parameter, global gradient norm and clip coefficient', async () => {
+    const m = await loadModel(golden('tiny-sd'), { components: ['unet'] });
+    try {
+      const c = goldenCase('train_full_step');
+      const tol = c.tolerance as { atol_loss: number; grad: string; rtol_global_grad_norm: number };
+      const RTOL_GRAD = 3e-3; // tolerance.grad: "per tensor max|diff| <= 3e-3 * max|grad|"
+      expect(tol.grad).toMatch(/3e-3 \* max\|grad\|/);
+      const ref = await caseTensors('train_full_step');
+      const unetP = m.unet!;
+      const flat = flattenParams(unetP.params);
+      const names = [...flat.keys()];
+      expect([...flat.values()].reduce((n, t) => n + t.size, 0)).toBe(c.n_unet_params);
+      const schedule = scheduleFromConfig(m.schedulerConfig);
+      const batch = caseBatch(ref);
+      // differentiate with respect to every leaf: the loss as a function of the flat list of params
+      const lossOf = (...xs: tf.Tensor[]) =>
+        diffusionLoss(unflattenParams(names.map((n, i) => [n, xs[i]])), unetP.config, schedule, batch, { predictionType: 'epsilon' });
+      const { value, grads } = tf.valueAndGrads(lossOf)([...flat.values()]);
+      const loss = (await value.data())[0];
+      console.log(`full step: loss ${loss} (ref ${ref.get('loss')!.data[0]})`);
+      expect(Math.abs(loss - ref.get('loss')!.data[0])).toBeLessThanOrEqual(tol.atol_loss);
+      const all = new Map(names.map((n, i) => [n, grads[i]]));
+      for (const name of c.subset_param_names as string[]) {
+        const g = all.get(name)!;
+        const torch = tfToTorchLayout(name, { shape: [...g.shape], data: (await g.data()) as Float32Array });
+        const r = gradRatio(torch.data, ref.get(`grad/${name}`)!.data, RTOL_GRAD);
+        console.log(`full step: grad ${name}: max|err|/max|ref| = ${(r * RTOL_GRAD).toExponential(2)}`);
+        expect(r).toBeLessThanOrEqual(1);
+      }
+      // clip_grad_norm_ over all 3.2M gradients, as train_text_to_image's accelerator.clip_grad_norm_(..., 1.0)
+      const { grads: clipped, totalNorm } = await clipGradNorm(all, 1);
+      const refNorm = c.global_grad_norm as number;
+      console.log(`full step: global grad norm ${totalNorm} (ref ${refNorm}, rel err ${(Math.abs(totalNorm - refNorm) / refNorm).toExponential(2)})`);
+      expect(Math.abs(totalNorm - refNorm)).toBeLessThanOrEqual(tol.rtol_global_grad_norm * refNorm);
+      const coef = ref.get('clip_coef_max_norm1')!.data[0];
+      expect(Math.abs(clipCoefficient(totalNorm, 1) - coef)).toBeLessThanOrEqual(tol.rtol_global_grad_norm * coef);
+      const g0 = names.find((n) => n === 'conv_out.bias')!;
+      expect(maxAbsDiff(await clipped.get(g0)!.data(), (await all.get(g0)!.data()).map((x) => Math.fround(x * clipCoefficient(totalNorm, 1))))).toBeLessThanOrEqual(1e-9);
+      tf.dispose([value, ...grads, ...clipped.values(), batch.latents, batch.noise, batch.context]);
     } finally {
       disposeModel(m);
     }
