@@ -11,6 +11,7 @@ import { SafetensorsFile, writeSafetensors } from '../io/safetensors.js';
 import { writeFileAtomic } from '../runtime/atomic.js';
 import type { GeneratorState } from '../runtime/rng.js';
 import type { LoaderState } from '../data/loader.js';
+import { type EmaHostState, type EmaState, emaStateToHost } from './ema.js';
 import { ABSURD_MAGNITUDE } from './guards.js';
 import { type AdamWState, adamwStateFromHost, adamwStateToHost } from './optim.js';
 
@@ -28,6 +29,7 @@ export interface TrainState {
 const STATE = 'state.json';
 const PARAMS = 'trainable.safetensors';
 const OPTIM = 'optimizer.safetensors';
+const EMA = 'ema.safetensors';
 
 /** Folder name of the checkpoint after `step` optimizer steps. */
 export const checkpointName = (step: number) => `step-${String(step).padStart(6, '0')}`;
@@ -40,6 +42,7 @@ export async function saveCheckpoint(
   state: TrainState,
   configYaml: string,
   keepLast: number | null,
+  ema?: EmaState,
 ): Promise<string> {
   await mkdir(root, { recursive: true });
   const final = path.join(root, checkpointName(state.step));
@@ -52,6 +55,10 @@ export async function saveCheckpoint(
     await writeSafetensors(path.join(tmp, PARAMS), params, { metadata: { format: 'sdtune-trainable/1' } });
     const host = await adamwStateToHost(opt);
     await writeSafetensors(path.join(tmp, OPTIM), host.tensors, { metadata: { step: String(host.step) } });
+    if (ema) {
+      const e = await emaStateToHost(ema);
+      await writeSafetensors(path.join(tmp, EMA), e.tensors, { metadata: { optimization_step: String(e.optimizationStep), options: JSON.stringify(e.opts) } });
+    }
     await writeFileAtomic(path.join(tmp, STATE), Buffer.from(JSON.stringify(state, null, 1))); // disk full: a one-line error
     await writeFileAtomic(path.join(tmp, 'config.resolved.yaml'), Buffer.from(configYaml));
     await rm(final, { recursive: true, force: true });
@@ -134,7 +141,7 @@ export async function resolveResume(dir: string, log: (line: string) => void = (
 }
 
 /** Restore variables (strictly: same names and shapes) and return the optimizer and loop state. */
-export async function loadCheckpoint(dir: string, vars: Map<string, tf.Variable>): Promise<{ opt: AdamWState; state: TrainState }> {
+export async function loadCheckpoint(dir: string, vars: Map<string, tf.Variable>): Promise<{ opt: AdamWState; state: TrainState; ema?: EmaHostState }> {
   const state = JSON.parse(await readFile(path.join(dir, STATE), 'utf8')) as TrainState;
   const f = await SafetensorsFile.open(path.join(dir, PARAMS));
   try {
@@ -158,8 +165,29 @@ export async function loadCheckpoint(dir: string, vars: Map<string, tf.Variable>
       const t = await o.readFloat(k);
       tensors.set(k, { shape: t.shape, data: t.data as Float32Array });
     }
-    return { opt: adamwStateFromHost({ step: Number(o.metadata.step), tensors }, vars), state };
+    return { opt: adamwStateFromHost({ step: Number(o.metadata.step), tensors }, vars), state, ema: existsSync(path.join(dir, EMA)) ? await readEma(path.join(dir, EMA)) : undefined };
   } finally {
     await o.close();
+  }
+}
+
+/** The EMA state of a checkpoint (tensors `ema/<param>`, step count and options in the metadata). */
+async function readEma(file: string): Promise<EmaHostState> {
+  const f = await SafetensorsFile.open(file);
+  try {
+    const tensors = new Map<string, { shape: number[]; data: Float32Array }>();
+    for (const k of f.keys()) {
+      const t = await f.readFloat(k);
+      tensors.set(k, { shape: t.shape, data: t.data as Float32Array });
+    }
+    let opts: EmaHostState['opts'];
+    try {
+      opts = JSON.parse(f.metadata.options ?? '{}');
+    } catch {
+      throw new SdtuneError('format', `${file}: its "options" metadata is not JSON`);
+    }
+    return { optimizationStep: Number(f.metadata.optimization_step), opts, tensors };
+  } finally {
+    await f.close();
   }
 }

@@ -72,6 +72,15 @@ export interface TrainConfig {
     min_snr_gamma: number | null; // Min-SNR loss weighting gamma (Hang et al. 2023; 5 is usual); null = off
     mixed_precision: 'no'; // fp16/bf16 training is not supported on tfjs
     gradient_checkpointing: boolean; // recompute the UNet's transformers in the backward pass: ~1/4 the activation memory, ~1.3x the time
+    ema: {
+      enabled: boolean; // keep an exponential moving average of the trainables (diffusers --use_ema, EMAModel)
+      decay: number; // the largest decay (0.9999)
+      min_decay: number;
+      update_after_step: number; // the average copies the weights for this many steps first
+      use_warmup: boolean; // 1 - (1 + step/inv_gamma)^-power instead of (1 + step)/(10 + step)
+      inv_gamma: number;
+      power: number;
+    };
   };
   lora?: {
     rank: number; // kohya network_dim / PEFT r
@@ -108,6 +117,7 @@ export interface TrainConfig {
     log_dir: string; // the TensorBoard events folder of this run; default <logging_dir>/<name>, else <dir>/logs
     logging_dir: string | null; // kohya logging_dir: a folder of TensorBoard runs, each in <logging_dir>/<name>
     also_diffusers_format: boolean; // additionally write PEFT / diffusers-format files
+    export_ema: boolean; // with train.ema: export (and sample with) the averaged weights, as diffusers does
   };
 }
 
@@ -172,6 +182,9 @@ const SCHEMA: Record<string, Spec> = {
   'train.adam_epsilon': num(0), 'train.weight_decay': num(0), 'train.max_grad_norm': num(0), 'train.seed': int(0, { max: Number.MAX_SAFE_INTEGER }),
   'train.noise_offset': num(0), 'train.min_snr_gamma': num(0, { minOpen: true, nullable: true }), 'train.mixed_precision': str(),
   'train.gradient_checkpointing': bool,
+  'train.ema.enabled': bool, 'train.ema.decay': num(0, { max: 1 }), 'train.ema.min_decay': num(0, { max: 1 }),
+  'train.ema.update_after_step': int(0), 'train.ema.use_warmup': bool, 'train.ema.inv_gamma': num(0, { minOpen: true }),
+  'train.ema.power': num(0, { minOpen: true }), 'output.export_ema': bool,
   'lora.rank': int(1), 'lora.alpha': num(0, { minOpen: true }), 'lora.targets': oneOf(LORA_TARGETS),
   'lora.conv_rank': int(1, { nullable: true }), 'lora.conv_alpha': num(0, { minOpen: true, nullable: true }), 'lora.text_encoder': bool,
   'lora.text_encoder_lr': num(0, { minOpen: true, nullable: true }), 'lora.dropout': num(0, { max: 1, maxOpen: true }),
@@ -185,7 +198,7 @@ const SCHEMA: Record<string, Spec> = {
   'output.also_diffusers_format': bool,
 };
 const SECTIONS = ['model', 'data', 'train', 'lora', 'textual_inversion', 'finetune', 'output'];
-const GROUPS = new Set([...SECTIONS, 'data.buckets']);
+const GROUPS = new Set([...SECTIONS, 'data.buckets', 'train.ema']);
 const REQUIRED = ['model.path', 'data.dir', 'textual_inversion.token', 'textual_inversion.init_word'];
 
 /** Defaults per method (kohya / diffusers conventions; the lr / weight decay / save precision differ by method). */
@@ -203,6 +216,8 @@ function defaults(method: Method): Record<string, unknown> {
     'train.adam_beta1': 0.9, 'train.adam_beta2': 0.999, 'train.adam_epsilon': 1e-8, 'train.weight_decay': lora || ft ? 1e-2 : 0,
     'train.max_grad_norm': 1, 'train.seed': 42, 'train.noise_offset': 0, 'train.min_snr_gamma': null, 'train.mixed_precision': 'no',
     'train.gradient_checkpointing': false,
+    'train.ema.enabled': false, 'train.ema.decay': 0.9999, 'train.ema.min_decay': 0, 'train.ema.update_after_step': 0,
+    'train.ema.use_warmup': false, 'train.ema.inv_gamma': 1, 'train.ema.power': 2 / 3, 'output.export_ema': true,
     ...(lora
       ? { 'lora.rank': 16, 'lora.alpha': 8, 'lora.targets': 'attn', 'lora.conv_rank': null, 'lora.conv_alpha': null, 'lora.text_encoder': false, 'lora.text_encoder_lr': null, 'lora.dropout': 0 }
       : ft
@@ -228,6 +243,7 @@ const ALIASES: Record<string, string> = {
   num_vectors: 'textual_inversion.vectors', num_vectors_per_token: 'textual_inversion.vectors',
   pretrained_model_name_or_path: 'model.path', tokenizer_name: 'model.tokenizer', v_parameterization: 'model.prediction_type',
   train_data_dir: 'data.dir', num_repeats: 'data.repeats', dataset_repeats: 'data.repeats', random_flip: 'data.flip',
+  use_ema: 'train.ema.enabled', ema_decay: 'train.ema.decay', ema_min_decay: 'train.ema.min_decay',
   flip_aug: 'data.flip', enable_bucket: 'data.buckets.enabled', min_bucket_reso: 'data.buckets.min_side',
   max_bucket_reso: 'data.buckets.max_side', bucket_reso_steps: 'data.buckets.step', caption_dropout_rate: 'data.caption_dropout',
   output_dir: 'output.dir', output_name: 'output.name', logging_dir: 'output.logging_dir', save_every_n_steps: 'output.save_every',
@@ -372,7 +388,8 @@ function unknownKey(key: string, method: Method, origin: Origin): SdtuneError {
   const leaf = key.slice(key.lastIndexOf('.') + 1);
   const sec = sectionOf(key);
   const guess = suggest(key, method);
-  const inSection = GROUPS.has(sec) ? validKeys(method).filter((k) => sectionOf(k) === sec && k !== sec) : [];
+  // the section's own keys, a nested group once by its name (train.ema, not each of its keys)
+  const inSection = GROUPS.has(sec) ? [...new Set(validKeys(method).filter((k) => sectionOf(k) === sec && k !== sec).map((k) => k.split('.').slice(0, 2).join('.')))] : [];
   const hint =
     NOTES[leaf] ??
     (guess ? `did you mean ${guess}?`

@@ -30,6 +30,7 @@ import { type Method, type ModelResolvedConfig, type TrainConfig, describeSteps,
 import { checkpointName, loadCheckpoint, resolveResume, saveCheckpoint } from './checkpoint.js';
 import { type PredictionType, diffusionLoss } from './loss.js';
 import { lrFactor } from './lr.js';
+import { type EmaState, createEma, disposeEma, emaStateFromHost, emaStep } from './ema.js';
 import { acquireRunLock, divergedError, newRunId, prepareRunFolder, unhealthyTrainable } from './guards.js';
 import { type AdamWState, adamwStep, clipGradNorm, createAdamW, disposeAdamW } from './optim.js';
 import { type Recipe, captionIds } from './recipe.js';
@@ -216,6 +217,13 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
     const vars = recipe.trainables;
     let opt: AdamWState = createAdamW(vars);
     cleanups.push(() => disposeAdamW(opt));
+    // an exponential moving average of the trainables (diffusers EMAModel), updated after every optimizer step
+    const e = c.train.ema;
+    const emaOpts = e.enabled
+      ? { decay: e.decay, minDecay: e.min_decay, updateAfterStep: e.update_after_step, useEmaWarmup: e.use_warmup, invGamma: e.inv_gamma, power: e.power }
+      : undefined;
+    let ema: EmaState | undefined = emaOpts ? createEma(vars, emaOpts) : undefined;
+    cleanups.push(() => ema && disposeEma(ema));
     let step = 0;
     let lossEma: number | null = null;
     let runId = newRunId();
@@ -232,6 +240,10 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
       loader = DataLoader.fromState(items, loaderOpts, r.state.loader);
       lossEma = r.state.lossEma;
       runId = r.state.runId ?? runId;
+      if (ema && r.ema) {
+        disposeEma(ema);
+        ema = emaStateFromHost({ ...r.ema, opts: emaOpts! }, vars);
+      } else if (ema) log(`note: ${dir} has no EMA state: the average starts from the resumed weights`);
       log(`resumed from ${dir} at step ${step}`);
     }
     const configYaml = dumpConfig(c);
@@ -257,7 +269,20 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
     const save = async (at: { rng: GeneratorState; loader: LoaderState } = { rng: gen.getState(), loader: loader.getState() }) => {
       await assertHealthy();
       await tb!.flush(); // a kill after this save loses no logged step the checkpoint covers
-      return saveCheckpoint(ckRoot, vars, opt, { method, step, ...at, lossEma, runId }, configYaml, c.output.keep_last);
+      return saveCheckpoint(ckRoot, vars, opt, { method, step, ...at, lossEma, runId }, configYaml, c.output.keep_last, ema);
+    };
+    /** Run `fn` with the weights that are exported and sampled: the EMA average when output.export_ema (as diffusers
+     *  does), the trained weights otherwise (and always restored after). */
+    const withExportWeights = async <T>(fn: () => Promise<T>): Promise<T> => {
+      if (!ema || !c.output.export_ema) return fn();
+      const kept = new Map([...vars].map(([k, v]) => [k, tf.keep(tf.clone(v))] as const));
+      try {
+        for (const [k, v] of vars) v.assign(ema.shadow.get(k)!);
+        return await fn();
+      } finally {
+        for (const [k, v] of vars) v.assign(kept.get(k)!);
+        tf.dispose([...kept.values()]);
+      }
     };
     const losses: number[] = [];
     const files: string[] = [];
@@ -277,7 +302,7 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
       if (savedStep !== step) {
         checkpoint = await save(at);
         savedStep = step;
-        files.push(...(await recipe.export(c.output.dir, `${c.output.name}-${checkpointName(step)}`, step)));
+        files.push(...(await withExportWeights(() => recipe.export(c.output.dir, `${c.output.name}-${checkpointName(step)}`, step))));
         log(`interrupted at step ${step}: checkpoint ${checkpoint}; continue with --resume ${c.output.dir}${discarded}`);
       } else if (checkpoint || o.resume) {
         log(`interrupted at step ${step}: checkpoint ${checkpoint || o.resume} already holds it; continue with --resume ${c.output.dir}${discarded}`);
@@ -288,17 +313,18 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
     };
 
     /** Validation samples of the current weights; a stop request skips the rest of them (the step is complete). */
-    const sampleInterruptibly = async () => {
-      armed = true;
-      try {
-        await sampleImages(model, recipe, c, step, tb!);
-      } catch (e) {
-        if (!(e instanceof Interrupted)) throw e;
-        log(`sampling at step ${step} interrupted`);
-      } finally {
-        armed = false;
-      }
-    };
+    const sampleInterruptibly = () =>
+      withExportWeights(async () => {
+        armed = true; // only while sampling: the weight swap around it is never cut short
+        try {
+          await sampleImages(model, recipe, c, step, tb!);
+        } catch (e) {
+          if (!(e instanceof Interrupted)) throw e;
+          log(`sampling at step ${step} interrupted`);
+        } finally {
+          armed = false;
+        }
+      });
 
     /** One forward + backward pass on the next batch: adds its gradients (/ ga) into `acc`, returns its loss. Frees
      *  everything it made when it throws (an interrupt), the tensors the gradient tape saved included. */
@@ -392,6 +418,7 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
         lrFor: recipe.lrFor ? (name) => recipe.lrFor!(name, factor, c.train.lr) : undefined,
       });
       tf.dispose([...acc.values(), ...clipped.values()]);
+      if (ema) emaStep(ema, vars);
       step++;
       losses.push(loss);
       lossEma = lossEma === null ? loss : 0.9 * lossEma + 0.1 * loss;
@@ -404,13 +431,13 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
       if (c.output.save_every && step % c.output.save_every === 0 && step < total) {
         checkpoint = await save();
         savedStep = step;
-        files.push(...(await recipe.export(c.output.dir, `${c.output.name}-${checkpointName(step)}`, step)));
+        files.push(...(await withExportWeights(() => recipe.export(c.output.dir, `${c.output.name}-${checkpointName(step)}`, step))));
       }
     }
     bar?.done();
     // 5. final outputs
     checkpoint = await save();
-    files.push(...(await recipe.export(c.output.dir, c.output.name, step)));
+    files.push(...(await withExportWeights(() => recipe.export(c.output.dir, c.output.name, step))));
     if (c.output.sample_every || c.output.sample_prompts.length) await sampleInterruptibly();
     log(`done: ${step} steps; wrote ${files.join(', ')}`);
     return { steps: step, losses, files, checkpoint, stopped: 'done' };

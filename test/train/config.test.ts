@@ -49,12 +49,13 @@ describe('defaults', () => {
       max_steps: null, epochs: 1, batch_size: 1, gradient_accumulation: 1, lr: 1e-4, lr_scheduler: 'constant',
       lr_warmup_steps: 0, lr_num_cycles: 1, adam_beta1: 0.9, adam_beta2: 0.999, adam_epsilon: 1e-8, weight_decay: 1e-2,
       max_grad_norm: 1, seed: 42, noise_offset: 0, min_snr_gamma: null, mixed_precision: 'no', gradient_checkpointing: false,
+      ema: { enabled: false, decay: 0.9999, min_decay: 0, update_after_step: 0, use_warmup: false, inv_gamma: 1, power: 2 / 3 },
     });
     expect(c.lora).toEqual({ rank: 16, alpha: 8, targets: 'attn', conv_rank: null, conv_alpha: null, text_encoder: false, text_encoder_lr: null, dropout: 0 });
     expect(c.textual_inversion).toBeUndefined();
     expect(c.output).toEqual({
       dir: 'output/lora', name: 'lora', save_every: null, keep_last: 3, save_precision: 'fp16', sample_every: null,
-      sample_prompts: [], sample_seed: 42, sample_steps: 20, sample_sampler: null, log_dir: 'output/lora/logs', logging_dir: null, save_as: 'diffusers',
+      sample_prompts: [], sample_seed: 42, sample_steps: 20, sample_sampler: null, log_dir: 'output/lora/logs', logging_dir: null, save_as: 'diffusers', export_ema: true,
       also_diffusers_format: false,
     });
     expect(c.data.cache_dir).toBe('output/lora');

@@ -58,6 +58,27 @@ describe('full fine-tuning (bundled tiny model)', () => {
     expect(moved.length).toBe([...base.keys()].filter(isAttn).length);
   });
 
+  it('EMA (train.ema): the export holds the average, resumed exactly from checkpoints; export_ema false exports the trained weights', async () => {
+    const ema = { 'train.ema.enabled': true, 'train.ema.decay': 0.9, 'finetune.unet': 'attention', 'output.save_as': 'single_file', 'train.lr': 1e-3 };
+    const straight = path.join(tmp, 'ema-straight');
+    const resumed = path.join(tmp, 'ema-resumed');
+    const plain = path.join(tmp, 'ema-off');
+    await train('finetune', config('finetune', straight, { ...ema, 'train.max_steps': 3 }), quiet);
+    await train('finetune', config('finetune', resumed, { ...ema, 'train.max_steps': 2 }), quiet);
+    expect(readdirSync(path.join(resumed, 'checkpoints', 'step-000002')).sort()).toEqual(['config.resolved.yaml', 'ema.safetensors', 'optimizer.safetensors', 'state.json', 'trainable.safetensors']);
+    await train('finetune', config('finetune', resumed, { ...ema, 'train.max_steps': 3 }), { ...quiet, resume: resumed });
+    await train('finetune', config('finetune', plain, { ...ema, 'train.max_steps': 3, 'output.export_ema': false }), quiet);
+    const [a, b, p] = await Promise.all([straight, resumed, plain].map((d) => paramsOf(path.join(d, 'run.safetensors'), 'unet')));
+    const isAttn = finetuneFilter('attention');
+    let differs = 0;
+    for (const [k, v] of a) {
+      expect(same(v, b.get(k)!), k).toBe(true); // 2 steps + resume 1 == 3 steps, EMA included
+      if (isAttn(k) && !same(v, p.get(k)!)) differs++; // the average is not the last weights
+      if (!isAttn(k)) expect(same(v, p.get(k)!), k).toBe(true); // frozen parameters are the same either way
+    }
+    expect(differs).toBe([...a.keys()].filter(isAttn).length);
+  });
+
   it('the bundled configs/finetune.yaml resolves; bf16 and save_as are refused for LoRA; a leak-free step with the text encoder training too (no text cache filling up)', async () => {
     const c = await loadConfigFile('finetune', path.join(ROOT, 'configs/finetune.yaml'), {});
     expect(c.finetune).toEqual({ unet: 'all', text_encoder: false, text_encoder_lr: null });
