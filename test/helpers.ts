@@ -1,5 +1,6 @@
 /** Small numeric helpers for tests. */
 import * as tf from '@tensorflow/tfjs';
+import { crc32 } from 'node:zlib';
 import type { RawTensor } from '../src/io/safetensors.js';
 import { clipTextConfig, unetConfig, vaeConfig } from '../src/models/configs.js';
 
@@ -69,3 +70,13 @@ export const TINY_UNET = unetConfig({
 });
 export const TINY_CLIP = clipTextConfig({ hidden_size: 16, intermediate_size: 24, num_hidden_layers: 2, num_attention_heads: 2, vocab_size: 100, max_position_embeddings: 12, eos_token_id: 99 });
 export const TINY_VAE = vaeConfig({ block_out_channels: [16, 32], down_block_types: ['DownEncoderBlock2D', 'DownEncoderBlock2D'], up_block_types: ['UpDecoderBlock2D', 'UpDecoderBlock2D'], layers_per_block: 1, norm_num_groups: 8 });
+
+/** One PNG chunk: length, type, data and the CRC over type + data (for splicing text chunks into test PNGs). */
+export function pngChunk(type: string, data: Buffer): Buffer {
+  const td = Buffer.concat([Buffer.from(type, 'latin1'), data]);
+  const out = Buffer.alloc(12 + data.length);
+  out.writeUInt32BE(data.length, 0);
+  td.copy(out, 4);
+  out.writeUInt32BE(crc32(td), 8 + data.length);
+  return out;
+}

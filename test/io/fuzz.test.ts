@@ -17,7 +17,7 @@ import { clipTextParamShapes } from '../../src/models/clip-text.js';
 import { disposeParams } from '../../src/models/params.js';
 import { unetParamShapes } from '../../src/models/unet.js';
 import { resolveConfig } from '../../src/train/config.js';
-import { TINY_CLIP, TINY_UNET } from '../helpers.js';
+import { TINY_CLIP, TINY_UNET, pngChunk } from '../helpers.js';
 
 const SEED = 0x5d7e;
 const N = 250; // mutants per reader
@@ -173,16 +173,8 @@ beforeAll(async () => {
   // a PNG with the three kinds of text chunk
   await writePng(file('base.png'), new Uint8Array(4 * 4 * 3).fill(128), 4, 4, 'a cat, (best:1.2)\nNegative prompt: ugly\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Lora hashes: "a: 0123456789ab"');
   const png = await readFile(file('base.png'));
-  const chunk = (type: string, data: Buffer) => {
-    const td = Buffer.concat([Buffer.from(type, 'latin1'), data]);
-    const out = Buffer.alloc(12 + data.length);
-    out.writeUInt32BE(data.length, 0);
-    td.copy(out, 4);
-    out.writeUInt32BE(crc32(td), 8 + data.length);
-    return out;
-  };
-  const z = chunk('zTXt', Buffer.concat([Buffer.from('Comment\0\0', 'latin1'), deflateSync(Buffer.from('Steps: 1, Seed: 2, Size: 8x8', 'latin1'))]));
-  const i = chunk('iTXt', Buffer.concat([Buffer.from('workflow\0\x01\0en\0Flow\0', 'latin1'), deflateSync(Buffer.from('{"猫": [1, 2]}', 'utf8'))]));
+  const z = pngChunk('zTXt', Buffer.concat([Buffer.from('Comment\0\0', 'latin1'), deflateSync(Buffer.from('Steps: 1, Seed: 2, Size: 8x8', 'latin1'))]));
+  const i = pngChunk('iTXt', Buffer.concat([Buffer.from('workflow\0\x01\0en\0Flow\0', 'latin1'), deflateSync(Buffer.from('{"猫": [1, 2]}', 'utf8'))]));
   bases.png = Buffer.concat([png.subarray(0, 33), z, i, png.subarray(33)]);
 });
 afterAll(async () => {

@@ -2,7 +2,8 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import sharp from 'sharp';
-import { crc32, deflateSync } from 'node:zlib';
+import { deflateSync } from 'node:zlib';
+import { pngChunk } from '../helpers.js';
 import { afterAll, describe, expect, it } from 'vitest';
 import { SdtuneError } from '../../src/errors.js';
 import { MAX_TEXT_CHUNK, MAX_TEXT_TOTAL, formatInfotext, infotextPairs, parseInfotext, readImageRgb, readPngText, writePng, type GenerationParams } from '../../src/io/png.js';
@@ -132,16 +133,8 @@ describe('writePng / readPngText / readImageRgb', () => {
 
   it('reads zTXt and compressed iTXt chunks', async () => {
     const plain = readFileSync(path.join(dir, 'c.png'));
-    const chunk = (type: string, data: Buffer) => {
-      const td = Buffer.concat([Buffer.from(type, 'latin1'), data]);
-      const out = Buffer.alloc(12 + data.length);
-      out.writeUInt32BE(data.length, 0);
-      td.copy(out, 4);
-      out.writeUInt32BE(crc32(td), 8 + data.length);
-      return out;
-    };
-    const z = chunk('zTXt', Buffer.concat([Buffer.from('Comment\0\0', 'latin1'), deflateSync(Buffer.from('héllo', 'latin1'))]));
-    const i = chunk('iTXt', Buffer.concat([Buffer.from('parameters\0\x01\0en\0Param\0', 'latin1'), deflateSync(Buffer.from('猫', 'utf8'))]));
+    const z = pngChunk('zTXt', Buffer.concat([Buffer.from('Comment\0\0', 'latin1'), deflateSync(Buffer.from('héllo', 'latin1'))]));
+    const i = pngChunk('iTXt', Buffer.concat([Buffer.from('parameters\0\x01\0en\0Param\0', 'latin1'), deflateSync(Buffer.from('猫', 'utf8'))]));
     const file = path.join(dir, 'z.png');
     writeFileSync(file, Buffer.concat([plain.subarray(0, 33), z, i, plain.subarray(33)]));
     expect(await readPngText(file)).toEqual({ Comment: 'héllo', parameters: '猫' });
@@ -149,32 +142,24 @@ describe('writePng / readPngText / readImageRgb', () => {
 
   it('bounds the text: a zTXt/iTXt zip bomb, a huge tEXt and too much text in all are refused with one line', async () => {
     const plain = readFileSync(path.join(dir, 'c.png'));
-    const chunk = (type: string, data: Buffer) => {
-      const td = Buffer.concat([Buffer.from(type, 'latin1'), data]);
-      const out = Buffer.alloc(12 + data.length);
-      out.writeUInt32BE(data.length, 0);
-      td.copy(out, 4);
-      out.writeUInt32BE(crc32(td), 8 + data.length);
-      return out;
-    };
     const png = (name: string, ...chunks: Buffer[]) => {
       const file = path.join(dir, name);
       writeFileSync(file, Buffer.concat([plain.subarray(0, 33), ...chunks, plain.subarray(33)]));
       return file;
     };
     const bomb = deflateSync(Buffer.alloc(MAX_TEXT_CHUNK + 1, 0x41)); // ~4 KB that inflate past the limit
-    const z = png('bomb-z.png', chunk('zTXt', Buffer.concat([Buffer.from('parameters\0\0', 'latin1'), bomb])));
+    const z = png('bomb-z.png', pngChunk('zTXt', Buffer.concat([Buffer.from('parameters\0\0', 'latin1'), bomb])));
     await expect(readPngText(z)).rejects.toThrow(new RegExp(`bomb-z\\.png: zTXt chunk "parameters" inflates to more than ${MAX_TEXT_CHUNK.toLocaleString('en-US')} bytes`));
-    const i = png('bomb-i.png', chunk('iTXt', Buffer.concat([Buffer.from('parameters\0\x01\0\0\0', 'latin1'), bomb])));
+    const i = png('bomb-i.png', pngChunk('iTXt', Buffer.concat([Buffer.from('parameters\0\x01\0\0\0', 'latin1'), bomb])));
     await expect(readPngText(i)).rejects.toThrow(/bomb-i\.png: iTXt chunk "parameters" inflates to more than/);
-    const big = png('big-t.png', chunk('tEXt', Buffer.concat([Buffer.from('parameters\0', 'latin1'), Buffer.alloc(MAX_TEXT_CHUNK, 0x41)])));
+    const big = png('big-t.png', pngChunk('tEXt', Buffer.concat([Buffer.from('parameters\0', 'latin1'), Buffer.alloc(MAX_TEXT_CHUNK, 0x41)])));
     await expect(readPngText(big)).rejects.toThrow(/big-t\.png: tEXt chunk at byte 33 holds [\d,]+ bytes, more than the [\d,]+ byte limit for PNG text/);
     const part = deflateSync(Buffer.alloc(MAX_TEXT_CHUNK - 1000, 0x42));
     const n = Math.ceil(MAX_TEXT_TOTAL / (MAX_TEXT_CHUNK - 1000)) + 1;
-    const many = png('many-z.png', ...Array.from({ length: n }, (_, k) => chunk('zTXt', Buffer.concat([Buffer.from(`k${k}\0\0`, 'latin1'), part]))));
+    const many = png('many-z.png', ...Array.from({ length: n }, (_, k) => pngChunk('zTXt', Buffer.concat([Buffer.from(`k${k}\0\0`, 'latin1'), part]))));
     await expect(readPngText(many)).rejects.toThrow(new RegExp(`many-z\\.png: .*over ${MAX_TEXT_TOTAL.toLocaleString('en-US')} bytes in all`));
     // just under the per-chunk limit is fine
-    const ok = png('ok-z.png', chunk('zTXt', Buffer.concat([Buffer.from('parameters\0\0', 'latin1'), part])));
+    const ok = png('ok-z.png', pngChunk('zTXt', Buffer.concat([Buffer.from('parameters\0\0', 'latin1'), part])));
     expect((await readPngText(ok)).parameters).toHaveLength(MAX_TEXT_CHUNK - 1000);
   });
 
