@@ -7,13 +7,13 @@ import { existsSync } from 'node:fs';
 import { mkdir, readFile, readdir, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { SdtuneError, fmtShape } from '../errors.js';
-import { SafetensorsFile, writeSafetensors } from '../io/safetensors.js';
+import { type LazyTensor, SafetensorsFile, writeSafetensors } from '../io/safetensors.js';
 import { writeFileAtomic } from '../runtime/atomic.js';
 import type { GeneratorState } from '../runtime/rng.js';
 import type { LoaderState } from '../data/loader.js';
-import { type EmaHostState, type EmaState, emaStateToHost } from './ema.js';
+import type { EmaHostState, EmaState } from './ema.js';
 import { ABSURD_MAGNITUDE } from './guards.js';
-import { type AdamWState, adamwStateFromHost, adamwStateToHost } from './optim.js';
+import { type AdamWState, adamwStateFromHost, adamwStateLazy } from './optim.js';
 
 export interface TrainState {
   method: string;
@@ -50,14 +50,14 @@ export async function saveCheckpoint(
   await rm(tmp, { recursive: true, force: true });
   await mkdir(tmp);
   try {
-    const params = new Map<string, { shape: number[]; data: Float32Array }>();
-    for (const [k, v] of vars) params.set(k, { shape: [...v.shape], data: (await v.data()) as Float32Array });
-    await writeSafetensors(path.join(tmp, PARAMS), params, { metadata: { format: 'sdtune-trainable/1' } });
-    const host = await adamwStateToHost(opt);
-    await writeSafetensors(path.join(tmp, OPTIM), host.tensors, { metadata: { step: String(host.step) } });
+    // every tensor is read from the backend only when it is written: one tensor of host memory at a time (a full
+    // fine-tune's trainables, two moments and an EMA copy are each the size of the UNet)
+    const lazy = (t: tf.Tensor): LazyTensor => ({ shape: [...t.shape], dtype: 'F32', load: async () => (await t.data()) as Float32Array });
+    await writeSafetensors(path.join(tmp, PARAMS), new Map([...vars].map(([k, v]) => [k, lazy(v)])), { metadata: { format: 'sdtune-trainable/1' } });
+    await writeSafetensors(path.join(tmp, OPTIM), adamwStateLazy(opt), { metadata: { step: String(opt.step) } });
     if (ema) {
-      const e = await emaStateToHost(ema);
-      await writeSafetensors(path.join(tmp, EMA), e.tensors, { metadata: { optimization_step: String(e.optimizationStep), options: JSON.stringify(e.opts) } });
+      const tensors = new Map([...ema.shadow].map(([k, t]) => [`ema/${k}`, lazy(t)]));
+      await writeSafetensors(path.join(tmp, EMA), tensors, { metadata: { optimization_step: String(ema.optimizationStep), options: JSON.stringify(ema.opts) } });
     }
     await writeFileAtomic(path.join(tmp, STATE), Buffer.from(JSON.stringify(state, null, 1))); // disk full: a one-line error
     await writeFileAtomic(path.join(tmp, 'config.resolved.yaml'), Buffer.from(configYaml));

@@ -119,6 +119,15 @@ export async function adamwStateToHost(s: AdamWState): Promise<AdamWHostState> {
   return { step: s.step, tensors };
 }
 
+/** The state as lazy tensors (`exp_avg/<param>`, ...): a checkpoint writer reads each moment only when writing it. */
+export function adamwStateLazy(s: AdamWState): Map<string, { shape: number[]; dtype: 'F32'; load: () => Promise<Float32Array> }> {
+  const out = new Map<string, { shape: number[]; dtype: 'F32'; load: () => Promise<Float32Array> }>();
+  for (const [prefix, map] of [[M, s.m], [V, s.v]] as const) {
+    for (const [name, t] of map) out.set(prefix + name, { shape: [...t.shape], dtype: 'F32', load: async () => (await t.data()) as Float32Array });
+  }
+  return out;
+}
+
 /**
  * Rebuild the state from host arrays. With `params`, checks strictly (principle 2): every param has both moments
  * with its shape and no moment belongs to an unknown param; a mismatch is a 'format' error naming the key.
