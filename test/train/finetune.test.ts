@@ -8,6 +8,7 @@ import { disposeModel, loadModel } from '../../src/io/model.js';
 import { flattenParams } from '../../src/models/params.js';
 import { loadConfigFile, resolveConfig } from '../../src/train/config.js';
 import { train } from '../../src/train/loop.js';
+import { exportTrainingCheckpoint } from '../../src/train/export-checkpoint.js';
 import { finetuneFilter } from '../../src/train/recipes/finetune.js';
 import { MODEL, ROOT, config, quiet } from './tiny.js';
 
@@ -77,6 +78,17 @@ describe('full fine-tuning (bundled tiny model)', () => {
       if (!isAttn(k)) expect(same(v, p.get(k)!), k).toBe(true); // frozen parameters are the same either way
     }
     expect(differs).toBe([...a.keys()].filter(isAttn).length);
+    // `sdtune convert CHECKPOINT OUT`: the base model with the checkpoint's weights, the EMA average by default
+    const ck = path.join(straight, 'checkpoints', 'step-000003');
+    await exportTrainingCheckpoint(ck, path.join(tmp, 'from-ck-ema.safetensors'));
+    await exportTrainingCheckpoint(ck, path.join(tmp, 'from-ck-trained'), { ema: false });
+    const [fromEma, fromTrained] = await Promise.all([paramsOf(path.join(tmp, 'from-ck-ema.safetensors'), 'unet'), paramsOf(path.join(tmp, 'from-ck-trained'), 'unet')]);
+    for (const [k, v] of a) {
+      expect(same(v, fromEma.get(k)!), k).toBe(true);
+      expect(same(p.get(k)!, fromTrained.get(k)!), k).toBe(true);
+    }
+    const lora = await train('lora', config('lora', path.join(tmp, 'lora-ck'), { 'train.max_steps': 1 }), quiet);
+    await expect(exportTrainingCheckpoint(lora.checkpoint, path.join(tmp, 'x'))).rejects.toThrow(/is a lora checkpoint: its result is the adapter file exported beside it/);
   });
 
   it('the bundled configs/finetune.yaml resolves; bf16 and save_as are refused for LoRA; a leak-free step with the text encoder training too (no text cache filling up)', async () => {

@@ -34,18 +34,21 @@ export function registerConvert(y: Argv): Argv {
           configDir: argv.config,
           tokenizerDir: argv.tokenizer,
         };
-        const { convertCheckpoint } = await import('../../io/convert.js'); // loaded on use: --help stays fast
+        // loaded on use: --help stays fast
+        const [{ convertCheckpoint }, { exportTrainingCheckpoint, isTrainingCheckpoint }] = await Promise.all([import('../../io/convert.js'), import('../../train/export-checkpoint.js')]);
         let bar: ReturnType<typeof progress> | undefined;
-        const r = await convertCheckpoint(opts.input, opts.output, {
-          to: opts.to,
-          half: opts.half,
-          configDir: opts.configDir,
-          tokenizerDir: opts.tokenizerDir,
-          onProgress: (done, total) => {
-            bar ??= progress({ total, label: 'convert' });
-            bar.tick(done - bar.count);
-          },
-        });
+        const onProgress = (done: number, total: number) => {
+          bar ??= progress({ total, label: 'convert' });
+          bar.tick(done - bar.count);
+        };
+        const r = isTrainingCheckpoint(opts.input)
+          ? await (async () => {
+              // a full fine-tune's training checkpoint: its base model with the trained (EMA when kept) weights
+              const { selectBackend } = await import('../../runtime/backend.js');
+              process.stderr.write((await selectBackend()).message + '\n');
+              return exportTrainingCheckpoint(opts.input, opts.output, { to: opts.to, precision: opts.half ? 'fp16' : 'fp32', onProgress });
+            })()
+          : await convertCheckpoint(opts.input, opts.output, { to: opts.to, half: opts.half, configDir: opts.configDir, tokenizerDir: opts.tokenizerDir, onProgress });
         bar?.done();
         for (const n of r.notes) process.stderr.write(`note: ${n}\n`);
         process.stdout.write(`wrote ${opts.output} (${r.layout}, ${r.tensors} tensors, ${(r.bytes / 1e6).toFixed(1)} MB)\n`);
