@@ -127,18 +127,8 @@ export async function convertCheckpoint(input: string, output: string, opts: Con
   const src = await openCheckpoint(input, { configDir: opts.configDir, tokenizerDir: opts.tokenizerDir, ema: opts.ema, variant: opts.variant });
   try {
     const to = opts.to ?? (src.layout === 'diffusers' ? 'single-file' : 'diffusers');
-    const isFile = output.endsWith('.safetensors');
-    if (to === 'single-file' && !isFile) throw usageError(`single-file output must be a .safetensors path (got ${output})`);
-    if (to === 'diffusers' && isFile) throw usageError(`diffusers output is a folder, not ${output}; choose a folder name or convert to single-file`);
-    await assertFree(output, to === 'diffusers');
-    const present = COMPONENTS.filter((c) => src.components[c]);
-    const total = present.reduce((n, c) => n + src.components[c]!.tensors.size, 0);
-    let done = 0;
-    const tick = () => opts.onProgress?.(++done, total);
-    const from = exportSourceOf(src);
-    const tok = await sourceTokenizer(from);
-    const prec = opts.half ? 'fp16' : undefined;
-    const r = to === 'single-file' ? await writeSingleFile(from, present, output, prec, tick, tok?.files) : await writeDiffusers(from, present, output, prec, tick, tok?.files);
+    await checkOutput(output, to, 'convert to', false);
+    const { r, tok } = await writeExport(exportSourceOf(src), output, to, opts.half ? 'fp16' : undefined, opts.onProgress, false);
     const notes = !tok && src.components.text_encoder ? [`no tokenizer found for ${input}, so ${output} has none: sampling it needs --tokenizer DIR (or convert again with --tokenizer DIR)`] : [];
     return { ...r, tokenizer: tok?.from ?? null, notes };
   } finally {
@@ -165,10 +155,7 @@ export interface SaveModelOptions {
  */
 export async function saveModel(model: LoadedModel, output: string, opts: SaveModelOptions = {}): Promise<ConvertResult> {
   const to = opts.to ?? (output.endsWith('.safetensors') ? 'single-file' : 'diffusers');
-  const isFile = output.endsWith('.safetensors');
-  if (to === 'single-file' && !isFile) throw usageError(`single-file output must be a .safetensors path (got ${output})`);
-  if (to === 'diffusers' && isFile) throw usageError(`diffusers output is a folder, not ${output}; choose a folder name or save as single-file`);
-  if (!opts.overwrite) await assertFree(output, to === 'diffusers');
+  await checkOutput(output, to, 'save as', Boolean(opts.overwrite));
   const parts: [Component, { params: ParamTree } | undefined][] = [['unet', model.unet], ['vae', model.vae], ['text_encoder', model.textEncoder]];
   const components: ExportSource['components'] = {};
   for (const [c, part] of parts) {
@@ -183,15 +170,35 @@ export async function saveModel(model: LoadedModel, output: string, opts: SaveMo
     components[c] = { config, tensors };
   }
   const src: ExportSource = { path: model.path, variant: model.variant, components, schedulerConfig: model.schedulerConfig, ...model.source };
-  const present = COMPONENTS.filter((c) => components[c]);
-  const total = present.reduce((n, c) => n + components[c]!.tensors.size, 0);
-  let done = 0;
-  const tick = () => opts.onProgress?.(++done, total);
-  const tok = await sourceTokenizer(src);
-  const prec = opts.precision ?? 'fp32';
-  const r = to === 'single-file' ? await writeSingleFile(src, present, output, prec, tick, tok?.files) : await writeDiffusers(src, present, output, prec, tick, tok?.files, opts.overwrite);
+  const { r, tok } = await writeExport(src, output, to, opts.precision ?? 'fp32', opts.onProgress, Boolean(opts.overwrite));
   const notes = !tok && components.text_encoder ? [`${model.path} has no tokenizer, so ${output} has none: sampling it needs --tokenizer DIR`] : [];
   return { ...r, tokenizer: tok?.from ?? null, notes };
+}
+
+/** The output path fits the layout (a .safetensors file or a folder) and, unless `overwrite`, holds nothing. */
+async function checkOutput(output: string, to: 'diffusers' | 'single-file', verb: string, overwrite: boolean): Promise<void> {
+  const isFile = output.endsWith('.safetensors');
+  if (to === 'single-file' && !isFile) throw usageError(`single-file output must be a .safetensors path (got ${output})`);
+  if (to === 'diffusers' && isFile) throw usageError(`diffusers output is a folder, not ${output}; choose a folder name or ${verb} single-file`);
+  if (!overwrite) await assertFree(output, to === 'diffusers');
+}
+
+/** Write `src` in the layout `to` with its tokenizer, counting tensors for `onProgress`. */
+async function writeExport(
+  src: ExportSource,
+  output: string,
+  to: 'diffusers' | 'single-file',
+  prec: SavePrecision | undefined,
+  onProgress: ((done: number, total: number) => void) | undefined,
+  replace: boolean,
+) {
+  const present = COMPONENTS.filter((c) => src.components[c]);
+  const total = present.reduce((n, c) => n + src.components[c]!.tensors.size, 0);
+  let done = 0;
+  const tick = () => onProgress?.(++done, total);
+  const tok = await sourceTokenizer(src);
+  const r = to === 'single-file' ? await writeSingleFile(src, present, output, prec, tick, tok?.files) : await writeDiffusers(src, present, output, prec, tick, tok?.files, replace);
+  return { r, tok };
 }
 
 /** A checkpoint's tensors as an ExportSource (each read from its file when written). */
