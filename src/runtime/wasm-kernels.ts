@@ -22,6 +22,8 @@ export const WASM_KERNEL_LIMITS = {
 };
 /** Below this many floats a JS loop beats TypedArray.set's call overhead. */
 const SMALL_COPY = 32;
+/** Conv2DBackpropFilter's im2col rows: TypedArray.set only above this length (measured: a loop is ~3x faster at 32). */
+const ROW_COPY = 256;
 
 let registered = false;
 let originalBackpropInput: tf.KernelFunc | undefined;
@@ -149,59 +151,50 @@ function conv2DBackpropFilter({ inputs, backend: b, attrs }: KernelArgs): Info {
     if (channelsFirst) free(backend, x, dy);
     return zeros(backend, a.filterShape);
   }
-  // a 1x1 stride-1 unpadded convolution's cols is x itself (copied once)
-  const direct = kh === 1 && kw === 1 && sh === 1 && sw === 1 && pt === 0 && pl === 0 && OH === H && OW === W;
-  const unitsPerChunk = direct ? N * OH : Math.max(1, Math.floor(WASM_KERNEL_LIMITS.im2colBytes / (4 * OW * K)));
+  // dW[K, CO] = colsT[K, M] x dy[M, CO], K = (i, j, c) filter taps, M = (n, oh, ow) output positions: the result is
+  // the filter in its HWIO layout, and XNNPACK packs only dy (its b operand; packing the much larger cols on every
+  // call is what made the [CO, M] x [M, K] form slow). colsT row (i, j, c) is x's channel c shifted by the tap, so it
+  // is built from x transposed to [C, N, H, W] in runs of one output row.
+  const xT = transpose(backend, x, [3, 0, 1, 2]);
+  const unitsPerChunk = Math.max(1, Math.floor(WASM_KERNEL_LIMITS.im2colBytes / (4 * OW * K)));
   const units = N * OH; // one unit = one output row of one image
   let acc: Info | undefined;
   for (let u0 = 0; u0 < units; u0 += unitsPerChunk) {
     const u1 = Math.min(units, u0 + unitsPerChunk);
     const rows = (u1 - u0) * OW;
-    let cols: Info;
-    if (direct) {
-      // a copy, not a reshape: XNNPACK caches its packed b on b's tensor id until that tensor dies, keyed without
-      // the shape, so b must be a tensor of our own
-      cols = backend.makeOutput([1, M, K], 'float32');
-      f32(backend, cols).set(f32(backend, x));
-    } else {
-      cols = backend.makeOutput([1, rows, K], 'float32');
-      const cv = f32(backend, cols);
-      const xv = f32(backend, x);
-      let r = 0;
-      for (let u = u0; u < u1; u++) {
-        const n = Math.floor(u / OH);
-        const oh = u % OH;
-        for (let ow = 0; ow < OW; ow++, r += K) {
-          const iw0 = ow * sw - pl;
-          for (let i = 0; i < kh; i++) {
-            const ih = oh * sh + i - pt;
-            const d = r + i * kw * C;
+    const colsT = backend.makeOutput([1, K, rows], 'float32');
+    const cv = f32(backend, colsT);
+    const xv = f32(backend, xT);
+    for (let i = 0; i < kh; i++) {
+      for (let j = 0; j < kw; j++) {
+        // the output columns whose input column iw = ow*sw + j - pl lies inside the image: ow in [owLo, owHi)
+        const owLo = Math.min(OW, Math.max(0, Math.ceil((pl - j) / sw)));
+        const owHi = Math.max(owLo, Math.min(OW, Math.floor((W - 1 + pl - j) / sw) + 1));
+        for (let c = 0; c < C; c++) {
+          let d = ((i * kw + j) * C + c) * rows;
+          const xc = c * N * H * W;
+          for (let u = u0; u < u1; u++, d += OW) {
+            const n = Math.floor(u / OH);
+            const ih = (u % OH) * sh + i - pt;
+            // plain loops: these runs are one output row (tens of floats), where fill/set/subarray calls cost more
             if (ih < 0 || ih >= H) {
-              cv.fill(0, d, d + kw * C);
-            } else if (sw === 1 && iw0 >= 0 && iw0 + kw <= W) {
-              copy(cv, d, xv, ((n * H + ih) * W + iw0) * C, kw * C); // the kw taps of a stride-1 row are contiguous
-            } else {
-              for (let j = 0; j < kw; j++) {
-                const iw = iw0 + j;
-                if (iw < 0 || iw >= W) cv.fill(0, d + j * C, d + (j + 1) * C);
-                else copy(cv, d + j * C, xv, ((n * H + ih) * W + iw) * C, C);
-              }
+              for (let k = d; k < d + OW; k++) cv[k] = 0;
+              continue;
             }
+            for (let k = d; k < d + owLo; k++) cv[k] = 0;
+            for (let k = d + owHi; k < d + OW; k++) cv[k] = 0;
+            const src = xc + (n * H + ih) * W + owLo * sw + j - pl;
+            if (sw === 1 && owHi - owLo > ROW_COPY) cv.set(xv.subarray(src, src + owHi - owLo), d + owLo);
+            else for (let ow = owLo, s = src; ow < owHi; ow++, s += sw) cv[d + ow] = xv[s];
           }
         }
       }
     }
-    let dyc: Info;
-    if (rows === M) {
-      dyc = reshape(backend, dy, [rows, CO]);
-    } else {
-      dyc = backend.makeOutput([rows, CO], 'float32');
-      f32(backend, dyc).set(f32(backend, dy).subarray(u0 * OW * CO, u1 * OW * CO));
-    }
-    const dyT = transpose(backend, dyc, [1, 0]);
-    const dyT3 = reshape(backend, dyT, [1, CO, rows]);
-    const part = xnnGemm(backend, dyT3, cols);
-    free(backend, cols, dyc, dyT, dyT3);
+    // dy's rows of this chunk: a copy of our own (XNNPACK caches its packed b by tensor id until that tensor dies)
+    const dyc = backend.makeOutput([1, rows, CO], 'float32');
+    f32(backend, dyc).set(f32(backend, dy).subarray(u0 * OW * CO, u1 * OW * CO));
+    const part = xnnGemm(backend, colsT, dyc);
+    free(backend, colsT, dyc);
     if (acc) {
       const sum = run('Add', backend, { a: acc, b: part });
       free(backend, acc, part);
@@ -210,10 +203,9 @@ function conv2DBackpropFilter({ inputs, backend: b, attrs }: KernelArgs): Info {
       acc = part;
     }
   }
-  const acc2 = reshape(backend, acc!, [CO, K]);
-  const dwT = transpose(backend, acc2, [1, 0]);
-  const dw = reshape(backend, dwT, a.filterShape);
-  free(backend, acc, acc2, dwT);
+  free(backend, xT);
+  const dw = reshape(backend, acc!, a.filterShape);
+  free(backend, acc);
   if (channelsFirst) free(backend, x, dy);
   return dw;
 }
