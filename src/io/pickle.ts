@@ -609,6 +609,8 @@ export interface TorchOpenOptions {
 
 export const PICKLE_EXTENSIONS = /\.(ckpt|pt|pth|bin|pkl)$/i;
 const LEGACY_MAGIC = 0x1950a86a20f9469cfc6cn;
+/** Opcodes a protocol 0/1 pickle (no PROTO header) can start with: MARK, GLOBAL, containers, scalars. */
+const PICKLE_START = new Set([...'(cdl]})NIJKMSVXUTFGL'].map((c) => c.charCodeAt(0)));
 const FLOAT_DTYPES: ReadonlySet<Dtype> = new Set(['F32', 'F16', 'BF16', 'F64']);
 const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 const MAX_TENSORS = 100_000;
@@ -708,8 +710,8 @@ export class TorchFile implements TensorFile {
       const head = await readAt(fh, 0, Math.min(4, st.size), file);
       let root: PyValue, format: 'zip' | 'legacy';
       if (head[0] === 0x50 && head[1] === 0x4b) ({ root, format } = { root: await readZip(fh, file, st.size), format: 'zip' });
-      else if (head[0] === 0x80) ({ root, format } = { root: await readLegacy(fh, file, st.size), format: 'legacy' });
-      else throw new SdtuneError('file', `${file}: not a PyTorch file (neither a zip archive nor a pickle: starts with 0x${[...head].map((b) => b.toString(16).padStart(2, '0')).join('')})`);
+      else if (head[0] === 0x80 || PICKLE_START.has(head[0])) ({ root, format } = { root: await readLegacy(fh, file, st.size), format: 'legacy' });
+      else throw new SdtuneError('file', `${file}: not a PyTorch file (neither a torch.save zip nor a pickle: starts with 0x${[...head].map((b) => b.toString(16).padStart(2, '0')).join('')})`);
       const sd = opts.stateDict && root instanceof Map ? root.get('state_dict') : undefined;
       return new TorchFile(fh, file, format, root, sd instanceof Map ? sd : root, st.size);
     } catch (e) {
@@ -890,7 +892,7 @@ async function pickleAt(fh: FileHandle, file: string, size: number, pos: number,
  */
 async function readLegacy(fh: FileHandle, file: string, size: number): Promise<PyValue> {
   const magic = await pickleAt(fh, file, size, 0, {});
-  if (magic.value !== LEGACY_MAGIC && !(typeof magic.value === 'bigint' && magic.value === LEGACY_MAGIC)) {
+  if (magic.value !== LEGACY_MAGIC) {
     if (magic.end !== size) throw new SdtuneError('format', `${file}: ${size - magic.end} bytes after the pickle (not a torch.save file)`);
     return magic.value;
   }
