@@ -2,6 +2,7 @@
 // README says) and on hand-assembled pickles for what those files do not cover: other protocols, views, bounds.
 import * as tf from '@tensorflow/tfjs';
 import { spawnSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import { createHash } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
@@ -11,6 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readEmbedding } from '../../src/adapters/embeddings.js';
 import { readLora } from '../../src/adapters/lora.js';
 import { SdtuneError } from '../../src/errors.js';
+import { convertCheckpoint } from '../../src/io/convert.js';
 import { type LoadedModel, disposeModel, loadModel } from '../../src/io/model.js';
 import { TorchFile, isTensor, readHypernetworkPt, unpickle } from '../../src/io/pickle.js';
 import { SafetensorsFile, f16BitsToF32, f32ToF16Bits } from '../../src/io/safetensors.js';
@@ -186,6 +188,56 @@ describeGolden('golden pickles (../shared/golden/pickle)', () => {
       expect((await errorOf(readEmbedding(G(f)))).message).toMatch(/it calls posix\.system/);
       expect((await errorOf(readLora(G(f), {}))).message).toMatch(/it calls posix\.system/);
     }
+  });
+});
+
+describeGolden('convert from pickles', () => {
+  it('tiny-sd.ckpt converts to the same single file as tiny-sd.safetensors, byte for byte', async () => {
+    const a = path.join(tmp, 'from-ckpt.safetensors'), b = path.join(tmp, 'from-st.safetensors');
+    const ra = await convertCheckpoint(G('tiny-sd.ckpt'), a, { configDir: golden('tiny-sd') });
+    await convertCheckpoint(golden('tiny-sd.safetensors'), b, { configDir: golden('tiny-sd') });
+    expect(ra.layout).toBe('single-file');
+    expect((await readFile(a)).equals(await readFile(b))).toBe(true);
+  });
+
+  it('`sdtune convert tiny-sd-fp16.ckpt x.safetensors` keeps float16 and the LDM tensors of tiny-sd-fp16.safetensors', async () => {
+    const out = path.join(tmp, 'cli-fp16.safetensors');
+    const bin = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../bin/sdtune.js');
+    const r = spawnSync(process.execPath, [bin, 'convert', G('tiny-sd-fp16.ckpt'), out, '--config', golden('tiny-sd')], { encoding: 'utf8', env: { ...process.env, SDTUNE_BACKEND: 'wasm' } });
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/wrote .*cli-fp16\.safetensors \(single-file, \d+ tensors/);
+    const [x, y] = [await SafetensorsFile.open(out), await SafetensorsFile.open(golden('tiny-sd-fp16.safetensors'))];
+    try {
+      expect([...x.keys()].sort()).toEqual([...y.keys()].sort());
+      for (const k of y.keys()) {
+        const [p, q] = [await x.read(k), await y.read(k)];
+        expect([p.dtype, p.shape], k).toEqual([q.dtype, q.shape]);
+        expect(bytesOf(p.data).equals(bytesOf(q.data)), k).toBe(true);
+      }
+    } finally {
+      await Promise.all([x.close(), y.close()]);
+    }
+  });
+
+  it('a hypernetwork .pt and an embedding .pt re-save as flat safetensors that read the same', async () => {
+    const hn = path.join(tmp, 'hn.safetensors');
+    const r = await convertCheckpoint(G('hypernetwork-a1111.pt'), hn);
+    expect([r.layout, r.tensors]).toEqual(['tensors', 8]);
+    const [x, ref] = [await SafetensorsFile.open(hn), await SafetensorsFile.open(golden('hypernetwork', 'tiny_hypernet.safetensors'))];
+    try {
+      expect(x.keys()).toEqual(ref.keys());
+      for (const k of ref.keys()) expect(bytesOf((await x.read(k)).data).equals(bytesOf((await ref.read(k)).data)), k).toBe(true);
+      expect(Object.keys(x.metadata).sort()).toEqual(Object.keys(ref.metadata).sort());
+      for (const [k, v] of Object.entries(ref.metadata)) expect(x.metadata[k] === v || JSON.stringify(JSON.parse(x.metadata[k])) === JSON.stringify(JSON.parse(v)), k).toBe(true);
+    } finally {
+      await Promise.all([x.close(), ref.close()]);
+    }
+    const emb = path.join(tmp, 'embedding-a1111.safetensors');
+    await convertCheckpoint(G('embedding-a1111.pt'), emb);
+    const [e, pt] = [await readEmbedding(emb), await readEmbedding(G('embedding-a1111.pt'))];
+    expect([e.token, e.format, e.step, e.vectors.shape]).toEqual([pt.token, pt.format, pt.step, pt.vectors.shape]);
+    expect(bytesOf(e.vectors.data).equals(bytesOf(pt.vectors.data))).toBe(true);
+    expect((await errorOf(convertCheckpoint(G('malicious.pt'), path.join(tmp, 'm.safetensors')))).message).toMatch(/it calls posix\.system/);
   });
 });
 
