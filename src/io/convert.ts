@@ -169,9 +169,10 @@ export async function convertPickleTensors(input: string, output: string, opts: 
     if (!f.tensors.size) throw formatError(`${input}: no tensors to convert`);
     const metadata: Record<string, string> = {};
     if (f.root instanceof Map) {
+      const budget = { parts: 2_000_000 }; // shared by all fields (a value shared through the memo counts each time)
       for (const [k, v] of f.root) {
         if (typeof k !== 'string' || holdsTensor(v)) continue;
-        metadata[k] = typeof v === 'string' ? v : JSON.stringify(toPlain(v), (_, x) => (x instanceof Uint8Array ? [...x] : x));
+        metadata[k] = typeof v === 'string' ? v : JSON.stringify(toPlain(v, budget), (_, x) => (x instanceof Uint8Array ? [...x] : x));
       }
     }
     const total = f.tensors.size;
@@ -194,12 +195,13 @@ export async function convertPickleTensors(input: string, output: string, opts: 
 }
 
 /** Whether a pickled value contains a tensor anywhere (bounded like the reader's walk). */
-function holdsTensor(v: PyValue, depth = 0): boolean {
+function holdsTensor(v: PyValue, seen = new Set<object>(), depth = 0): boolean {
   if (isTensor(v)) return true;
-  if (depth > 64 || v === null || typeof v !== 'object' || v instanceof Uint8Array) return false;
-  if (v instanceof Map) return [...v.values()].some((x) => holdsTensor(x, depth + 1));
-  if (Array.isArray(v) || v instanceof Set) return [...v].some((x) => holdsTensor(x, depth + 1));
-  return v.kind === 'object' && v.state !== undefined && holdsTensor(v.state, depth + 1);
+  if (depth > 64 || v === null || typeof v !== 'object' || v instanceof Uint8Array || seen.has(v)) return false;
+  seen.add(v); // each container once: a value shared through the memo is not walked again
+  if (v instanceof Map) return [...v.values()].some((x) => holdsTensor(x, seen, depth + 1));
+  if (Array.isArray(v) || v instanceof Set) return [...v].some((x) => holdsTensor(x, seen, depth + 1));
+  return v.kind === 'object' && v.state !== undefined && holdsTensor(v.state, seen, depth + 1);
 }
 
 export interface SaveModelOptions {

@@ -285,7 +285,7 @@ function unescapePy(s: string, fail: (m: string) => never): string {
     if (n !== undefined && n in simple) out += simple[n];
     else if (n === 'x' && /^[0-9a-fA-F]{2}$/.test(s.slice(i + 1, i + 3))) (out += String.fromCharCode(parseInt(s.slice(i + 1, i + 3), 16))), (i += 2);
     else if (n !== undefined && /[0-7]/.test(n)) {
-      const m = /^[0-7]{1,3}/.exec(s.slice(i))![0];
+      const m = /^[0-7]{1,3}/.exec(s.slice(i, i + 3))![0];
       out += String.fromCharCode(parseInt(m, 8) & 0xff);
       i += m.length - 1;
     } else fail(`bad escape in a STRING literal`);
@@ -664,14 +664,19 @@ function decodeElements(file: string, name: string, dtype: Dtype, b: Uint8Array)
   }
 }
 
-/** Plain JS value of a pickled scalar/container (for metadata and structures handed to other modules). */
-export function toPlain(v: PyValue, depth = 0): unknown {
+/**
+ * Plain JS value of a pickled scalar/container (for metadata and structures handed to other modules): dicts become
+ * objects, tuples/lists/sets arrays, big ints decimal strings, records `{__class__}`; tensors stay PyTensor. Bounded:
+ * 64 levels and 2,000,000 parts in all (a value shared many times through the memo counts each time).
+ */
+export function toPlain(v: PyValue, budget = { parts: MAX_WALK }, depth = 0): unknown {
   if (depth > MAX_NESTING) throw formatError(`a value nests deeper than ${MAX_NESTING} levels`);
+  if (--budget.parts < 0) throw formatError(`a value has more than ${MAX_WALK.toLocaleString('en-US')} parts (shared many times?)`);
   if (v === null || typeof v !== 'object') return typeof v === 'bigint' ? v.toString() : v;
   if (v instanceof Uint8Array) return v;
-  if (Array.isArray(v)) return v.map((x) => toPlain(x, depth + 1));
-  if (v instanceof Set) return [...v].map((x) => toPlain(x, depth + 1));
-  if (v instanceof Map) return Object.fromEntries([...v].map(([k, x]) => [String(toPlain(k, depth + 1)), toPlain(x, depth + 1)]));
+  if (Array.isArray(v)) return v.map((x) => toPlain(x, budget, depth + 1));
+  if (v instanceof Set) return [...v].map((x) => toPlain(x, budget, depth + 1));
+  if (v instanceof Map) return Object.fromEntries([...v].map(([k, x]) => [String(toPlain(k, budget, depth + 1)), toPlain(x, budget, depth + 1)]));
   if (v.kind === 'object') return { __class__: v.className };
   return v;
 }
@@ -951,6 +956,7 @@ export async function readHypernetworkPt(file: string): Promise<HypernetworkPt> 
   try {
     if (!(f.root instanceof Map)) throw formatError(`${file}: not an A1111 hypernetwork (the object is ${describe(f.root)}, not a dict)`);
     const fields: Record<string, unknown> = {};
+    const budget = { parts: MAX_WALK }; // shared by all fields
     const layers: HypernetworkPt['layers'] = new Map();
     const byTensor = new Map<PyTensor, string>([...f.tensors].map(([k, t]) => [t.tensor, k]));
     const stateDict = (v: PyValue, where: string) => {
@@ -966,7 +972,7 @@ export async function readHypernetworkPt(file: string): Promise<HypernetworkPt> 
       if (typeof k === 'number') {
         if (!Array.isArray(v) || v.length !== 2) throw formatError(`${file}: width ${k} holds ${describe(v)}, expected (k, v) state dicts`);
         layers.set(k, [stateDict(v[0], `width ${k} k`), stateDict(v[1], `width ${k} v`)]);
-      } else if (typeof k === 'string') fields[k] = toPlain(v);
+      } else if (typeof k === 'string') fields[k] = toPlain(v, budget);
       else throw formatError(`${file}: key ${describe(k)} is neither a width nor a field name`);
     }
     if (!layers.size) throw formatError(`${file}: no integer (context width) keys: not an A1111 hypernetwork`);

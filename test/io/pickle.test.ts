@@ -13,6 +13,8 @@ import { readEmbedding } from '../../src/adapters/embeddings.js';
 import { readLora } from '../../src/adapters/lora.js';
 import { SdtuneError } from '../../src/errors.js';
 import { convertCheckpoint } from '../../src/io/convert.js';
+import { readImageRgb } from '../../src/io/png.js';
+import { sampleToFiles } from '../../src/infer/sample.js';
 import { type LoadedModel, disposeModel, loadModel } from '../../src/io/model.js';
 import { TorchFile, isTensor, readHypernetworkPt, unpickle } from '../../src/io/pickle.js';
 import { SafetensorsFile, f16BitsToF32, f32ToF16Bits } from '../../src/io/safetensors.js';
@@ -103,6 +105,17 @@ describeGolden('golden pickles (../shared/golden/pickle)', () => {
       expect(maxAbsDiff(a, c.get('noise_pred')!.data)).toBeLessThanOrEqual(atolOf('unet'));
       tf.dispose([x, ctx, ts, ya, yb]);
     });
+  });
+
+  it('a short sample with the .ckpt model, the .pt LoRA and the .pt embedding is the image of their safetensors', async () => {
+    const run = async (model: string, lora: string, embedding: string, out: string) => {
+      await sampleToFiles({ model, load: { configDir: golden('tiny-sd') }, prompt: 'a embedding-a1111 cat', steps: 2, seed: 1, lora: [`${lora}:0.8`], embedding: [embedding], out, quiet: true, log: () => {} });
+      return readImageRgb(out);
+    };
+    const a = await run(G('tiny-sd.ckpt'), G('lora-kohya.pt'), G('embedding-a1111.pt'), path.join(tmp, 'from-pickles.png'));
+    const b = await run(golden('tiny-sd.safetensors'), golden('lora', 'tiny_lora_kohya.safetensors'), `${golden('textual_inversion', 'my-token-a1111.safetensors')}:embedding-a1111`, path.join(tmp, 'from-safetensors.png'));
+    expect([a.width, a.height]).toEqual([64, 64]);
+    expect(Buffer.from(a.data).equals(Buffer.from(b.data))).toBe(true);
   });
 
   it('embedding-a1111.pt: string_to_param["*"] is the A1111 safetensors embedding; its fields as the README lists', async () => {
@@ -374,6 +387,10 @@ describe('pickle opcodes and containers (hand-assembled)', () => {
     const deep = cat(P.proto(2), ...Array.from({ length: 100 }, () => P.emptyList()), ...Array.from({ length: 99 }, () => P.append()), P.stop());
     await writeFile(path.join(tmp, 'deep.pkl'), deep);
     expect((await errorOf(TorchFile.open(path.join(tmp, 'deep.pkl')))).message).toMatch(/nests deeper than 64 levels/);
+    // "billion laughs": 40 levels of [prev, prev] through the memo (2^40 paths, 200 bytes of pickle)
+    const laughs = cat(P.proto(2), P.emptyList(), P.put(0), ...Array.from({ length: 40 }, (_, i) => cat(Buffer.from([0x30]), P.emptyList(), P.get(i), P.append(), P.get(i), P.append(), P.put(i + 1))), P.stop());
+    await writeFile(path.join(tmp, 'laughs.pkl'), laughs);
+    expect((await errorOf(TorchFile.open(path.join(tmp, 'laughs.pkl')))).message).toMatch(/more than 2,000,000 parts/);
     const cyc = cat(P.proto(2), P.emptyList(), P.put(0), P.get(0), P.append(), P.stop());
     await writeFile(path.join(tmp, 'cycle.pkl'), cyc);
     expect((await errorOf(TorchFile.open(path.join(tmp, 'cycle.pkl')))).message).toMatch(/contains itself/);
