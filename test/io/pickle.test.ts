@@ -413,6 +413,35 @@ describe('pickle opcodes and containers (hand-assembled)', () => {
     expect((await errorOf(TorchFile.open(await w('cut.pt', good.subarray(0, good.length - 30))))).kind).toBe('file');
   });
 
+  it('an A1111 embedding saved by torch 1.11 (string_to_param a ParameterDict of Parameters, NEWOBJ + BUILD) reads', async () => {
+    const od = () => cat(P.global('collections', 'OrderedDict'), P.emptyTuple(), P.reduce());
+    const param = cat(P.global('torch._utils', '_rebuild_parameter'), tensorOps('FloatStorage', '0', 6, 0, [2, 3], [3, 1]), P.t(), od(), P.tuple3(), P.reduce());
+    const pdict = cat(P.global('torch.nn.modules.container', 'ParameterDict'), P.emptyTuple(), Buffer.from([0x81]), // NEWOBJ
+      P.emptyDict(), P.mark(), P.str('training'), P.t(), P.str('_parameters'), od(), P.mark(), P.str('*'), param, P.setitems(),
+      P.str('_non_persistent_buffers_set'), P.global('builtins', 'set'), P.emptyList(), P.tuple1(), P.reduce(), P.setitems(), P.build());
+    const pkl = dictPickle([['string_to_token', cat(P.emptyDict(), P.str('*'), P.int(265), P.setitem())], ['string_to_param', pdict], ['name', P.str('old'), ], ['step', P.none()]]);
+    const file = path.join(tmp, 'old-style.pt');
+    await writeFile(file, torchZip(pkl, [['0', new Uint8Array(Float32Array.from([1, 2, 3, 4, 5, 6]).buffer)]]));
+    const e = await readEmbedding(file);
+    expect([e.token, e.format, e.vectors.shape, [...e.vectors.data]]).toEqual(['old-style', 'a1111', [2, 3], [1, 2, 3, 4, 5, 6]]);
+    expect(e.step).toBeUndefined();
+  });
+
+  it("a Lightning checkpoint's extras (ModelCheckpoint class as a key, numpy scalars, bytes) are inert data around state_dict", async () => {
+    const dtype = cat(P.global('numpy', 'dtype'), P.str('f8'), P.f(), P.t(), P.tuple3(), P.reduce(),
+      P.mark(), P.int(3), P.str('<'), P.none(), P.none(), P.none(), P.int(-1), P.int(-1), P.int(0), P.tuple(), P.build());
+    const score = cat(P.global('numpy.core.multiarray', 'scalar'), dtype, P.global('_codecs', 'encode'), P.str('\u0000'.repeat(8)), P.str('latin1'), P.tuple2(), P.reduce(), P.tuple2(), P.reduce());
+    const callbacks = cat(P.emptyDict(), P.global('pytorch_lightning.callbacks.model_checkpoint', 'ModelCheckpoint'), P.emptyDict(), P.str('best_model_score'), score, P.setitem(), P.setitem());
+    const pkl = dictPickle([['epoch', P.int(1)], ['state_dict', cat(P.emptyDict(), P.str('model.w'), tensorOps('FloatStorage', '0', 2, 0, [2], [1]), P.setitem())], ['callbacks', callbacks]]);
+    const file = path.join(tmp, 'lightning.ckpt');
+    await writeFile(file, torchZip(pkl, [['0', new Uint8Array(8)]]));
+    const f = await TorchFile.open(file, { stateDict: true });
+    expect(f.keys()).toEqual(['model.w']);
+    const cb = (f.root as Map<unknown, unknown>).get('callbacks') as Map<unknown, unknown>;
+    expect([...cb.keys()]).toEqual([{ kind: 'global', name: 'pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint' }]);
+    await f.close();
+  });
+
   it('the parsed object keeps tensors as data: shapes, strides and dtypes of every storage class', async () => {
     const classes: [string, number][] = [['HalfStorage', 2], ['BFloat16Storage', 2], ['DoubleStorage', 8], ['LongStorage', 8], ['IntStorage', 4], ['ByteStorage', 1], ['BoolStorage', 1]];
     const pkl = dictPickle(classes.map(([c], i) => [c, tensorOps(c, String(i), 2, 0, [2], [1])]));
