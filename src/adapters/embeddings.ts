@@ -6,7 +6,8 @@
 import * as tf from '@tensorflow/tfjs';
 import path from 'node:path';
 import { SdtuneError, fmtShape, formatError, usageError } from '../errors.js';
-import { SafetensorsFile, writeSafetensors } from '../io/safetensors.js';
+import { isPickleFile, openTensorFile } from '../io/pickle.js';
+import { writeSafetensors } from '../io/safetensors.js';
 import { type ParamTree, leaf, sub } from '../models/params.js';
 import type { ClipTokenizer } from '../tokenizer/clip.js';
 
@@ -26,15 +27,15 @@ const tokensOf = (e: Embedding) => Array.from({ length: e.vectors.shape[0] }, (_
 
 /**
  * Read an A1111/kohya (`emb_params`, `string_to_param.*`) or diffusers (`{token: [dim] | [n,dim]}`) safetensors
- * embedding (A1111 create_embedding_from_data, diffusers _retrieve_tokens_and_embeddings). The token is
+ * embedding, or an A1111 `.pt` / diffusers `.bin` (pickles, read as data) (A1111 create_embedding_from_data, diffusers _retrieve_tokens_and_embeddings). The token is
  * opts.token, else the diffusers key, else the file-name stem as A1111 uses. SDXL (clip_l/clip_g) is refused.
  */
 export async function readEmbedding(file: string, opts: { token?: string; expectedDim?: number } = {}): Promise<Embedding> {
-  if (!/\.safetensors$/i.test(file)) {
-    throw new SdtuneError('unsupported', `${file}: only .safetensors embeddings are read (pickled .pt/.bin files can run code; convert them first)`);
+  if (!/\.safetensors$/i.test(file) && !isPickleFile(file)) {
+    throw new SdtuneError('unsupported', `${file}: embeddings are read from .safetensors, or .pt/.bin files (PyTorch pickles, read as data)`);
   }
   if (opts.token !== undefined && !opts.token.trim()) throw usageError(`${file}: the embedding token cannot be empty`);
-  const f = await SafetensorsFile.open(file);
+  const f = await openTensorFile(file); // a pickle: A1111's {string_to_param: {"*": tensor}} flattens to "string_to_param.*"
   try {
     const keys = f.keys().filter((k) => !k.startsWith('string_to_token')); // legacy id map of the original TI repo
     if (keys.includes('clip_l') || keys.includes('clip_g')) {
@@ -55,7 +56,7 @@ export async function readEmbedding(file: string, opts: { token?: string; expect
       throw formatError(`${file}: embedding vectors have width ${shape[1]}, but the text encoder's token embeddings have width ${opts.expectedDim} (made for another model?)`);
     }
     const format = key === 'emb_params' || key.startsWith('string_to_param') ? 'a1111' : 'diffusers';
-    const token = opts.token ?? (format === 'diffusers' ? key : path.basename(file).replace(/\.safetensors$/i, ''));
+    const token = opts.token ?? (format === 'diffusers' ? key : path.basename(file).replace(/\.(safetensors|pt|pth|bin|ckpt)$/i, ''));
     const step = Number.parseInt(f.metadata.step ?? '', 10);
     return { token, vectors: { shape, data: t.data }, path: file, format, ...(Number.isFinite(step) ? { step } : {}) };
   } finally {

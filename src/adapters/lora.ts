@@ -10,7 +10,8 @@ import { SdtuneError, fmtShape, formatError, usageError } from '../errors.js';
 import { addnetHash, legacyModelHash } from '../io/hashes.js';
 import { layoutKind, torchShapeOf } from '../io/layout.js';
 import { unetModuleToLdm, unetStructureOf } from '../io/ldm-keymap.js';
-import { type RawTensor, SafetensorsFile, type WritableTensor, writeSafetensors } from '../io/safetensors.js';
+import { isPickleFile, openTensorFile } from '../io/pickle.js';
+import { type RawTensor, type WritableTensor, writeSafetensors } from '../io/safetensors.js';
 import { type ParamTree, flattenParams } from '../models/params.js';
 
 export type LoraComponent = 'unet' | 'text_encoder';
@@ -244,10 +245,10 @@ function peftAlpha(metadata: Record<string, string>, file: string): ((c: LoraCom
  * the model lacks, shape mismatches and SDXL / LyCORIS files fail with one message naming them.
  */
 export async function readLora(file: string, model: LoraModel): Promise<LoraFile> {
-  if (!/\.safetensors$/i.test(file)) {
-    throw new SdtuneError('unsupported', `${file}: only .safetensors LoRA files are read (pickled .pt/.ckpt/.bin files can run code; convert them first)`);
+  if (!/\.safetensors$/i.test(file) && !isPickleFile(file)) {
+    throw new SdtuneError('unsupported', `${file}: LoRA files are read from .safetensors, or .pt/.bin files (PyTorch pickles, read as data)`);
   }
-  const f = await SafetensorsFile.open(file);
+  const f = await openTensorFile(file); // kohya's torch.save(state_dict) .pt: the same flat keys
   try {
     const keys = f.keys();
     const metadata = { ...f.metadata };

@@ -2,8 +2,8 @@
  * Opening a model from a path (spec: checkpoint-layouts.md §2, §6): a diffusers folder (whole pipeline or one
  * component folder) or a single-file LDM .safetensors. Opening reads headers and configs only and yields, per
  * component, its diffusers config and a table diffusers key -> tensor in some file (+ layout transform); weights are
- * read later, one tensor at a time. Pickles are refused without being read; LoRA / embedding files and other model
- * families get errors that say what the file is.
+ * read later, one tensor at a time. PyTorch pickles (.ckpt/.pt/.bin) are read as data by src/io/pickle.ts (any
+ * non-data global refused); LoRA / embedding files and other model families get errors that say what the file is.
  */
 import { readdir, readFile, stat } from 'node:fs/promises';
 import path from 'node:path';
@@ -13,13 +13,15 @@ import {
   COMPONENTS, emaKey, ldmToDiffusersTable, normalizeDiffusersKeys, transformShape,
   type Component, type KeyMapEntry, type Transform,
 } from './ldm-keymap.js';
-import { SafetensorsFile, type Dtype, type RawTensor } from './safetensors.js';
+import { type TensorFile, TorchFile, openTensorFile } from './pickle.js';
+import type { Dtype, RawTensor } from './safetensors.js';
 import { TOKENIZER_FILES, type TokenizerFileName } from '../tokenizer/clip.js';
 
 export type { Component, Transform } from './ldm-keymap.js';
 
 export interface TensorRef {
-  file: SafetensorsFile;
+  /** a safetensors file or a PyTorch pickle read as data (src/io/pickle.ts) */
+  file: TensorFile;
   /** key in the file */
   name: string;
   dtype: Dtype;
@@ -65,6 +67,8 @@ export const CONFIGS_METADATA_KEY = 'sdtune_configs';
 /** Metadata key prefix of the tokenizer files our single-file writer embeds: `sdtune_tokenizer/vocab.json`, ... */
 export const TOKENIZER_METADATA_PREFIX = 'sdtune_tokenizer/';
 const PICKLE_EXT = /\.(ckpt|pt|pth|bin)$/i;
+/** diffusers weights saved by torch.save (older folders): read as data when no .safetensors weights are there */
+const PICKLE_WEIGHTS_RE = /^(diffusion_pytorch_model|pytorch_model)\.bin$/;
 const WEIGHTS_RE = /^(diffusion_pytorch_model|model)(?:\.([^.]+))?\.safetensors(\.index\.json)?$/;
 const PRIMARY_BASE: Record<Component, string> = { unet: 'diffusion_pytorch_model', vae: 'diffusion_pytorch_model', text_encoder: 'model' };
 const CLASS_COMPONENT: Record<string, Component> = { UNet2DConditionModel: 'unet', AutoencoderKL: 'vae', CLIPTextModel: 'text_encoder' };
@@ -92,18 +96,6 @@ async function readJson(file: string): Promise<Record<string, unknown>> {
   } catch (e) {
     throw fileError(`${file}: malformed JSON (${(e as Error).message})`);
   }
-}
-
-/** The refusal of a PyTorch pickle, with the one-line Python command that converts it to safetensors. */
-export function pickleError(file: string): SdtuneError {
-  const base = path.basename(file).replace(PICKLE_EXT, '');
-  const out = path.join(path.dirname(file), `${base === 'pytorch_model' ? 'model' : base}.safetensors`);
-  return unsupported(
-    `${file} is a PyTorch pickle (.ckpt/.pt/.pth/.bin); sdtune reads only .safetensors (unpickling can run arbitrary code). ` +
-      `Convert it once in Python: python -c "import torch; from safetensors.torch import save_file; ` +
-      `sd=torch.load('${file}', map_location='cpu', weights_only=True); sd=sd.get('state_dict', sd); ` +
-      `save_file({k: v.contiguous() for k, v in sd.items() if hasattr(v, 'contiguous')}, '${out}')"`,
-  );
 }
 
 // ---- detection (§6) --------------------------------------------------------------------------------------------
@@ -152,11 +144,11 @@ export function detectFamily(shapes: Shapes): Family {
 }
 
 // ---- shared helpers --------------------------------------------------------------------------------------------
-const shapesOf = (f: SafetensorsFile): Map<string, number[]> => new Map([...f.tensors].map(([k, t]) => [k, t.shape]));
+const shapesOf = (f: TensorFile): Map<string, number[]> => new Map([...f.tensors].map(([k, t]) => [k, t.shape]));
 const refShapes = (t: Map<string, TensorRef>): Map<string, number[]> => new Map([...t].map(([k, r]) => [k, r.shape]));
 
 /** Turn table rows (file key -> diffusers key) into TensorRefs; a diffusers key reached twice is an error. */
-function refsFrom(rows: KeyMapEntry[], fileOf: (key: string) => SafetensorsFile, source: string): Map<string, TensorRef> {
+function refsFrom(rows: KeyMapEntry[], fileOf: (key: string) => TensorFile, source: string): Map<string, TensorRef> {
   const out = new Map<string, TensorRef>();
   for (const e of rows) {
     if (out.has(e.to)) throw formatError(`${source}: keys "${out.get(e.to)!.name}" and "${e.from}" are the same weight (${e.to})`);
@@ -194,7 +186,7 @@ const variantOf = (components: Partial<Record<Component, ComponentSource>>): 'v1
 /** Assemble the source; `files` are closed together by close(). */
 function makeSource(
   fields: Omit<CheckpointSource, 'close' | 'dtype' | 'variant'>,
-  files: SafetensorsFile[],
+  files: TensorFile[],
 ): CheckpointSource {
   return {
     ...fields,
@@ -205,10 +197,10 @@ function makeSource(
 }
 
 /** Open files, closing those already opened when one fails. */
-async function openAll(paths: string[], opened: SafetensorsFile[]): Promise<SafetensorsFile[]> {
-  const out: SafetensorsFile[] = [];
+async function openAll(paths: string[], opened: TensorFile[]): Promise<TensorFile[]> {
+  const out: TensorFile[] = [];
   for (const p of paths) {
-    const f = await SafetensorsFile.open(p);
+    const f = await openTensorFile(p);
     opened.push(f);
     out.push(f);
   }
@@ -238,14 +230,15 @@ async function findWeights(dir: string, c: Component, variant: string | undefine
     return path.join(dir, cands[0].n);
   }
   if (variants.length > 1) throw usageError(`${dir}: several weights variants (${variants.join(', ')}) and no plain weights; choose one (variant)`);
+  const pickled = names.find((n) => PICKLE_WEIGHTS_RE.test(n));
+  if (pickled) return path.join(dir, pickled); // read as data (src/io/pickle.ts)
   const pickle = names.find((n) => PICKLE_EXT.test(n));
-  if (pickle) throw pickleError(path.join(dir, pickle));
-  throw fileError(`${dir}: no weights (expected ${PRIMARY_BASE[c]}.safetensors)`);
+  throw fileError(`${dir}: no weights (expected ${PRIMARY_BASE[c]}.safetensors${c === 'text_encoder' ? ' or pytorch_model.bin' : ' or .bin'})${pickle ? `; ${pickle} is not a name diffusers uses for weights` : ''}`);
 }
 
 /** Open one weights file or sharded index; returns key -> shape and key -> file. */
-async function openWeights(weights: string, opened: SafetensorsFile[]) {
-  const fileOf = new Map<string, SafetensorsFile>();
+async function openWeights(weights: string, opened: TensorFile[]) {
+  const fileOf = new Map<string, TensorFile>();
   if (!weights.endsWith('.index.json')) {
     const [f] = await openAll([weights], opened);
     for (const k of f.keys()) fileOf.set(k, f);
@@ -284,7 +277,7 @@ function componentOfConfig(dir: string, config: Record<string, unknown>): Compon
 }
 
 /** Open one diffusers component folder (config.json + weights). */
-async function openComponentDir(dir: string, opts: OpenOptions, notes: string[], opened: SafetensorsFile[], weightsFile?: string) {
+async function openComponentDir(dir: string, opts: OpenOptions, notes: string[], opened: TensorFile[], weightsFile?: string) {
   const config = await readJson(path.join(dir, 'config.json'));
   const c = componentOfConfig(dir, config);
   const where = `${path.basename(dir)}/config.json`;
@@ -308,7 +301,7 @@ async function schedulerOf(dir: string | undefined, notes: string[]): Promise<Re
 const dirIfExists = async (p: string | undefined) => (p && (await isDir(p)) ? p : undefined);
 
 /** Open a pipeline folder with any subset of unet/, vae/, text_encoder/. */
-async function openPipelineDir(dir: string, opts: OpenOptions, opened: SafetensorsFile[]): Promise<CheckpointSource> {
+async function openPipelineDir(dir: string, opts: OpenOptions, opened: TensorFile[]): Promise<CheckpointSource> {
   const notes: string[] = [];
   const indexFile = path.join(dir, 'model_index.json');
   const modelIndex = (await exists(indexFile)) ? await readJson(indexFile) : undefined;
@@ -332,7 +325,7 @@ async function openPipelineDir(dir: string, opts: OpenOptions, opened: Safetenso
 }
 
 /** Open a component folder passed directly (e.g. `model/unet`); siblings give scheduler and tokenizer. */
-async function openSingleComponent(dir: string, opts: OpenOptions, opened: SafetensorsFile[], weightsFile?: string): Promise<CheckpointSource> {
+async function openSingleComponent(dir: string, opts: OpenOptions, opened: TensorFile[], weightsFile?: string): Promise<CheckpointSource> {
   const notes: string[] = [];
   const src = await openComponentDir(dir, opts, notes, opened, weightsFile);
   const parent = path.dirname(dir);
@@ -349,7 +342,7 @@ async function openSingleComponent(dir: string, opts: OpenOptions, opened: Safet
 
 // ---- single files ----------------------------------------------------------------------------------------------
 /** Configs embedded by our own single-file writer, if any. */
-function embeddedConfigs(file: SafetensorsFile): Record<string, Record<string, unknown>> | undefined {
+function embeddedConfigs(file: TensorFile): Record<string, Record<string, unknown>> | undefined {
   const text = file.metadata[CONFIGS_METADATA_KEY];
   if (text === undefined) return undefined;
   try {
@@ -362,7 +355,7 @@ function embeddedConfigs(file: SafetensorsFile): Record<string, Record<string, u
 }
 
 /** Tokenizer files embedded by our single-file writer (TOKENIZER_METADATA_PREFIX keys), if any. */
-function embeddedTokenizer(file: SafetensorsFile): Partial<Record<TokenizerFileName, string>> | undefined {
+function embeddedTokenizer(file: TensorFile): Partial<Record<TokenizerFileName, string>> | undefined {
   const out: Partial<Record<TokenizerFileName, string>> = {};
   for (const name of Object.keys(TOKENIZER_FILES) as TokenizerFileName[]) {
     const text = file.metadata[TOKENIZER_METADATA_PREFIX + name];
@@ -379,7 +372,7 @@ function embeddedTokenizer(file: SafetensorsFile): Partial<Record<TokenizerFileN
 async function singleFileTokenizerDir(file: string, opts: OpenOptions): Promise<string | undefined> {
   if (opts.tokenizerDir) return opts.tokenizerDir;
   const dir = path.dirname(file);
-  for (const cand of [opts.configDir && path.join(opts.configDir, 'tokenizer'), path.join(dir, path.basename(file).replace(/\.safetensors$/i, ''), 'tokenizer'), path.join(dir, 'tokenizer')]) {
+  for (const cand of [opts.configDir && path.join(opts.configDir, 'tokenizer'), path.join(dir, path.basename(file).replace(/\.(safetensors|ckpt|pt|pth|bin)$/i, ''), 'tokenizer'), path.join(dir, 'tokenizer')]) {
     const found = await dirIfExists(cand || undefined);
     if (found) return found;
   }
@@ -387,7 +380,7 @@ async function singleFileTokenizerDir(file: string, opts: OpenOptions): Promise<
 }
 
 /** Open a single-file LDM checkpoint (full, or VAE-only). */
-async function openLdmFile(file: SafetensorsFile, vaePrefix: string | undefined, opts: OpenOptions): Promise<CheckpointSource> {
+async function openLdmFile(file: TensorFile, vaePrefix: string | undefined, opts: OpenOptions): Promise<CheckpointSource> {
   const notes: string[] = [];
   const shapes = shapesOf(file);
   if (vaePrefix === undefined) {
@@ -462,9 +455,11 @@ async function openLdmFile(file: SafetensorsFile, vaePrefix: string | undefined,
   );
 }
 
-/** Open a .safetensors file: classify it (§6) and open it as what it is, or say what it is. */
-async function openFile(p: string, opts: OpenOptions, opened: SafetensorsFile[]): Promise<CheckpointSource> {
-  const [file] = await openAll([p], opened);
+/** Open a .safetensors file or a PyTorch pickle: classify it (§6) and open it as what it is, or say what it is. */
+async function openFile(p: string, opts: OpenOptions, opened: TensorFile[]): Promise<CheckpointSource> {
+  // a pickle is read as data (src/io/pickle.ts); Lightning's .ckpt nests the weights under "state_dict"
+  const file = PICKLE_EXT.test(p) ? await TorchFile.open(p, { stateDict: true }) : await openTensorFile(p);
+  opened.push(file);
   const shapes = shapesOf(file);
   const { kind, vaePrefix } = detectFileKind(shapes);
   switch (kind) {
@@ -495,19 +490,16 @@ async function openFile(p: string, opts: OpenOptions, opened: SafetensorsFile[])
 export async function openCheckpoint(p: string, opts: OpenOptions = {}): Promise<CheckpointSource> {
   const st = await stat(p).catch(() => undefined);
   if (!st) throw fileError(`${p}: no such file or folder`);
-  const opened: SafetensorsFile[] = [];
+  const opened: TensorFile[] = [];
   try {
-    if (!st.isDirectory()) {
-      if (PICKLE_EXT.test(p)) throw pickleError(p);
-      return await openFile(p, opts, opened);
-    }
+    if (!st.isDirectory()) return await openFile(p, opts, opened);
     if (opts.configDir) throw usageError(`${p} is a folder: its own configs are used (configDir applies to single files only)`);
     const subs = await Promise.all(COMPONENTS.map((c) => exists(path.join(p, c, 'config.json'))));
     if ((await exists(path.join(p, 'model_index.json'))) || subs.some(Boolean)) return await openPipelineDir(p, opts, opened);
     if (await exists(path.join(p, 'config.json'))) return await openSingleComponent(p, opts, opened);
     const names = await readdir(p);
     const pickle = names.find((n) => PICKLE_EXT.test(n));
-    if (pickle) throw pickleError(path.join(p, pickle));
+    if (pickle) throw formatError(`${p}: not a diffusers folder, but it holds the PyTorch file ${pickle}: pass that file itself`);
     throw formatError(`${p}: not a diffusers folder (no model_index.json, config.json, or unet/ vae/ text_encoder/ with config.json)`);
   } catch (e) {
     await Promise.all(opened.map((f) => f.close().catch(() => {})));

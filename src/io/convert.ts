@@ -11,11 +11,12 @@
 import { randomBytes } from 'node:crypto';
 import { mkdir, readdir, readFile, rename, rm, rmdir, stat } from 'node:fs/promises';
 import path from 'node:path';
-import { fileError, usageError } from '../errors.js';
+import { fileError, formatError, usageError } from '../errors.js';
 import { sd15ModelIndex } from '../models/presets.js';
 import { writeFileAtomic } from '../runtime/atomic.js';
 import { TOKENIZER_FILES, type TokenizerFileName } from '../tokenizer/clip.js';
-import { CONFIGS_METADATA_KEY, TOKENIZER_METADATA_PREFIX, openCheckpoint, readTensorRef, type CheckpointSource } from './checkpoint.js';
+import { CONFIGS_METADATA_KEY, TOKENIZER_METADATA_PREFIX, detectFileKind, openCheckpoint, readTensorRef, type CheckpointSource } from './checkpoint.js';
+import { type PyValue, TorchFile, isPickleFile, isTensor, toPlain } from './pickle.js';
 import { COMPONENTS, diffusersToLdmTable, transformShape, type Component } from './ldm-keymap.js';
 import { writeSafetensors, type Dtype, type LazyTensor } from './safetensors.js';
 import { flattenParams, type ParamTree } from '../models/params.js';
@@ -122,11 +123,18 @@ async function sourceTokenizer(src: ExportSource): Promise<{ from: string; files
   return undefined;
 }
 
-/** Convert between layouts; see the module comment. Returns the layout written, tensor count, weight bytes and the tokenizer's source. */
+/**
+ * Convert between layouts; see the module comment. A PyTorch pickle (.ckpt/.pt/.bin, read as data) that is a model
+ * converts like a single file; one that is not (a LoRA, an embedding, a hypernetwork) is re-saved as a flat
+ * safetensors of its tensors (see convertPickleTensors). Returns the layout written, tensor count, weight bytes and
+ * the tokenizer's source.
+ */
 export async function convertCheckpoint(input: string, output: string, opts: ConvertOptions = {}): Promise<ConvertResult> {
+  if (isPickleFile(input) && output.endsWith('.safetensors') && !(await isPickledModel(input))) return convertPickleTensors(input, output, opts);
   const src = await openCheckpoint(input, { configDir: opts.configDir, tokenizerDir: opts.tokenizerDir, ema: opts.ema, variant: opts.variant });
   try {
-    const to = opts.to ?? (src.layout === 'diffusers' ? 'single-file' : 'diffusers');
+    // default: the other layout, except that a .safetensors output means a single file (e.g. re-saving a .ckpt)
+    const to = opts.to ?? (src.layout === 'diffusers' || output.endsWith('.safetensors') ? 'single-file' : 'diffusers');
     await checkOutput(output, to, 'convert to', false);
     const { r, tok } = await writeExport(exportSourceOf(src), output, to, opts.half ? 'fp16' : undefined, opts.onProgress, false);
     const notes = !tok && src.components.text_encoder ? [`no tokenizer found for ${input}, so ${output} has none: sampling it needs --tokenizer DIR (or convert again with --tokenizer DIR)`] : [];
@@ -134,6 +142,66 @@ export async function convertCheckpoint(input: string, output: string, opts: Con
   } finally {
     await src.close();
   }
+}
+
+/** Whether a pickle holds a model that openCheckpoint opens (LDM / diffusers keys), as opposed to an adapter. */
+async function isPickledModel(input: string): Promise<boolean> {
+  const f = await TorchFile.open(input, { stateDict: true });
+  try {
+    const { kind } = detectFileKind(new Map([...f.tensors].map(([k, t]) => [k, t.shape])));
+    return kind !== 'lora' && kind !== 'embedding' && kind !== 'unknown';
+  } finally {
+    await f.close();
+  }
+}
+
+/**
+ * Re-save a pickle that is not a model as safetensors: every tensor under its flattened key (nested dicts joined
+ * with '.', e.g. A1111's `string_to_param.*`, a hypernetwork's `768.0.linear.0.weight`), in its stored dtype (F16 with
+ * `half`), and each other top-level field as metadata: strings as they are, anything else as JSON (`step`,
+ * `layer_structure`, ...). Loaders read the result as they read the pickle.
+ */
+export async function convertPickleTensors(input: string, output: string, opts: Pick<ConvertOptions, 'half' | 'onProgress'> = {}): Promise<ConvertResult> {
+  if (!output.endsWith('.safetensors')) throw usageError(`converting ${input} (not a model) writes a .safetensors file (got ${output})`);
+  await assertFree(output, false);
+  const f = await TorchFile.open(input);
+  try {
+    if (!f.tensors.size) throw formatError(`${input}: no tensors to convert`);
+    const metadata: Record<string, string> = {};
+    if (f.root instanceof Map) {
+      const budget = { parts: 2_000_000 }; // shared by all fields (a value shared through the memo counts each time)
+      for (const [k, v] of f.root) {
+        if (typeof k !== 'string' || holdsTensor(v)) continue;
+        metadata[k] = typeof v === 'string' ? v : JSON.stringify(toPlain(v, budget), (_, x) => (x instanceof Uint8Array ? [...x] : x));
+      }
+    }
+    const total = f.tensors.size;
+    let done = 0;
+    const tensors = new Map<string, LazyTensor>();
+    for (const k of f.keys()) {
+      const t = f.lazy(k);
+      const dtype: Dtype = opts.half && isFloat(t.dtype) ? 'F16' : t.dtype === 'F64' ? 'F32' : t.dtype;
+      tensors.set(k, { shape: t.shape, dtype, load: async () => {
+        const d = await t.load();
+        opts.onProgress?.(++done, total);
+        return d;
+      } });
+    }
+    await writeSafetensors(output, tensors, { metadata });
+    return { layout: 'tensors', tensors: tensors.size, bytes: (await stat(output)).size, tokenizer: null, notes: [`${input} is not a model; its ${tensors.size} tensors were re-saved under the same keys`] };
+  } finally {
+    await f.close();
+  }
+}
+
+/** Whether a pickled value contains a tensor anywhere (bounded like the reader's walk). */
+function holdsTensor(v: PyValue, seen = new Set<object>(), depth = 0): boolean {
+  if (isTensor(v)) return true;
+  if (depth > 64 || v === null || typeof v !== 'object' || v instanceof Uint8Array || seen.has(v)) return false;
+  seen.add(v); // each container once: a value shared through the memo is not walked again
+  if (v instanceof Map) return [...v.values()].some((x) => holdsTensor(x, seen, depth + 1));
+  if (Array.isArray(v) || v instanceof Set) return [...v].some((x) => holdsTensor(x, seen, depth + 1));
+  return v.kind === 'object' && v.state !== undefined && holdsTensor(v.state, seen, depth + 1);
 }
 
 export interface SaveModelOptions {

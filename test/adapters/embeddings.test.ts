@@ -124,7 +124,7 @@ describe('embeddings on tiny data', () => {
     expect((await readEmbedding(file('two.safetensors'))).vectors).toEqual(two.vectors);
   });
 
-  it('refuses SDXL, other widths, non-embeddings and pickles', async () => {
+  it('refuses SDXL, other widths, non-embeddings and unknown file types', async () => {
     const t = (shape: number[]) => ({ shape, data: new Float32Array(shape.reduce((a, b) => a * b, 1)) });
     await writeSafetensors(file('xl.safetensors'), { clip_l: t([2, 768]), clip_g: t([2, 1280]) });
     expect((await err(readEmbedding(file('xl.safetensors')))).kind).toBe('unsupported');
@@ -132,7 +132,7 @@ describe('embeddings on tiny data', () => {
     expect([wide.kind, wide.message]).toEqual(['format', expect.stringMatching(/my-style\.safetensors.*width 8.*width 768/)]);
     await writeSafetensors(file('two-keys.safetensors'), { a: t([8]), b: t([8]) });
     expect((await err(readEmbedding(file('two-keys.safetensors')))).message).toMatch(/not a textual-inversion embedding/);
-    expect((await err(readEmbedding(file('x.pt')))).kind).toBe('unsupported');
+    expect((await err(readEmbedding(file('x.onnx')))).kind).toBe('unsupported'); // pickles (.pt/.bin) are read as data: test/io/pickle.test.ts
   });
 
   it('applyEmbeddings extends tokenizer and table, rewrites prompts, restores without leaks, re-applies', () => {

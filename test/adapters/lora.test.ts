@@ -303,7 +303,7 @@ describe('LoRA on a tiny random model', () => {
     expect(Object.fromEntries(meta.modules.map((x) => [x.module.split('.').at(-1), x.alpha]))).toEqual({ to_q: 8, to_k: 2 });
   });
 
-  it('fails clearly: unknown keys and modules, shape mismatch, SDXL, LyCORIS, pickles', async () => {
+  it('fails clearly: unknown keys and modules, shape mismatch, SDXL, LyCORIS, unknown file types', async () => {
     const down = `${KQ}.lora_down.weight`, up = `${KQ}.lora_up.weight`;
     let e = await err(readLora(await raw('u1.safetensors', { [down]: [4, 32], [up]: [32, 4], 'lora_unet_nope_to_q.lora_down.weight': [4, 32], 'lora_unet_nope_to_q.lora_up.weight': [32, 4] }), model));
     expect([e.kind, e.message]).toEqual(['format', expect.stringContaining('lora_unet_nope_to_q')]);
@@ -328,7 +328,7 @@ describe('LoRA on a tiny random model', () => {
     expect([e.kind, e.message]).toEqual(['unsupported', expect.stringMatching(/input_blocks_4_1.*SDXL/)]);
     e = await err(readLora(await raw('loha.safetensors', { [`${KQ}.hada_w1_a`]: [32, 4], [`${KQ}.hada_w1_b`]: [4, 32] }), model));
     expect([e.kind, e.message]).toEqual(['unsupported', expect.stringContaining('LoHa')]);
-    e = await err(readLora(file('x.pt'), model));
+    e = await err(readLora(file('x.onnx'), model)); // pickles (.pt/.bin) are read as data: test/io/pickle.test.ts
     expect(e.kind).toBe('unsupported');
     // merging into a model without the text encoder
     const te = lin('text_encoder', 'text_model.encoder.layers.0.self_attn.q_proj', 16, 16, 2, 2);

@@ -11,6 +11,7 @@ import { clipText } from '../../src/models/clip-text.js';
 import { unet } from '../../src/models/unet.js';
 import { vaeDecode } from '../../src/models/vae.js';
 import { describeGolden, golden } from '../golden.js';
+import { callPickle } from '../io/pickle-bytes.js';
 
 const BIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../bin/sdtune.js');
 const TINY = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../checkpoints/tiny-sd-v1');
@@ -57,13 +58,13 @@ describe('sdtune command line (no reference data needed)', () => {
     expect(r.err).not.toMatch(/at .*\.ts:\d+/);
   });
 
-  it('a pickle checkpoint is refused with the conversion recipe', () => {
+  it('a pickle checkpoint that calls code is refused in one line naming the call', () => {
     const ckpt = path.join(tmp, 'model.ckpt');
-    writeFileSync(ckpt, 'not really a pickle');
+    writeFileSync(ckpt, callPickle('posix', 'system', 'echo hi'));
     const r = sdtune('inspect', ckpt);
-    expect(r.code).not.toBe(0);
-    expect(r.err).toMatch(/pickle/i);
-    expect(r.err).toMatch(/safetensors/);
+    expect(r.code).toBe(6);
+    expect(r.err.trim().split('\n')).toHaveLength(1);
+    expect(r.err).toMatch(/^error: refusing to load .*model\.ckpt: it calls posix\.system \(not a tensor\); .*\.safetensors/);
   });
 
   it('convert the bundled model to a single file; the file alone samples (its tokenizer travels in the metadata)', () => {

@@ -1,4 +1,7 @@
-/** `sdtune convert IN OUT [--to diffusers|single-file] [--half]`: write a model in the other layout. */
+/**
+ * `sdtune convert IN OUT [--to diffusers|single-file] [--half]`: write a model in the other layout; a PyTorch pickle
+ * (.ckpt/.pt/.bin, read as data) converts to a .safetensors (a model as a single file, an adapter tensor by tensor).
+ */
 import type { Argv } from 'yargs';
 import { progress } from '../../runtime/progress.js';
 import { runCommand } from '../run.js';
@@ -15,12 +18,12 @@ export interface ConvertOptions {
 export function registerConvert(y: Argv): Argv {
   return y.command(
     'convert <input> <output>',
-    'convert between a diffusers folder and a single-file LDM .safetensors',
+    'convert between a diffusers folder and a single-file LDM .safetensors, or a .ckpt/.pt/.bin to .safetensors',
     (a) =>
       a
         .positional('input', { type: 'string', demandOption: true })
         .positional('output', { type: 'string', demandOption: true })
-        .option('to', { choices: ['diffusers', 'single-file'] as const, describe: 'target layout (default: the other one)' })
+        .option('to', { choices: ['diffusers', 'single-file'] as const, describe: 'target layout (default: single-file for a .safetensors output, else the other one)' })
         .option('half', { type: 'boolean', default: false, describe: 'write float16 weights' })
         .option('config', { type: 'string', describe: 'diffusers folder whose configs apply to a single-file input' })
         .option('tokenizer', { type: 'string', describe: 'folder with vocab.json + merges.txt to include (default: the model\'s own; a single file written by sdtune carries it)' }),

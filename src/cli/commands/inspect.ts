@@ -38,7 +38,7 @@ export function registerInspect(y: Argv): Argv {
     'describe a checkpoint (diffusers folder or single .safetensors file)',
     (a) =>
       a
-        .positional('model', { type: 'string', demandOption: true, describe: 'diffusers folder or single-file .safetensors' })
+        .positional('model', { type: 'string', demandOption: true, describe: 'diffusers folder, single-file .safetensors, or .ckpt (read as data)' })
         .option('json', { type: 'boolean', default: false, describe: 'print one JSON object' })
         .option('config', { type: 'string', describe: 'diffusers folder whose configs apply to a single file' })
         .option('tokenizer', { type: 'string', describe: 'folder with vocab.json + merges.txt' }),
