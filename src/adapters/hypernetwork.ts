@@ -487,8 +487,13 @@ export function hypernetworkPickleObject(data: HypernetworkData): Map<PyValue, P
   for (const [d, pair] of data.layers) {
     const entries = hypernetworkEntries(meta, d);
     const modules = ['', 'linear', ...entries.map((e) => `linear.${e.index}`)];
+    const keys = [...hypernetworkModuleShapes(meta, d).keys()]; // nn.Module.state_dict() order, whatever the source's
     obj.set(d, pyTuple(pair.map((sd) => new PyOrderedDict(
-      [...sd].map(([k, t]) => [k, { dtype: 'float32', shape: t.shape, data: t.data as Float32Array }]),
+      keys.map((k): [PyValue, PyValue] => {
+        const t = sd.get(k);
+        if (!t) throw formatError(`hypernetwork width ${d}: missing ${k}`);
+        return [k, { dtype: 'float32', shape: t.shape, data: t.data as Float32Array }];
+      }),
       new PyOrderedDict(modules.map((m) => [m, new Map<PyValue, PyValue>([['version', 1]])])),
     ))));
   }
