@@ -29,7 +29,7 @@ export { readEmbedding, applyEmbeddings, describeEmbeddingUse, embeddingFileStem
 export {
   readHypernetwork, loadHypernetwork, createHypernetwork, disposeHypernetwork, hypernetworkAdapter, hypernetworkModule, hypernetworkEntries,
   hypernetworkData, hypernetworkTensors, hypernetworkName, resolveHypernetworkMeta, readHypernetworkSafetensors, writeHypernetworkSafetensors,
-  writeHypernetworkPt, hypernetworkPickleObject, HYPERNETWORK_ACTIVATIONS,
+  writeHypernetworkPt, hypernetworkPickleObject, hypernetworkDataFromObject, HYPERNETWORK_ACTIVATIONS, type UnpickledTensor,
   type Hypernetwork, type HypernetworkData, type HypernetworkMeta, type HypernetworkUse, type HypernetworkEntry, type CreateHypernetworkOptions,
 } from './adapters/hypernetwork.js';
 export { torchSaveBytes, pickleForTorch, pyFloat, pyTuple, PyFloat, PyTuple, PyOrderedDict, type PyValue, type PyTensor } from './io/pickle-write.js';

@@ -518,6 +518,48 @@ export async function writeHypernetworkPt(file: string, data: HypernetworkData):
   await writeFileAtomic(file, torchSaveBytes(hypernetworkPickleObject(data)));
 }
 
+/** A tensor as a data-only unpickler hands it over: torch-layout shape and float32 values. */
+export interface UnpickledTensor {
+  shape: number[];
+  data: Float32Array;
+}
+
+/**
+ * The front end for an A1111 .pt once it is unpickled AS DATA (never executed): the top-level dict as a Map (or
+ * its entries) whose integer keys hold a 2-element list/tuple (an array) of state dicts (Map or plain object of
+ * key -> tensor), and whose other keys hold plain values (numbers, strings, booleans, null, arrays of numbers).
+ * Every value is type-checked (files are hostile); unknown keys are ignored, as A1111 does.
+ */
+export function hypernetworkDataFromObject(top: Map<unknown, unknown> | Iterable<[unknown, unknown]>, source: string): HypernetworkData {
+  const entries = top instanceof Map ? [...top] : [...top];
+  const layers: HypernetworkData['layers'] = new Map();
+  const meta: Record<string, unknown> = {};
+  const isTensor = (v: unknown): v is UnpickledTensor =>
+    typeof v === 'object' && v !== null && Array.isArray((v as UnpickledTensor).shape) && (v as UnpickledTensor).data instanceof Float32Array;
+  const stateDict = (v: unknown, what: string): Map<string, HostTensor> => {
+    const kv = v instanceof Map ? [...v] : typeof v === 'object' && v !== null && !Array.isArray(v) ? Object.entries(v) : undefined;
+    if (!kv) throw formatError(`${source}: ${what} is not a state dict`);
+    const out = new Map<string, HostTensor>();
+    for (const [k, t] of kv) {
+      if (typeof k !== 'string') throw formatError(`${source}: ${what} has a non-string key ${String(k)}`);
+      if (!isTensor(t)) throw formatError(`${source}: ${what} ${k} is not a float tensor`);
+      out.set(k, { shape: [...t.shape], data: t.data });
+    }
+    return out;
+  };
+  for (const [k, v] of entries) {
+    const width = typeof k === 'bigint' ? Number(k) : k;
+    if (typeof width === 'number') {
+      if (!Array.isArray(v) || v.length !== 2) throw formatError(`${source}: width ${width} must hold (k_state_dict, v_state_dict)`);
+      layers.set(width, [stateDict(v[0], `width ${width} k module`), stateDict(v[1], `width ${width} v module`)]);
+    } else if (typeof k === 'string' && (META_KEYS as string[]).includes(k)) {
+      const num = (x: unknown) => (typeof x === 'bigint' ? Number(x) : x);
+      meta[k] = Array.isArray(v) ? v.map(num) : num(v);
+    }
+  }
+  return { meta: meta as Partial<HypernetworkMeta>, layers };
+}
+
 const PICKLE_EXT = /\.(pt|pth|ckpt|bin)$/i;
 
 /** Read a hypernetwork file by its extension (front ends above), validated and on the backend. */

@@ -6,7 +6,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { crc32 } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createHypernetwork, disposeHypernetwork, hypernetworkData, hypernetworkPickleObject, readHypernetwork, writeHypernetworkPt } from '../../src/adapters/hypernetwork.js';
+import { createHypernetwork, disposeHypernetwork, hypernetworkData, hypernetworkDataFromObject, hypernetworkPickleObject, loadHypernetwork, readHypernetwork, writeHypernetworkPt } from '../../src/adapters/hypernetwork.js';
+import { flattenParams } from '../../src/models/params.js';
 import { type PyValue, PyOrderedDict, pickleForTorch, pyFloat, pyTuple, torchSaveBytes } from '../../src/io/pickle-write.js';
 import { TorchGenerator } from '../../src/runtime/rng.js';
 import { HAVE_GOLDEN, golden } from '../golden.js';
@@ -28,6 +29,21 @@ function plain(v: unknown, data?: Map<string, Uint8Array>, prefix = ''): unknown
   if (v instanceof PCall) return { call: p(v.fn), args: p(v.args) };
   if (Array.isArray(v)) return v.map(p);
   if (typeof v === 'bigint') return { int: v.toString() };
+  return v;
+}
+
+/** Walked values as a data-only reader would hand them over: Map, arrays, numbers, float32 tensors (contiguous). */
+function asData(v: unknown, data: Map<string, Uint8Array>, prefix: string): unknown {
+  const d = (x: unknown) => asData(x, data, prefix);
+  if (v instanceof PFloat) return v.value;
+  if (v instanceof PTuple) return v.items.map(d);
+  if (v instanceof PDict) return new Map(v.entries.map(([k, x]) => [d(k), d(x)]));
+  if (v instanceof PTensor) {
+    const n = v.size.reduce((a, b) => a * b, 1);
+    const bytes = data.get(`${prefix}data/${v.storage.key}`)!.slice();
+    return { shape: v.size, data: new Float32Array(bytes.buffer, v.offset * 4, n) };
+  }
+  if (Array.isArray(v)) return v.map(d);
   return v;
 }
 
@@ -126,6 +142,24 @@ describe('A1111 hypernetwork .pt', () => {
     expect(top.keys()).toEqual([32, 'step', 'name', 'layer_structure', 'activation_func', 'is_layer_norm', 'weight_initialization', 'sd_checkpoint', 'sd_checkpoint_name', 'activate_output', 'use_dropout', 'dropout_structure', 'last_layer_dropout', 'optional_info']);
     // everything, tensors included (storage class, size, stride, requires_grad, the raw bytes), the _metadata BUILD too
     expect(plain(ours.pickle.value, ours.data, ours.prefix)).toEqual(plain(ref.pickle.value, ref.data, ref.prefix));
+  });
+
+  it.skipIf(!HAVE_GOLDEN)('the .pt front end (hypernetworkDataFromObject) on the torch-written file and on ours: the safetensors form\'s network', async () => {
+    const ref = await readHypernetwork(golden('hypernetwork', 'tiny_hypernet.safetensors'));
+    const want = new Map([...flattenParams(ref.layers.get(32)![0]), ...[...flattenParams(ref.layers.get(32)![1])].map(([k, t]): [string, typeof t] => [`v.${k}`, t])].map(([k, t]) => [k, Array.from(t.dataSync())]));
+    const file = path.join(dir, 'again.pt');
+    await writeHypernetworkPt(file, await hypernetworkData(ref));
+    for (const pt of [golden('pickle', 'hypernetwork-a1111.pt'), file]) {
+      const w = walkTorchZip(new Uint8Array(await readFile(pt)));
+      const net = loadHypernetwork(hypernetworkDataFromObject(asData(w.pickle.value, w.data, w.prefix) as Map<unknown, unknown>, pt), pt);
+      expect(net.meta).toEqual(ref.meta);
+      const got = new Map([...flattenParams(net.layers.get(32)![0]), ...[...flattenParams(net.layers.get(32)![1])].map(([k, t]): [string, typeof t] => [`v.${k}`, t])].map(([k, t]) => [k, Array.from(t.dataSync())]));
+      expect(got).toEqual(want);
+      disposeHypernetwork(net);
+    }
+    disposeHypernetwork(ref);
+    expect(() => hypernetworkDataFromObject(new Map<unknown, unknown>([[32, [new Map(), 'x']]]), 'bad.pt')).toThrow('bad.pt: width 32 v module is not a state dict');
+    expect(() => hypernetworkDataFromObject(new Map<unknown, unknown>([[32, [new Map([['linear.0.weight', [1, 2]]]), new Map()]]]), 'bad.pt')).toThrow(/linear.0.weight is not a float tensor/);
   });
 
   it('a created network with layer norm and dropout: every module in _metadata, floats where A1111 has floats', async () => {
