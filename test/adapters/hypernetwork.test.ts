@@ -33,6 +33,8 @@ import { randomParams } from '../../src/models/build.js';
 import { type Forward, dropout } from '../../src/models/layers.js';
 import { disposeParams } from '../../src/models/params.js';
 import { unet, unetParamShapes } from '../../src/models/unet.js';
+import { scheduleFromConfig } from '../../src/schedulers/schedule.js';
+import { diffusionLoss } from '../../src/train/loss.js';
 import { TorchGenerator } from '../../src/runtime/rng.js';
 import { HAVE_GOLDEN, golden } from '../golden.js';
 import { TINY_UNET, maxAbsDiff } from '../helpers.js';
@@ -384,6 +386,19 @@ describe('training through the UNet', () => {
     expect(maxDiff(t0, await train(true))).toBeLessThan(1e-5 * scale(t0));
     tf.dispose([xs, c, w]);
     disposeHypernetwork(dnet);
+  });
+
+  it('diffusionLoss passes the forward options: a hypernetwork changes the loss and receives its gradient', () => {
+    const [xs, c] = [x(), ctx()];
+    const batch = { latents: xs, noise: tf.randomNormal([1, 8, 8, 4], 0, 1, 'float32', 3) as tf.Tensor4D, timesteps: Int32Array.of(500), context: c };
+    const schedule = scheduleFromConfig();
+    const loss = (forward?: Forward) => () => diffusionLoss(params, TINY_UNET, schedule, batch, { predictionType: 'epsilon', forward });
+    const plain = tf.tidy(() => loss()().dataSync()[0]);
+    const vars = hypernetworkTensors(net) as tf.Variable[];
+    const { value, grads } = tf.variableGrads(loss({ context: hypernetworkAdapter([{ net }]), training: true, rng: new TorchGenerator(1) }), vars);
+    expect(Math.abs(value.dataSync()[0] - plain)).toBeGreaterThan(1e-4);
+    expect(vars.every((v) => grads[v.name].dataSync().some((g) => g !== 0))).toBe(true);
+    tf.dispose([value, ...Object.values(grads), xs, c, batch.noise]);
   });
 
   it('LoRA dropout acts only while training; a forward leaks nothing', async () => {
