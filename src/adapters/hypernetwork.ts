@@ -118,7 +118,7 @@ export function defaultDropoutStructure(layers: number[], useDropout: boolean, l
 
 /** Full meta from a file's keys: A1111's load defaults for missing ones, validated (a clear error naming the key). */
 export function resolveHypernetworkMeta(m: Partial<HypernetworkMeta>, source = 'hypernetwork'): HypernetworkMeta {
-  const bad = (key: string, want: string, v: unknown) => formatError(`${source}: ${key} must be ${want}, found ${JSON.stringify(v)}`);
+  const bad = (key: string, want: string, v: unknown) => formatError(`${source}: ${key} must be ${want}, found ${String(JSON.stringify(v)).slice(0, 120)}`);
   const bool = (key: keyof HypernetworkMeta, dflt: boolean) => {
     const v = m[key] ?? dflt;
     if (typeof v !== 'boolean') throw bad(key, 'true or false', v);
