@@ -18,7 +18,7 @@ export { clipText, clipTextParamShapes } from './models/clip-text.js';
 export { unet, unetParamShapes, CHECKPOINT_DEFAULT, type UNetOptions, type CheckpointSite } from './models/unet.js';
 export { vaeEncode, vaeDecode, vaeParamShapes } from './models/vae.js';
 export { clipTextConfig, unetConfig, vaeConfig, type ClipTextConfig, type UNetConfig, type VaeConfig } from './models/configs.js';
-export { setAttentionChunkElements } from './models/layers.js';
+export { setAttentionChunkElements, dropout, type Forward, type ContextAdapter, type AttentionSite } from './models/layers.js';
 export { flattenParams, unflattenParams, disposeParams, countParams, type ParamTree } from './models/params.js';
 export { randomParams, buildParams } from './models/build.js';
 export { ClipTokenizer } from './tokenizer/clip.js';
@@ -27,6 +27,13 @@ export * from './schedulers/index.js';
 export { readLora, mergeLora, writeLoraKohya, writeLoraPeft, parseAdapterArg, type LoraFile, type LoraModule } from './adapters/lora.js';
 export { injectLora, extractLora, removeLora, loraTargetModules, type LoraRanks, type LoraTargets } from './adapters/lora-inject.js';
 export { readEmbedding, applyEmbeddings, describeEmbeddingUse, embeddingFileStem, writeEmbeddingA1111, writeEmbeddingDiffusers } from './adapters/embeddings.js';
+export {
+  readHypernetwork, loadHypernetwork, createHypernetwork, disposeHypernetwork, hypernetworkAdapter, hypernetworkModule, hypernetworkEntries,
+  hypernetworkData, hypernetworkTensors, hypernetworkName, resolveHypernetworkMeta, readHypernetworkSafetensors, writeHypernetworkSafetensors,
+  writeHypernetworkPt, hypernetworkPickleObject, hypernetworkDataFromObject, HYPERNETWORK_ACTIVATIONS, type UnpickledTensor,
+  type Hypernetwork, type HypernetworkData, type HypernetworkMeta, type HypernetworkUse, type HypernetworkEntry, type CreateHypernetworkOptions,
+} from './adapters/hypernetwork.js';
+export { torchSaveBytes, pickleForTorch, pyFloat, pyTuple, PyFloat, PyTuple, PyOrderedDict, type PyValue, type PyTensor } from './io/pickle-write.js';
 export { generate, resolveGenerateOptions, toUint8, DEFAULT_CFG, DEFAULT_STEPS, type GenerateOptions, type GenerateResult, type RgbImage } from './infer/pipeline.js';
 export { estimateSampling, assertSamplingFits, assertTrainingFits, trainingFloorBytes, MAX_IMAGE_SIDE, type MemoryEstimate, type SamplingShape } from './infer/budget.js';
 export { sampleToFiles, type SampleOptions } from './infer/sample.js';

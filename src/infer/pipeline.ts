@@ -8,6 +8,7 @@ import * as tf from '@tensorflow/tfjs';
 import { SdtuneError, usageError } from '../errors.js';
 import type { LoadedModel } from '../io/model.js';
 import { VAE_SCALE } from '../models/configs.js';
+import type { ContextAdapter } from '../models/layers.js';
 import { unet } from '../models/unet.js';
 import { vaeDecode, vaeEncode } from '../models/vae.js';
 import { TorchGenerator, randnNHWC, randomSeed } from '../runtime/rng.js';
@@ -70,6 +71,8 @@ export interface GenerateOptions {
   onDecode?: (index: number, count: number) => void;
   /** refuse sizes whose estimated memory exceeds the backend's budget (infer/budget.ts); default true */
   memoryCheck?: boolean;
+  /** adapts every attention's context before to_k / to_v (hypernetworks: adapters/hypernetwork.ts hypernetworkAdapter) */
+  context?: ContextAdapter;
 }
 
 /** GenerateOptions with every default filled in. */
@@ -232,7 +235,7 @@ export async function generate(m: LoadedModel, options: GenerateOptions): Promis
         const x = useCfg ? tf.concat([latents, latents], 0) : latents;
         let inp = scaleModelInput(plan, state, x, i) as tf.Tensor4D;
         if (unetExtra) inp = tf.concat([inp, unetExtra], 3);
-        const out = unet(un.params, un.config, inp, t, ctx);
+        const out = unet(un.params, un.config, inp, t, ctx, { context: o.context });
         if (!useCfg) return out;
         const [u, c] = tf.split(out, 2, 0);
         return tf.add(u, tf.mul(tf.sub(c, u), o.cfg));

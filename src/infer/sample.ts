@@ -6,8 +6,9 @@ import { existsSync, readdirSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { parseAdapterArg, mergeLora, readLora } from '../adapters/lora.js';
 import { applyEmbeddings, describeEmbeddingUse, readEmbedding } from '../adapters/embeddings.js';
+import { type HypernetworkUse, disposeHypernetwork, hypernetworkAdapter, hypernetworkName, readHypernetwork } from '../adapters/hypernetwork.js';
 import { usageError } from '../errors.js';
-import { embeddingHash, loraHash, modelHash } from '../io/hashes.js';
+import { embeddingHash, legacyModelHash, loraHash, modelHash } from '../io/hashes.js';
 import { type LoadedModel, type OpenModelOptions, disposeModel, loadModel } from '../io/model.js';
 import { formatInfotext, readImageRgb, writePng } from '../io/png.js';
 import { setAttentionChunkElements } from '../models/layers.js';
@@ -41,6 +42,8 @@ export interface SampleOptions {
   lora?: string[];
   /** "file.safetensors[:token]" */
   embedding?: string[];
+  /** "file.safetensors[:strength]" (our form; A1111 .pt once the pickle reader exists), default strength 1 */
+  hypernetwork?: string[];
   /** a .png file (one image) or a directory */
   out?: string;
   eta?: number;
@@ -139,6 +142,27 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
       for (const line of describeEmbeddingUse(embs, used)) log(line);
       for (const e of used) tiHashes[e.token] = await embeddingHash(e.path);
     }
+    // hypernetworks: context adapters of every attention (A1111), chained in order
+    const hypernets: (HypernetworkUse & { name: string; file: string })[] = [];
+    restores.push(() => hypernets.forEach((h) => disposeHypernetwork(h.net)));
+    for (const arg of o.hypernetwork ?? []) {
+      const { path: file, weight } = parseAdapterArg(arg);
+      const net = await readHypernetwork(file);
+      hypernets.push({ net, strength: weight, name: hypernetworkName(file), file });
+      // a width no attention has changes nothing (A1111 applies it silently): say so
+      const uc = m.unet.config;
+      const widths = new Set([uc.cross_attention_dim, ...uc.block_out_channels]);
+      if (![...net.layers.keys()].some((d) => widths.has(d))) {
+        (o.log ?? ((l: string) => process.stderr.write(l + '\n')))(
+          `warning: hypernetwork ${file} has modules for context widths ${[...net.layers.keys()].join(', ')}, but this model's attentions read widths ${[...widths].join(', ')}: it changes nothing`,
+        );
+      }
+    }
+    if (hypernets.length > 1) {
+      // generate() chains any number (hypernetworkAdapter), but A1111's PNG keys name one: refuse rather than record half
+      throw usageError(`${hypernets.length} hypernetworks given; sample applies one (A1111's PNG parameters name one: "Hypernet")`);
+    }
+    const hypernetHash = hypernets[0] && (await legacyModelHash(hypernets[0].file)); // A1111's "Hypernet hash"
     // the same defaults as generate(): the model's scheduler, the init image's size or the UNet's, 30 steps, cfg 7.5
     const r0 = resolveGenerateOptions(m, { prompt: o.prompt, sampler, steps: o.steps, cfg: o.cfg, width: o.width, height: o.height, seed: o.seed, initImage: init });
     const { sampler: name, width, height, steps, cfg, seed: baseSeed } = r0;
@@ -175,6 +199,7 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
         mask,
         strength: o.strength,
         memoryCheck: o.memoryCheck,
+        context: hypernets.length ? hypernetworkAdapter(hypernets) : undefined,
         onDecode: (k) => bar?.note(`decoding image ${it * batch + k + 1} of ${nIter * batch} (${width}x${height}, VAE)`),
         onStep: (_i, n) => {
           // img2img runs fewer steps than requested: advance the bar proportionally
@@ -197,6 +222,7 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
           modelName: path.basename(o.model).replace(/\.safetensors$/i, ''),
           loraHashes: Object.keys(loraHashes).length ? loraHashes : undefined,
           tiHashes: Object.keys(tiHashes).length ? tiHashes : undefined,
+          hypernet: hypernets[0] && { name: hypernets[0].name, hash: hypernetHash, strength: hypernets[0].strength ?? 1 },
           clipSkip: o.clipSkip,
           denoisingStrength: init ? (o.strength ?? (mask ? 1 : 0.75)) : undefined,
           version: `sdtune ${SDTUNE_VERSION}`,

@@ -29,6 +29,11 @@ export interface GenerationParams {
   tiHashes?: Record<string, string>;
   clipSkip?: number;
   denoisingStrength?: number;
+  /**
+   * the hypernetwork used (A1111 before 1.0 wrote "Hypernet: name, Hypernet hash: <8-hex legacy hash>,
+   * Hypernet strength: s"; today's A1111 still reads these keys back as the prompt tag <hypernet:name:s>)
+   */
+  hypernet?: { name: string; hash?: string; strength: number };
   /** further "Key: value" pairs, written after the known ones in insertion order */
   extra?: Record<string, string | number>;
   /** e.g. "sdtune 0.1.0"; written last */
@@ -60,6 +65,10 @@ export function formatInfotext(p: GenerationParams): string {
     ['Size', `${p.width}x${p.height}`],
     ['Model hash', p.modelHash],
     ['Model', p.modelName === undefined ? undefined : noSep(p.modelName)],
+    ['Hypernet', p.hypernet?.name],
+    ['Hypernet hash', p.hypernet?.hash],
+    // a Python float: 1 is "1.0"
+    ['Hypernet strength', p.hypernet === undefined ? undefined : Number.isInteger(p.hypernet.strength) ? p.hypernet.strength.toFixed(1) : p.hypernet.strength],
     ['Denoising strength', p.denoisingStrength],
     ['Clip skip', p.clipSkip !== undefined && p.clipSkip > 1 ? p.clipSkip : undefined],
     ['Lora hashes', hashList(p.loraHashes)],
@@ -191,7 +200,7 @@ export function parseInfotext(text: string): GenerationParams & { raw: Record<st
   };
   const opt = (k: string) => (raw[k] === undefined ? undefined : num(k, NaN));
   const known = new Set(['Prompt', 'Negative prompt', 'Steps', 'Sampler', 'Schedule type', 'CFG scale', 'Seed', 'Size-1', 'Size-2',
-    'Model hash', 'Model', 'Denoising strength', 'Clip skip', 'Lora hashes', 'TI hashes', 'Version']);
+    'Model hash', 'Model', 'Denoising strength', 'Clip skip', 'Lora hashes', 'TI hashes', 'Version', 'Hypernet', 'Hypernet hash', 'Hypernet strength']);
   const extra = Object.fromEntries(Object.entries(raw).filter(([k]) => !known.has(k)));
   const hashList = (v: string | undefined) => {
     if (v === undefined) return undefined;
@@ -219,6 +228,8 @@ export function parseInfotext(text: string): GenerationParams & { raw: Record<st
     tiHashes: hashList(raw['TI hashes']),
     clipSkip: num('Clip skip', 1),
     denoisingStrength: opt('Denoising strength'),
+    // A1111 parse_generation_parameters: a missing strength is 1.0
+    hypernet: raw.Hypernet === undefined ? undefined : { name: raw.Hypernet, hash: raw['Hypernet hash'], strength: num('Hypernet strength', 1) },
     extra: Object.keys(extra).length > 0 ? extra : undefined,
     version: raw.Version,
     raw,

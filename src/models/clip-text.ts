@@ -4,7 +4,7 @@
  */
 import * as tf from '@tensorflow/tfjs';
 import type { ClipTextConfig } from './configs.js';
-import { activation, attention, layerNorm, linear } from './layers.js';
+import { type Forward, activation, attention, layerNorm, linear } from './layers.js';
 import { type ParamTree, leaf, sub } from './params.js';
 
 /** Every parameter key the model reads, with its torch shape (for strict loading and random init). */
@@ -34,7 +34,8 @@ export function clipTextParamShapes(cfg: ClipTextConfig): Map<string, number[]> 
   return m;
 }
 
-export interface ClipTextOptions {
+export interface ClipTextOptions extends Pick<Forward, 'training' | 'rng' | 'loraDropout'> {
+  // From Forward: `training` + `rng` + `loraDropout` = kohya network_dropout on the text encoder's LoRA modules
   /** A1111 "CLIP skip": 1 = last layer (default), 2 = penultimate layer, ... (always through final_layer_norm) */
   clipSkip?: number;
   /**
@@ -61,6 +62,7 @@ export function clipTokenEmbeddings(params: ParamTree, inputIds: tf.Tensor2D): t
 /** CLIPTextModel forward. inputIds: int32 [B, L] with L <= max_position_embeddings. */
 export function clipText(params: ParamTree, cfg: ClipTextConfig, inputIds: tf.Tensor2D, opts: ClipTextOptions = {}): ClipTextOutput {
   const skip = opts.clipSkip ?? 1;
+  const fw: Forward = { training: opts.training, rng: opts.rng, loraDropout: opts.loraDropout };
   if (!Number.isInteger(skip) || skip < 1 || skip > cfg.num_hidden_layers) {
     throw new Error(`clip skip must be an integer in 1..${cfg.num_hidden_layers}, got ${skip}`);
   }
@@ -87,13 +89,13 @@ export function clipText(params: ParamTree, cfg: ClipTextConfig, inputIds: tf.Te
         const p = sub(layers, l);
         const sa = sub(p, 'self_attn');
         const hN = layerNorm(sub(p, 'layer_norm1'), prev, cfg.layer_norm_eps) as tf.Tensor3D;
-        const q = linear(sub(sa, 'q_proj'), hN) as tf.Tensor3D;
-        const k = linear(sub(sa, 'k_proj'), hN) as tf.Tensor3D;
-        const v = linear(sub(sa, 'v_proj'), hN) as tf.Tensor3D;
-        const a = linear(sub(sa, 'out_proj'), attention(q, k, v, cfg.num_attention_heads, mask));
+        const q = linear(sub(sa, 'q_proj'), hN, fw) as tf.Tensor3D;
+        const k = linear(sub(sa, 'k_proj'), hN, fw) as tf.Tensor3D;
+        const v = linear(sub(sa, 'v_proj'), hN, fw) as tf.Tensor3D;
+        const a = linear(sub(sa, 'out_proj'), attention(q, k, v, cfg.num_attention_heads, mask), fw);
         const h1 = tf.add(prev, a);
         const m = sub(p, 'mlp');
-        const f = linear(sub(m, 'fc2'), act(linear(sub(m, 'fc1'), layerNorm(sub(p, 'layer_norm2'), h1, cfg.layer_norm_eps))));
+        const f = linear(sub(m, 'fc2'), act(linear(sub(m, 'fc1'), layerNorm(sub(p, 'layer_norm2'), h1, cfg.layer_norm_eps), fw)), fw);
         return tf.add(h1, f) as tf.Tensor3D;
       });
       if (l === cfg.num_hidden_layers - skip) skipped = x;

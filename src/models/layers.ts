@@ -4,10 +4,61 @@
  * and is differentiable.
  */
 import * as tf from '@tensorflow/tfjs';
+import { usageError } from '../errors.js';
+import type { TorchGenerator } from '../runtime/rng.js';
 import { type ParamTree, has, leaf, maybeLeaf, sub } from './params.js';
 
-/** y = x W + b over the last axis. Accepts a 1x1 conv kernel [1,1,in,out] too (SD v1 proj_in/proj_out). */
-export function linear(p: ParamTree, x: tf.Tensor): tf.Tensor {
+/** Where an attention sits, as a context adapter sees it: self-attention (attn1) or cross-attention (attn2). */
+export interface AttentionSite {
+  kind: 'self' | 'cross';
+  /** the context's feature width (the last dimension of the tensor to_k and to_v read) */
+  width: number;
+}
+
+/**
+ * An adapter that transforms the context of attention before to_k and before to_v (A1111 hypernetworks). `kv`
+ * returns the [k-context, v-context] pair, or undefined to leave the attention as it is. `params` are the trees it
+ * reads: their trainable tensors are differentiated through checkpointed segments (models/unet.ts).
+ */
+export interface ContextAdapter {
+  kv(context: tf.Tensor3D, site: AttentionSite, f: Forward): [tf.Tensor3D, tf.Tensor3D] | undefined;
+  params: ParamTree[];
+}
+
+/**
+ * What a forward needs besides params and inputs. Everything is optional; `{}` is inference with no adapters.
+ * - training / rng: dropout acts only while `training`, with masks drawn from the torch-compatible generator;
+ * - loraDropout: kohya network_dropout, dropout on each LoRA down projection's output (training only);
+ * - context: an adapter of the attention contexts (hypernetworks).
+ */
+export interface Forward {
+  training?: boolean;
+  rng?: TorchGenerator;
+  loraDropout?: number;
+  context?: ContextAdapter;
+}
+
+/**
+ * Inverted dropout as torch's F.dropout (training only): zero each element with probability p, scale the rest by
+ * 1/(1-p). The keep mask is `rand < 1 - p` from the forward's generator (torch's CPU bernoulli draws through MKL,
+ * so masks are not torch's bit for bit; the statistics are).
+ */
+export function dropout<T extends tf.Tensor>(x: T, p: number, f: Forward): T {
+  if (!f.training || !(p > 0)) return x;
+  if (!(p < 1)) throw usageError(`dropout probability must be in [0, 1), got ${p}`);
+  if (!f.rng) throw usageError('dropout while training needs a random generator (Forward.rng)');
+  const u = f.rng.rand(x.shape);
+  const keep = new Float32Array(u.length);
+  const scale = 1 / (1 - p);
+  for (let i = 0; i < u.length; i++) keep[i] = u[i] < 1 - p ? scale : 0;
+  return tf.mul(x, tf.tensor(keep, x.shape)) as T;
+}
+
+/**
+ * y = x W + b over the last axis. Accepts a 1x1 conv kernel [1,1,in,out] too (SD v1 proj_in/proj_out). An injected
+ * LoRA is added; `f` carries its training-time dropout (kohya network_dropout).
+ */
+export function linear(p: ParamTree, x: tf.Tensor, f: Forward = {}): tf.Tensor {
   let w = leaf(p, 'weight');
   const ws = w.shape as number[];
   if (w.rank === 4) w = w.reshape([ws[2], ws[3]]);
@@ -23,15 +74,19 @@ export function linear(p: ParamTree, x: tf.Tensor): tf.Tensor {
     const flat = (t: tf.Tensor) => (t.rank === 4 ? t.reshape([t.shape[2]!, t.shape[3]!]) : t) as tf.Tensor2D;
     const d = flat(leaf(sub(p, 'lora_down'), 'weight'));
     const u = flat(leaf(sub(p, 'lora_up'), 'weight'));
-    y = tf.add(y, tf.mul(tf.matMul(tf.matMul(x2, d), u), leaf(p, 'lora_scale')));
+    const h = dropout(tf.matMul(x2, d), f.loraDropout ?? 0, f); // kohya LoRAModule: dropout on lora_down's output
+    y = tf.add(y, tf.mul(tf.matMul(h, u), leaf(p, 'lora_scale')));
   }
   return y.reshape([...xs.slice(0, -1), outDim]);
 }
 
 export type Padding = 'same' | 'valid' | number | [number, number, number, number]; // [top,bottom,left,right]
 
-/** 2-D convolution, NHWC x HWIO. Explicit paddings are applied with tf.pad so gradients exist on every backend. */
-export function conv2d(p: ParamTree, x: tf.Tensor4D, opts: { stride?: number; padding?: Padding } = {}): tf.Tensor4D {
+/**
+ * 2-D convolution, NHWC x HWIO. Explicit paddings are applied with tf.pad so gradients exist on every backend.
+ * An injected LoCon is added; `f` carries its training-time dropout.
+ */
+export function conv2d(p: ParamTree, x: tf.Tensor4D, opts: { stride?: number; padding?: Padding } = {}, f: Forward = {}): tf.Tensor4D {
   const w = leaf(p, 'weight') as tf.Tensor4D;
   const stride = opts.stride ?? 1;
   const k = w.shape[0];
@@ -53,7 +108,8 @@ export function conv2d(p: ParamTree, x: tf.Tensor4D, opts: { stride?: number; pa
     const k4 = (t: tf.Tensor) => (t.rank === 2 ? t.reshape([1, 1, t.shape[0]!, t.shape[1]!]) : t) as tf.Tensor4D;
     const d = k4(leaf(sub(p, 'lora_down'), 'weight'));
     const u = k4(leaf(sub(p, 'lora_up'), 'weight'));
-    y = tf.add(y, tf.mul(tf.conv2d(tf.conv2d(input, d, stride, mode), u, 1, 'valid'), leaf(p, 'lora_scale')));
+    const h = dropout(tf.conv2d(input, d, stride, mode), f.loraDropout ?? 0, f);
+    y = tf.add(y, tf.mul(tf.conv2d(h, u, 1, 'valid'), leaf(p, 'lora_scale')));
   }
   return y;
 }

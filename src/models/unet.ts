@@ -5,9 +5,10 @@
 import * as tf from '@tensorflow/tfjs';
 import { type Segment, type ShapeSpec, direct, downsample, resnet, resnetShapes, transformer2d, transformer2dShapes, upsample } from './blocks.js';
 import type { UNetConfig } from './configs.js';
-import { conv2d, groupNorm, linear, silu, timestepEmbedding } from './layers.js';
+import { type Forward, conv2d, groupNorm, linear, silu, timestepEmbedding } from './layers.js';
 import { type ParamTree, sub } from './params.js';
 import { checkpoint, trainableIn } from '../runtime/memory.js';
+import type { GeneratorState, TorchGenerator } from '../runtime/rng.js';
 
 const hasAttn = (type: string) => type.startsWith('CrossAttn');
 
@@ -69,7 +70,9 @@ export interface CheckpointSite {
   level: number;
 }
 
-export interface UNetOptions {
+export interface UNetOptions extends Forward {
+  // From Forward: `training` + `rng` turn on dropout (LoRA's `loraDropout`, a context adapter's own), drawn from
+  // that generator in forward order; `context` adapts the context of every attention before to_k / to_v.
   /**
    * Recompute blocks in the backward pass instead of keeping their activations (diffusers'
    * enable_gradient_checkpointing, kohya --gradient_checkpointing). true = the sites of CHECKPOINT_DEFAULT, 'all' =
@@ -103,13 +106,15 @@ export function unet(
 ): tf.Tensor4D {
   const gc = opts.gradientCheckpointing;
   const pick = gc === 'all' ? () => true : gc === true ? CHECKPOINT_DEFAULT : gc || (() => false);
-  const recompute: Segment = (ps, fn, xs) => checkpoint(fn, xs, ps.flatMap(trainableIn));
+  const f: Forward = { training: opts.training, rng: opts.rng, loraDropout: opts.loraDropout, context: opts.context };
+  const gen = f.training ? f.rng : undefined;
+  const recompute: Segment = (ps, fn, xs) => checkpoint(gen ? replayingDraws(fn, gen) : fn, xs, ps.flatMap(trainableIn));
   // how a site runs its segments: checkpointed (differentiating the trainables of their params sub-trees) when picked
   const seg = (site: CheckpointSite): Segment => (pick(site) ? recompute : direct);
   return tf.tidy(() => {
     const [b] = sample.shape;
     const n = cfg.block_out_channels.length;
-    const ro = { groups: cfg.norm_num_groups, eps: cfg.norm_eps };
+    const ro = { groups: cfg.norm_num_groups, eps: cfg.norm_eps, f };
     const act = silu;
     // 1. time embedding
     const t0 = typeof timesteps === 'number' ? tf.scalar(timesteps, 'float32') : timesteps.toFloat();
@@ -129,13 +134,13 @@ export function unet(
         x = seg({ kind: 'resnet', level: i })([rp], (h, te) => resnet(rp, h, te, ro), [x, temb]);
         if (hasAttn(cfg.down_block_types[i])) {
           const ap = sub(bp, 'attentions', j);
-          x = transformer2d(ap, x, context, cfg.heads[i], cfg.norm_num_groups, seg({ kind: 'transformer', level: i }));
+          x = transformer2d(ap, x, context, cfg.heads[i], cfg.norm_num_groups, seg({ kind: 'transformer', level: i }), f);
         }
         skips.push(x);
       }
       if (i < n - 1) {
         const dp = sub(bp, 'downsamplers', 0);
-        x = seg({ kind: 'downsample', level: i })([dp], (h) => downsample(dp, h, cfg.downsample_padding), [x]);
+        x = seg({ kind: 'downsample', level: i })([dp], (h) => downsample(dp, h, cfg.downsample_padding, f), [x]);
         skips.push(x);
       }
     }
@@ -144,7 +149,7 @@ export function unet(
     const mo = { ...ro, outputScale: cfg.mid_block_scale_factor };
     const [mr0, ma, mr1] = [sub(mp, 'resnets', 0), sub(mp, 'attentions', 0), sub(mp, 'resnets', 1)];
     x = seg({ kind: 'resnet', level: n - 1 })([mr0], (h, te) => resnet(mr0, h, te, mo), [x, temb]);
-    x = transformer2d(ma, x, context, cfg.heads[n - 1], cfg.norm_num_groups, seg({ kind: 'transformer', level: n - 1 }));
+    x = transformer2d(ma, x, context, cfg.heads[n - 1], cfg.norm_num_groups, seg({ kind: 'transformer', level: n - 1 }), f);
     x = seg({ kind: 'resnet', level: n - 1 })([mr1], (h, te) => resnet(mr1, h, te, mo), [x, temb]);
     // 5. up blocks
     const heads = [...cfg.heads].reverse();
@@ -157,7 +162,7 @@ export function unet(
         x = seg({ kind: 'resnet', level: n - 1 - i })([rp], (h, s, te) => resnet(rp, tf.concat([h, s], 3), te, ro), [x, skip, temb]);
         if (hasAttn(cfg.up_block_types[i])) {
           const ap = sub(bp, 'attentions', j);
-          x = transformer2d(ap, x, context, heads[i], cfg.norm_num_groups, seg({ kind: 'transformer', level: n - 1 - i }));
+          x = transformer2d(ap, x, context, heads[i], cfg.norm_num_groups, seg({ kind: 'transformer', level: n - 1 - i }), f);
         }
       }
       if (i < n - 1) {
@@ -165,7 +170,7 @@ export function unet(
         const next = skips[skips.length - 1];
         const size: [number, number] = [next.shape[1], next.shape[2]];
         const upP = sub(bp, 'upsamplers', 0);
-        x = seg({ kind: 'upsample', level: n - 1 - i })([upP], (h) => upsample(upP, h, size), [x]);
+        x = seg({ kind: 'upsample', level: n - 1 - i })([upP], (h) => upsample(upP, h, size, f), [x]);
       }
     }
     // 6. output
@@ -173,4 +178,26 @@ export function unet(
     const head = (h: tf.Tensor4D) => tf.tidy(() => conv2d(outP, act(groupNorm(normP, h, cfg.norm_num_groups, cfg.norm_eps))));
     return seg({ kind: 'head', level: 0 })([normP, outP], head, [x]);
   });
+}
+
+/**
+ * fn for a checkpointed segment that draws dropout masks: the recomputation in the backward pass replays the draws
+ * of the forward (the generator is rewound to where the forward started, then put back), as torch.utils.checkpoint's
+ * preserve_rng_state does, so that the gradient is that of the masks the forward used.
+ */
+function replayingDraws<A extends tf.Tensor[], T extends tf.Tensor>(fn: (...xs: A) => T, gen: TorchGenerator): (...xs: A) => T {
+  let start: GeneratorState | undefined;
+  return (...xs: A) => {
+    if (!start) {
+      start = gen.getState();
+      return fn(...xs);
+    }
+    const after = gen.getState();
+    gen.setState(start);
+    try {
+      return fn(...xs);
+    } finally {
+      gen.setState(after);
+    }
+  };
 }

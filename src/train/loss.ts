@@ -5,6 +5,7 @@
  */
 import * as tf from '@tensorflow/tfjs';
 import type { UNetConfig } from '../models/configs.js';
+import type { Forward } from '../models/layers.js';
 import type { ParamTree } from '../models/params.js';
 import { type UNetOptions, unet } from '../models/unet.js';
 import { type Schedule, addNoise, snr, velocity } from '../schedulers/index.js';
@@ -27,6 +28,11 @@ export interface LossOptions {
   minSnrGamma?: number | null;
   /** recompute UNet blocks in the backward pass instead of keeping their activations (train.gradient_checkpointing) */
   gradientCheckpointing?: UNetOptions['gradientCheckpointing'];
+  /**
+   * the UNet forward's training options: `training` + `rng` for dropout (LoRA's `loraDropout`, a hypernetwork's),
+   * `context` for a hypernetwork being trained (adapters/hypernetwork.ts hypernetworkAdapter)
+   */
+  forward?: Forward;
 }
 
 /** Per-item loss weights of min-SNR-gamma: min(snr, gamma) / snr for epsilon, / (snr + 1) for v-prediction. */
@@ -43,7 +49,7 @@ export function diffusionLoss(unetParams: ParamTree, cfg: UNetConfig, schedule: 
   return tf.tidy(() => {
     const t = Array.from(b.timesteps);
     const noisy = addNoise(schedule, b.latents, b.noise, t) as tf.Tensor4D;
-    const pred = unet(unetParams, cfg, noisy, tf.tensor1d(b.timesteps, 'int32'), b.context, { gradientCheckpointing: o.gradientCheckpointing });
+    const pred = unet(unetParams, cfg, noisy, tf.tensor1d(b.timesteps, 'int32'), b.context, { ...o.forward, gradientCheckpointing: o.gradientCheckpointing });
     const target = o.predictionType === 'epsilon' ? b.noise : velocity(schedule, b.latents, b.noise, t);
     const perItem = tf.mean(tf.square(tf.sub(pred, target)), [1, 2, 3]);
     if (o.minSnrGamma == null) return tf.mean(perItem) as tf.Scalar;

@@ -1,4 +1,4 @@
-/** `sdtune sample`: txt2img / img2img / inpaint with LoRAs and embeddings; writes PNGs with A1111 parameters. */
+/** `sdtune sample`: txt2img / img2img / inpaint with LoRAs, embeddings and a hypernetwork; writes PNGs with A1111 parameters. */
 import type { Argv } from 'yargs';
 import type { SampleOptions } from '../../infer/sample.js';
 import { SAMPLER_NAMES } from '../../schedulers/names.js';
@@ -27,6 +27,7 @@ export function registerSample(y: Argv): Argv {
         .option('mask', { type: 'string', describe: 'inpainting mask, white = repaint, same size as --init-image' })
         .option('lora', { type: 'string', array: true, describe: 'FILE[:WEIGHT], repeatable' })
         .option('embedding', { type: 'string', array: true, describe: 'FILE[:TOKEN], repeatable (token defaults to the file name)' })
+        .option('hypernetwork', { type: 'string', array: true, describe: 'FILE[:STRENGTH]: an A1111 hypernetwork (.safetensors; .pt needs the pickle reader)' })
         .option('overwrite', { type: 'boolean', default: false, describe: 'replace an existing --out PNG' })
         .option('out', { type: 'string', default: 'outputs', describe: 'a .png file (one image) or a directory (NNNNN-SEED.png)' })
         .option('eta', { type: 'number', describe: 'DDIM eta' })
@@ -59,6 +60,7 @@ export function registerSample(y: Argv): Argv {
           mask: argv.mask,
           lora: argv.lora,
           embedding: argv.embedding,
+          hypernetwork: argv.hypernetwork,
           out: argv.out,
           overwrite: argv.overwrite,
           eta: argv.eta,
