@@ -39,7 +39,7 @@ interface ExportComponent {
 /** What the writers write, from a file (convert) or from weights in memory (saveModel). */
 interface ExportSource {
   path: string;
-  variant: 'v1' | 'inpaint';
+  variant: 'v1' | 'inpaint' | 'depth';
   components: Partial<Record<Component, ExportComponent>>;
   schedulerConfig: Record<string, unknown>;
   modelIndex?: Record<string, unknown>;
@@ -250,7 +250,7 @@ async function writeDiffusers(src: ExportSource, present: Component[], output: s
   await mkdir(tmp, { recursive: true });
   let count = 0, bytes = 0;
   try {
-    const index = src.modelIndex ? { ...src.modelIndex } : sd15ModelIndex(src.variant === 'inpaint');
+    const index = src.modelIndex ? { ...src.modelIndex } : sd15ModelIndex(src.variant === 'inpaint', src.variant === 'depth');
     for (const c of COMPONENTS) if (!src.components[c] && Array.isArray(index[c])) index[c] = [null, null];
     await writeFileAtomic(path.join(tmp, 'model_index.json'), jsonBytes(index));
     for (const c of present) {
