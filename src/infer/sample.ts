@@ -7,7 +7,7 @@ import path from 'node:path';
 import { parseAdapterArg, mergeLora, readLora } from '../adapters/lora.js';
 import { applyEmbeddings, describeEmbeddingUse, readEmbedding } from '../adapters/embeddings.js';
 import { usageError } from '../errors.js';
-import { embeddingHash, loraHash, modelHash } from '../io/hashes.js';
+import { embeddingHash, fileSha256, loraHash, modelHash } from '../io/hashes.js';
 import { type LoadedModel, type OpenModelOptions, disposeModel, loadModel } from '../io/model.js';
 import { formatInfotext, readImageRgb, writePng } from '../io/png.js';
 import { setAttentionChunkElements } from '../models/layers.js';
@@ -15,6 +15,7 @@ import { TargetExistsError } from '../runtime/atomic.js';
 import { progress } from '../runtime/progress.js';
 import { SAMPLER_LABELS, type SamplerName, resolveSampler } from '../schedulers/index.js';
 import { assertSamplingFits, checkImageSize, fmtBytes } from './budget.js';
+import { depthAspectNote, readDepthMap } from './depth.js';
 import { type RgbImage, generate, resolveGenerateOptions, toUint8 } from './pipeline.js';
 
 export const SDTUNE_VERSION = '0.1.0';
@@ -37,6 +38,10 @@ export interface SampleOptions {
   initImage?: string;
   strength?: number;
   mask?: string;
+  /** depth-to-image with a depth model: a grayscale depth map (8/16-bit PNG, near = bright), with initImage */
+  depthMap?: string;
+  /** the depth map has near = dark (e.g. metric depth): flip it */
+  depthInvert?: boolean;
   /** "file.safetensors[:weight]" */
   lora?: string[];
   /** "file.safetensors[:token]" */
@@ -108,10 +113,17 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
   if (mask && init && (mask.width !== init.width || mask.height !== init.height)) {
     throw usageError(`mask ${o.mask} is ${mask.width}x${mask.height} but initImage ${o.initImage} is ${init.width}x${init.height}`);
   }
+  if (o.depthInvert && !o.depthMap) throw usageError('depthInvert needs a depthMap');
+  const depthMap = o.depthMap ? await readDepthMap(o.depthMap) : undefined;
+  if (depthMap && !init) throw usageError(`a depthMap needs an initImage (depth-to-image starts from the image, as diffusers' StableDiffusionDepth2ImgPipeline)`);
   const m: LoadedModel = await loadModel(o.model, o.load);
   const restores: (() => void)[] = [];
   try {
     if (!m.unet || !m.vae || !m.textEncoder) throw usageError(`${o.model}: sampling needs a full model (unet, vae, text_encoder)`);
+    if (m.unet.config.in_channels === 5 && !depthMap)
+      throw usageError(`${o.model} is a depth-to-image model (5 input channels): pass a depth map (--depth-map FILE, near = bright) with --init-image`);
+    if (depthMap && m.unet.config.in_channels !== 5)
+      throw usageError(`${o.model} is not a depth-to-image model (its UNet has ${m.unet.config.in_channels} input channels, a depth model 5): --depth-map needs e.g. stable-diffusion-2-depth`);
     // adapters: LoRAs merged into the weights, embeddings added to the tokenizer and token table
     const loraHashes: Record<string, string> = {};
     for (const arg of o.lora ?? []) {
@@ -146,6 +158,15 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
     // the memory check before any work at this size (generate() checks again, with the prompt's real length)
     const check = o.memoryCheck === false ? undefined : assertSamplingFits(m, { width, height, batchSize: batch, cfg: cfg !== 1, encode: Boolean(init) });
     const mh = await hashOf(o.model);
+    if (depthMap) {
+      const note = depthAspectNote(depthMap, width, height, o.depthMap!);
+      if (note) (o.log ?? ((l: string) => process.stderr.write(l + '\n')))(note);
+    }
+    // A1111 has no key for a given depth map (it always runs the checkpoint's own MiDaS on the init image): ours are
+    // extra "Key: value" pairs, which A1111 shows in PNG Info and otherwise ignores
+    const depthInfo: Record<string, string> | undefined = depthMap
+      ? { 'Depth map': path.basename(o.depthMap!), 'Depth map hash': (await fileSha256(o.depthMap!)).slice(0, 10), ...(o.depthInvert ? { 'Depth invert': 'True' } : {}) }
+      : undefined;
     const outDir = outPng ? path.dirname(o.out!) : (o.out ?? 'outputs');
     let index = outPng ? 0 : nextIndex(outDir);
     const total = nIter * steps;
@@ -173,6 +194,8 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
         eta: o.eta,
         initImage: init,
         mask,
+        depthMap,
+        depthInvert: o.depthInvert,
         strength: o.strength,
         memoryCheck: o.memoryCheck,
         onDecode: (k) => bar?.note(`decoding image ${it * batch + k + 1} of ${nIter * batch} (${width}x${height}, VAE)`),
@@ -199,6 +222,7 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
           tiHashes: Object.keys(tiHashes).length ? tiHashes : undefined,
           clipSkip: o.clipSkip,
           denoisingStrength: init ? (o.strength ?? (mask ? 1 : 0.75)) : undefined,
+          extra: depthInfo,
           version: `sdtune ${SDTUNE_VERSION}`,
         });
         const rgb = toUint8(r.images[k]);
