@@ -410,3 +410,36 @@ export function diffusersToLdmTable(component: Component, keys: Iterable<string>
     return { component, from: key, to: `${LDM_PREFIX[component]}${m}.${sp![1]}`, transform };
   });
 }
+
+/**
+ * Table from a diffusers CLIPTextModel's keys to an SD 2 single file's OpenCLIP text-tower keys (the inverse of
+ * openClipToDiffusers, what diffusers' convert_text_enc_state_dict_v20 writes): one row per tensor, except that the
+ * q, k, v projections of a layer make one row with three sources, concatenated in that order into `in_proj_*`.
+ */
+export function diffusersToOpenClipTable(keys: Iterable<string>, source = 'text_encoder'): { from: string[]; to: string }[] {
+  const out: { from: string[]; to: string }[] = [];
+  const fused = new Map<string, string[]>();
+  for (const key of keys) {
+    const fixed = back(OPENCLIP_FIXED, key);
+    if (fixed) {
+      out.push({ from: [key], to: OPENCLIP_PREFIX + fixed });
+      continue;
+    }
+    const r = /^text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$/.exec(key);
+    const qkv = r && /^self_attn\.([qkv])_proj$/.exec(r[2]);
+    const m = r && !qkv ? back(OPENCLIP_BLOCK, r[2]) : undefined;
+    if (qkv) {
+      const to = `${OPENCLIP_PREFIX}transformer.resblocks.${+r![1]}.attn.in_proj_${r![3]}`;
+      const parts = fused.get(to) ?? ['', '', ''];
+      parts['qkv'.indexOf(qkv[1])] = key;
+      fused.set(to, parts);
+    } else if (m) out.push({ from: [key], to: `${OPENCLIP_PREFIX}transformer.resblocks.${+r![1]}.${m}.${r![3]}` });
+    else throw formatError(`${source}: unexpected text_encoder key "${key}" (no rule maps it to the OpenCLIP layout)`);
+  }
+  for (const [to, parts] of fused) {
+    const missing = ['q', 'k', 'v'].filter((_, i) => !parts[i]);
+    if (missing.length) throw formatError(`${source}: ${to} needs the q, k and v projections; ${missing.join(', ')}_proj missing`);
+    out.push({ from: parts, to });
+  }
+  return out;
+}

@@ -7,7 +7,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SdtuneError } from '../../src/errors.js';
 import { type CheckpointSource, openCheckpoint, readComponent, readTensorRef } from '../../src/io/checkpoint.js';
 import { diffusersToLdmTable, openClipToDiffusers, transformShape } from '../../src/io/ldm-keymap.js';
-import { type WritableTensor, writeSafetensors } from '../../src/io/safetensors.js';
+import { convertCheckpoint } from '../../src/io/convert.js';
+import { SafetensorsFile, type WritableTensor, writeSafetensors } from '../../src/io/safetensors.js';
 import { describeGolden, golden } from '../golden.js';
 import { maxAbsDiff } from '../helpers.js';
 
@@ -199,6 +200,30 @@ describeGolden('golden tiny-sd2-depth.safetensors', () => {
       expect(a.components.text_encoder!.tensors.size).toBe(52);
     } finally {
       await Promise.all([a.close(), b.close()]);
+    }
+  });
+
+  it('convert writes an SD 2 folder as the single file diffusers\' converter makes (OpenCLIP keys, fused in_proj), and back', async () => {
+    const out = path.join(tmp, 'sd2-depth.safetensors');
+    const r = await convertCheckpoint(golden('tiny-sd2-depth'), out);
+    expect(r.layout).toBe('single-file');
+    const [ours, ref] = [await SafetensorsFile.open(out), await SafetensorsFile.open(golden('tiny-sd2-depth.safetensors'))];
+    try {
+      // the folder has no VAE: every UNet and text-encoder key of the reference file, each bit-identical
+      const want = ref.keys().filter((k) => !k.startsWith('first_stage_model.'));
+      expect(ours.keys().sort()).toEqual(want.sort());
+      for (const k of want) expect(maxAbsDiff((await ours.readFloat(k)).data, (await ref.readFloat(k)).data), k).toBe(0);
+    } finally {
+      await Promise.all([ours.close(), ref.close()]);
+    }
+    // and it opens as the depth model again, with its embedded configs (no --config needed)
+    const back = await openCheckpoint(out);
+    try {
+      expect(back.variant).toBe('depth');
+      expect(back.components.text_encoder!.config.num_hidden_layers).toBe(3);
+      expect(back.schedulerConfig.prediction_type).toBe('v_prediction');
+    } finally {
+      await back.close();
     }
   });
 
