@@ -10,7 +10,7 @@ import path from 'node:path';
 import { SdtuneError, fileError, fmtShape, formatError, usageError } from '../errors.js';
 import { inferConfig, SD15_SCHEDULER_CONFIG, SD15_TEXT_ENCODER_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG, structuralMismatches } from '../models/presets.js';
 import {
-  COMPONENTS, emaKey, ldmToDiffusersTable, normalizeDiffusersKeys, OPENCLIP_PREFIX, QKV_PART, transformShape,
+  COMPONENTS, DEPTH_MODEL_PREFIX, emaKey, ldmToDiffusersTable, normalizeDiffusersKeys, OPENCLIP_PREFIX, QKV_PART, transformShape,
   type Component, type KeyMapEntry, type Transform,
 } from './ldm-keymap.js';
 import { SafetensorsFile, type Dtype, type RawTensor } from './safetensors.js';
@@ -440,7 +440,10 @@ async function openLdmFile(file: SafetensorsFile, vaePrefix: string | undefined,
   }
   const sd2 = SD2_FAMILIES.has(family);
   const table = ldmToDiffusersTable(shapes, { vaePrefix, source: file.path });
-  if (table.ignored.length) notes.push(`ignored ${table.ignored.length} non-weight key(s): ${table.ignored.join(', ')}`);
+  const midas = table.ignored.filter((k) => k.startsWith(DEPTH_MODEL_PREFIX));
+  const other = table.ignored.filter((k) => !k.startsWith(DEPTH_MODEL_PREFIX));
+  if (other.length) notes.push(`ignored ${other.length} non-weight key(s): ${other.join(', ')}`);
+  if (midas.length) notes.push(`ignored the ${midas.length} tensors of the MiDaS depth estimator (${DEPTH_MODEL_PREFIX}*): the depth map comes from --depth-map`);
 
   // EMA (§2.3): substitute the flattened EMA copy for each UNet weight when asked.
   const hasEma = table.ema.length > 100;

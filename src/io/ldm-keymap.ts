@@ -41,6 +41,8 @@ const SCHEDULER_BUFFERS = new Set([
 /** SD 2.x single files hold the text encoder as OpenCLIP's text tower under this prefix (instead of LDM_PREFIX). */
 export const OPENCLIP_PREFIX = 'cond_stage_model.model.';
 export const EMA_PREFIX = 'model_ema.';
+/** SD 2 depth single files (512-depth-ema) carry their MiDaS depth estimator under this prefix: not used, ignored. */
+export const DEPTH_MODEL_PREFIX = 'depth_model.';
 const EMA_SCALARS = new Set(['model_ema.decay', 'model_ema.num_updates']);
 
 // ---- rename tables (module paths, without the trailing .weight / .bias), LDM -> diffusers --------------------------
@@ -295,7 +297,7 @@ const toLinear = (shape: readonly number[] | undefined): Transform => (shape && 
 export interface LdmTable {
   /** one row per weight: full LDM key -> diffusers key of its component */
   entries: KeyMapEntry[];
-  /** scheduler buffers, position_ids, EMA scalars, OpenCLIP's text_projection / logit_scale */
+  /** scheduler buffers, position_ids, EMA scalars, OpenCLIP's text_projection / logit_scale, a depth model's MiDaS */
   ignored: string[];
   /** keys of the flattened EMA copy (§2.3), excluding the decay / num_updates scalars */
   ema: string[];
@@ -329,7 +331,7 @@ export function ldmToDiffusersTable(
 
   const out: LdmTable = { entries: [], ignored: [], ema: [] };
   for (const key of keys) {
-    if (SCHEDULER_BUFFERS.has(key) || EMA_SCALARS.has(key)) out.ignored.push(key);
+    if (SCHEDULER_BUFFERS.has(key) || EMA_SCALARS.has(key) || key.startsWith(DEPTH_MODEL_PREFIX)) out.ignored.push(key);
     else if (key.startsWith(EMA_PREFIX)) out.ema.push(key);
     else if (key.startsWith(LDM_PREFIX.unet)) {
       const sp = splitParam(key.slice(LDM_PREFIX.unet.length));

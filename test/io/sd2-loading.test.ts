@@ -114,7 +114,8 @@ describe('OpenCLIP key rules', () => {
 describe('SD 2.x single files (synthetic)', () => {
   it('a depth file without configs: SD 2 presets, q/k/v split, the 24th OpenCLIP layer cut, epsilon scheduler, notes', async () => {
     const f = path.join(tmp, 'depth.safetensors');
-    await writeSafetensors(f, sd2File(5, 24));
+    // + two tensors of the MiDaS depth estimator that real 512-depth-ema files carry
+    await writeSafetensors(f, sd2File(5, 24, [['depth_model.model.pretrained.model.cls_token', filled([1, 1, 8], 0)], ['depth_model.model.scratch.output_conv.4.bias', filled([1], 0)]]));
     const src = await openCheckpoint(f);
     try {
       expect(src.variant).toBe('depth');
@@ -136,6 +137,7 @@ describe('SD 2.x single files (synthetic)', () => {
       expect(notes).toMatch(/OpenCLIP layer 23 \(the last\) not loaded/);
       expect(notes).toMatch(/cond_stage_model\.model\.text_projection/);
       expect(notes).toMatch(/SD 2\.x presets/);
+      expect(notes).toMatch(/ignored the 2 tensors of the MiDaS depth estimator \(depth_model\.\*\)/);
       expect(notes).toMatch(/epsilon/);
     } finally {
       await src.close();
