@@ -165,6 +165,26 @@ describeGolden('sdtune sample --depth-map (tiny-sd2-depth single file)', () => {
     }
   });
 
+  it('a batch: the depth channel goes with every image and both CFG halves (image i of seed s = a single run of seed s+i)', async () => {
+    const { depth16 } = await inputs();
+    const m = await loadModel(MODEL, load);
+    try {
+      const ref = await caseTensors('pipe_depth2img');
+      const base = {
+        prompt: 'a house', negativePrompt: 'blurry', sampler: 'euler' as const, steps: 3, strength: 0.8,
+        initImage: { data: ref.get('init_image_nhwc01')!.data as Float32Array, width: 64, height: 64 },
+        depthMap: { data: Float32Array.from(depth16), width: 64, height: 64 },
+      };
+      const two = await generate(m, { ...base, seed: 5, batchSize: 2 });
+      const one = await generate(m, { ...base, seed: 6 });
+      expect(two.seeds).toEqual([5, 6]);
+      expect(maxAbsDiff(two.images[1].data, one.images[0].data)).toBeLessThan(1e-5);
+      expect(maxAbsDiff(two.images[0].data, one.images[0].data)).toBeGreaterThan(1e-2);
+    } finally {
+      disposeModel(m);
+    }
+  });
+
   it('clear errors: a depth model without a map, a map for a model that is not a depth model, a map without an init image', async () => {
     const { init, depth } = await inputs();
     const base = { prompt: 'x', steps: 1, quiet: true, out: path.join(tmp, 'e.png') };
