@@ -6,6 +6,7 @@ import { depthCondition } from '../../src/infer/depth.js';
 import { generate, toUint8 } from '../../src/infer/pipeline.js';
 import { type LoadedModel, disposeModel, loadModel } from '../../src/io/model.js';
 import { readImageRgb } from '../../src/io/png.js';
+import { currentBackend } from '../../src/runtime/backend.js';
 import { caseTensors, describeGolden, golden, goldenCase } from '../golden.js';
 import { maxAbsDiff, toNchwData } from '../helpers.js';
 
@@ -78,9 +79,12 @@ describeGolden('depth2img vs diffusers', () => {
     return { errs, imgErr, pngErr, tol, steps: (c.timesteps_used as number[]).length };
   };
 
+  // the single file's tensors are bit-identical to the folder's (test/io/sd2-loading.test.ts), so on the slow
+  // backends (pure-TypeScript cpu: ~2 min a case on a busy 2-core machine; a software WebGPU adapter) only the folder runs
+  const slowBackend = () => tf.getBackend() === 'cpu' || (tf.getBackend() === 'webgpu' && currentBackend()?.adapter?.fallback !== false);
   for (const name of ['pipe_depth2img', 'pipe_depth2img_eps'] as const) {
     for (const layout of ['folder', 'single file'] as const) {
-      it(`${name} from the ${layout}: every step's latents and the image at the case tolerance`, async () => {
+      it.skipIf(layout === 'single file' && slowBackend())(`${name} from the ${layout}: every step's latents and the image at the case tolerance`, async () => {
         const { errs, imgErr, pngErr, tol, steps } = await runCase(layout === 'folder' ? folder : single, name);
         console.log(`${name} (${layout}): latents err per step ${errs.map((e) => e.toExponential(1)).join(' ')} (atol ${tol.atol_latents}); image ${imgErr.toExponential(2)} (atol ${tol.atol_image}); PNG ${pngErr}/255`);
         expect(errs.length).toBe(steps);
