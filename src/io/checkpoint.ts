@@ -488,6 +488,8 @@ async function openLdmFile(file: SafetensorsFile, vaePrefix: string | undefined,
     } else {
       try {
         config = inferConfig(c, refShapes(tensors), { sd2 });
+        // a plain 2.x file is taken for the 768-v model (see sd2Scheduler): its native size is 768
+        if (c === 'unet' && family === 'v2') config = { ...config, sample_size: 96 };
       } catch (e) {
         throw e instanceof SdtuneError ? new SdtuneError(e.kind, `${file.path}: ${e.message}`) : e;
       }

@@ -131,7 +131,7 @@ describe('SD 2.x single files (synthetic)', () => {
         const bq = await readTensorRef(te.tensors.get(`text_model.encoder.layers.3.self_attn.${p}_proj.bias`)!);
         expect([...new Set(bq.data)]).toEqual([30 + i + 1]);
       }
-      expect(src.components.unet!.config).toMatchObject({ in_channels: 5, attention_head_dim: [1, 2], use_linear_projection: true, cross_attention_dim: 64 });
+      expect(src.components.unet!.config).toMatchObject({ in_channels: 5, attention_head_dim: [1, 2], use_linear_projection: true, cross_attention_dim: 64, sample_size: 64 });
       expect(src.schedulerConfig.prediction_type).toBe('epsilon');
       const notes = src.notes.join('\n');
       expect(notes).toMatch(/OpenCLIP layer 23 \(the last\) not loaded/);
@@ -152,6 +152,7 @@ describe('SD 2.x single files (synthetic)', () => {
       expect(src.variant).toBe('v1');
       expect(src.schedulerConfig.prediction_type).toBe('v_prediction');
       expect(src.notes.join('\n')).toMatch(/v_prediction.*--config DIR for an epsilon model/);
+      expect(src.components.unet!.config.sample_size).toBe(96);
       // 3 layers, not 24: kept (a tower already cut, as diffusers' converter writes it), with a note
       expect(src.components.text_encoder!.config.num_hidden_layers).toBe(3);
       expect(src.notes.join('\n')).toMatch(/all 3 OpenCLIP layers used/);
