@@ -27,6 +27,7 @@ export { readLora, mergeLora, writeLoraKohya, writeLoraPeft, parseAdapterArg, ty
 export { injectLora, extractLora, removeLora, loraTargetModules, type LoraRanks, type LoraTargets } from './adapters/lora-inject.js';
 export { readEmbedding, applyEmbeddings, describeEmbeddingUse, embeddingFileStem, writeEmbeddingA1111, writeEmbeddingDiffusers } from './adapters/embeddings.js';
 export { generate, resolveGenerateOptions, toUint8, DEFAULT_CFG, DEFAULT_STEPS, type GenerateOptions, type GenerateResult, type RgbImage } from './infer/pipeline.js';
+export { readDepthMap, depthCondition, resizeBicubicTorch, depthAspectNote, MAX_DEPTH_PIXELS, type DepthMap } from './infer/depth.js';
 export { estimateSampling, assertSamplingFits, assertTrainingFits, trainingFloorBytes, MAX_IMAGE_SIDE, type MemoryEstimate, type SamplingShape } from './infer/budget.js';
 export { sampleToFiles, type SampleOptions } from './infer/sample.js';
 export { resolveConfig, loadConfigFile, dumpConfig, type TrainConfig, type Method } from './train/config.js';
