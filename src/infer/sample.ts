@@ -124,6 +124,12 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
       throw usageError(`${o.model} is a depth-to-image model (5 input channels): pass a depth map (--depth-map FILE, near = bright) with --init-image`);
     if (depthMap && m.unet.config.in_channels !== 5)
       throw usageError(`${o.model} is not a depth-to-image model (its UNet has ${m.unet.config.in_channels} input channels, a depth model 5): --depth-map needs e.g. stable-diffusion-2-depth`);
+    // SD 2's text encoder (OpenCLIP: exact gelu) was trained on prompts padded with "!" (id 0); SD v1's tokenizer pads
+    // with <|endoftext|>, which changes every result a little: say so rather than guess which was meant
+    if (m.textEncoder.config.hidden_act === 'gelu' && m.tokenizer && m.tokenizer.padTokenId === m.tokenizer.eosTokenId)
+      (o.log ?? ((l: string) => process.stderr.write(l + '\n')))(
+        `warning: ${o.model} has an SD 2 (OpenCLIP) text encoder but its tokenizer pads with <|endoftext|> as SD v1's does; SD 2's pads with "!": pass --tokenizer DIR with an SD 2 model's tokenizer/ folder`,
+      );
     // adapters: LoRAs merged into the weights, embeddings added to the tokenizer and token table
     const loraHashes: Record<string, string> = {};
     for (const arg of o.lora ?? []) {

@@ -138,7 +138,9 @@ describeGolden('sdtune sample --depth-map (tiny-sd2-depth single file)', () => {
     const { init, depth, depth16 } = await inputs();
     const out = path.join(tmp, 'd2i.png');
     const opts = { model: MODEL, load, prompt: 'a photo of an astronaut riding a horse', negativePrompt: 'blurry', seed: 0, steps: 10, sampler: 'pndm', strength: 0.7, quiet: true };
-    await sampleToFiles({ ...opts, initImage: init, depthMap: depth, out });
+    const logs: string[] = [];
+    await sampleToFiles({ ...opts, initImage: init, depthMap: depth, out, log: (l) => logs.push(l) });
+    expect(logs).toEqual([]); // the model's own tokenizer pads with "!": no warning; same aspect ratio: no note
     const p = parseInfotext((await readPngText(out)).parameters);
     expect(p.raw['Denoising strength']).toBe('0.7');
     expect(p.raw['Depth map']).toBe('depth.png');
@@ -192,6 +194,10 @@ describeGolden('sdtune sample --depth-map (tiny-sd2-depth single file)', () => {
     await expect(sampleToFiles({ ...base, model: golden('tiny-sd'), initImage: init, depthMap: depth })).rejects.toThrow(/is not a depth-to-image model \(its UNet has 4 input channels/);
     await expect(sampleToFiles({ ...base, model: MODEL, load, depthMap: depth })).rejects.toThrow(/a depthMap needs an initImage/);
     await expect(sampleToFiles({ ...base, model: MODEL, load, initImage: init, depthInvert: true })).rejects.toThrow(/depthInvert needs a depthMap/);
+    // an SD 2 text encoder with a tokenizer that pads like SD v1's: a warning (the run goes on)
+    const lines: string[] = [];
+    await sampleToFiles({ ...base, model: MODEL, load: { ...load, tokenizerDir: golden('clip-tokenizer') }, initImage: init, depthMap: depth, steps: 2, strength: 0.5, cfg: 1, log: (l) => lines.push(l) });
+    expect(lines.join('\n')).toMatch(/warning: .*SD 2 \(OpenCLIP\) text encoder but its tokenizer pads with <\|endoftext\|>.*--tokenizer DIR/);
   });
 
   it('the command line: --depth-map and --depth-invert; an unreadable map is one line with exit code != 0', async () => {
