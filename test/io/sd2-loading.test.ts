@@ -1,6 +1,6 @@
 // SD 2.x single files: OpenCLIP text-tower keys (cond_stage_model.model.*, fused in_proj), the penultimate-layer cut,
 // SD 2 presets when no config is given, the 5-channel depth UNet; and the golden tiny-sd2-depth.safetensors.
-import { mkdtemp, mkdir, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -228,6 +228,14 @@ describeGolden('golden tiny-sd2-depth.safetensors', () => {
     } finally {
       await back.close();
     }
+    // to a folder again: a depth pipeline's model_index.json (the folder had one; the file does not carry it)
+    const dir = path.join(tmp, 'sd2-depth-folder');
+    await convertCheckpoint(out, dir);
+    const index = JSON.parse(await readFile(path.join(dir, 'model_index.json'), 'utf8'));
+    expect([index._class_name, index.depth_estimator]).toEqual(['StableDiffusionDepth2ImgPipeline', [null, null]]);
+    const again = await openCheckpoint(dir);
+    expect(again.variant).toBe('depth');
+    await again.close();
   });
 
   it('without configs: the heads of 32-wide blocks cannot be inferred, and the error says to pass --config', async () => {
