@@ -33,8 +33,9 @@ export {
   writeHypernetworkPt, hypernetworkPickleObject, hypernetworkDataFromObject, HYPERNETWORK_ACTIVATIONS, type UnpickledTensor,
   type Hypernetwork, type HypernetworkData, type HypernetworkMeta, type HypernetworkUse, type HypernetworkEntry, type CreateHypernetworkOptions,
 } from './adapters/hypernetwork.js';
-export { torchSaveBytes, pickleForTorch, pyFloat, pyTuple, PyFloat, PyTuple, PyOrderedDict, type PyValue, type PyTensor } from './io/pickle-write.js';
+export { torchSaveBytes, pickleForTorch, pyFloat, pyTuple, PyFloat, PyTuple, PyOrderedDict, type PyValue as PyWriteValue, type PyTensor as PyWriteTensor } from './io/pickle-write.js';
 export { generate, resolveGenerateOptions, toUint8, DEFAULT_CFG, DEFAULT_STEPS, type GenerateOptions, type GenerateResult, type RgbImage } from './infer/pipeline.js';
+export { readDepthMap, depthCondition, resizeBicubicTorch, depthAspectNote, MAX_DEPTH_PIXELS, type DepthMap } from './infer/depth.js';
 export { estimateSampling, assertSamplingFits, assertTrainingFits, trainingFloorBytes, MAX_IMAGE_SIDE, type MemoryEstimate, type SamplingShape } from './infer/budget.js';
 export { sampleToFiles, type SampleOptions } from './infer/sample.js';
 export { resolveConfig, loadConfigFile, dumpConfig, type TrainConfig, type Method } from './train/config.js';

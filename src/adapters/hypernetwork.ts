@@ -13,7 +13,7 @@ import * as tf from '@tensorflow/tfjs';
 import { SdtuneError, fmtShape, formatError, usageError } from '../errors.js';
 import { type HostTensor, tfToTorchLayout, torchToTfLayout } from '../io/layout.js';
 import { type PyValue, PyOrderedDict, pyFloat, pyTuple, torchSaveBytes } from '../io/pickle-write.js';
-import { SafetensorsFile, writeSafetensors } from '../io/safetensors.js';
+import { type LazyTensor, SafetensorsFile, writeSafetensors } from '../io/safetensors.js';
 import { type ContextAdapter, type Forward, dropout, gelu, layerNorm, linear, silu } from '../models/layers.js';
 import { type ParamTree, flattenParams, sub } from '../models/params.js';
 import { writeFileAtomic } from '../runtime/atomic.js';
@@ -562,12 +562,32 @@ export function hypernetworkDataFromObject(top: Map<unknown, unknown> | Iterable
 
 const PICKLE_EXT = /\.(pt|pth|ckpt|bin)$/i;
 
+/** An A1111 `.pt` read as data by the pickle reader (never executed; io/pickle.ts), through hypernetworkDataFromObject. */
+export async function readHypernetworkPickle(file: string): Promise<HypernetworkData> {
+  const { readHypernetworkPt } = await import('../io/pickle.js');
+  const pt = await readHypernetworkPt(file);
+  try {
+    const host = async (m: Map<string, LazyTensor>) => {
+      const out = new Map<string, UnpickledTensor>();
+      for (const [k, t] of m) {
+        const data = await t.load();
+        if (!(data instanceof Float32Array)) throw formatError(`${file}: hypernetwork tensor ${k} has dtype ${t.dtype}, expected a floating-point dtype`);
+        out.set(k, { shape: [...t.shape], data });
+      }
+      return out;
+    };
+    const top = new Map<unknown, unknown>(Object.entries(pt.fields));
+    for (const [w, [k, v]] of pt.layers) top.set(w, [await host(k), await host(v)]);
+    return hypernetworkDataFromObject(top, file);
+  } finally {
+    await pt.close();
+  }
+}
+
 /** Read a hypernetwork file by its extension (front ends above), validated and on the backend. */
 export async function readHypernetwork(file: string): Promise<Hypernetwork> {
   if (/\.safetensors$/i.test(file)) return loadHypernetwork(await readHypernetworkSafetensors(file), file);
-  if (PICKLE_EXT.test(file)) {
-    throw new SdtuneError('unsupported', `${file}: reading A1111 .pt hypernetworks needs the pickle reader (src/io/pickle.ts), which this build does not have yet; use the .safetensors form`);
-  }
+  if (PICKLE_EXT.test(file)) return loadHypernetwork(await readHypernetworkPickle(file), file);
   throw usageError(`${file}: a hypernetwork is a .safetensors (our form) or an A1111 .pt file`);
 }
 

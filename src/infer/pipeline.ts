@@ -25,6 +25,7 @@ import {
   truncateForStrength,
 } from '../schedulers/index.js';
 import { type MemoryEstimate, assertSamplingFits, checkImageSize } from './budget.js';
+import { type DepthMap, depthCondition } from './depth.js';
 import { encodePromptPair } from './prompt.js';
 
 /** An RGB image, values in [0,1], row-major [height, width, 3]. */
@@ -63,6 +64,10 @@ export interface GenerateOptions {
   strength?: number;
   /** inpainting mask, same size as initImage; white (>= 0.5) = repaint. Values read from the first channel. */
   mask?: RgbImage;
+  /** depth-to-image (a 5-channel depth UNet, with initImage): near = bright, any size (resized to the latents) */
+  depthMap?: DepthMap;
+  /** the depth map has near = dark: flip it */
+  depthInvert?: boolean;
   /** called after each sampler step with the current latents (NHWC) */
   onStep?: (i: number, total: number, latents: tf.Tensor4D) => void;
   /** supply generators instead of seeding them (one per image) */
@@ -121,7 +126,10 @@ function validate(m: LoadedModel, o: ResolvedGenerateOptions): void {
   }
   const inCh = m.unet.config.in_channels;
   if (inCh === 9 && !o.mask) throw usageError(`${m.path} is an inpainting model (9 input channels): it needs an initImage and a mask`);
-  if (inCh !== 4 && inCh !== 9) throw new SdtuneError('unsupported', `UNet with ${inCh} input channels (only 4 or 9)`);
+  if (inCh === 5 && (!o.depthMap || !o.initImage || o.mask))
+    throw usageError(`${m.path} is a depth-to-image model (5 input channels: latents + depth): it needs an initImage and a depthMap${o.mask ? ', and no mask' : ''}`);
+  if (o.depthMap && inCh !== 5) throw usageError(`a depthMap needs a depth-to-image model (UNet with 5 input channels, e.g. stable-diffusion-2-depth); ${m.path} has ${inCh}`);
+  if (inCh !== 4 && inCh !== 9 && inCh !== 5) throw new SdtuneError('unsupported', `UNet with ${inCh} input channels (only 4, 5 or 9)`);
   if (o.strength !== undefined && !(o.strength > 0 && o.strength <= 1)) throw usageError(`strength must be in (0, 1], got ${o.strength}`);
 }
 
@@ -155,6 +163,8 @@ export async function generate(m: LoadedModel, options: GenerateOptions): Promis
   const lat: [number, number, number, number] = [1, vae.config.latent_channels, o.height / VAE_SCALE, o.width / VAE_SCALE];
   const useCfg = o.cfg !== 1;
   const inpaint9 = un.config.in_channels === 9;
+  // depth-to-image: the normalised depth at latent size (the 5th input channel of every image and CFG half)
+  const depth = o.depthMap && depthCondition(o.depthMap, lat[3], lat[2], { invert: o.depthInvert });
   const owned: tf.Tensor[] = [];
   const keep = <T extends tf.Tensor>(t: T) => (owned.push(t), t);
   try {
@@ -215,7 +225,9 @@ export async function generate(m: LoadedModel, options: GenerateOptions): Promis
       const maskedImage = keep(tf.tidy(() => tf.mul(image!, tf.sub(1, maskFull)) as tf.Tensor4D));
       maskedLatents = keep(encodeImage(m, maskedImage, gens)); // last draw of the inpaint pipeline
     }
-    const unetExtra = inpaint9
+    const unetExtra = depth
+      ? keep(tf.tidy(() => tf.tile(tf.tensor4d(depth, [1, lat[2], lat[3], 1]), [useCfg ? 2 * b : b, 1, 1, 1]) as tf.Tensor4D))
+      : inpaint9
       ? keep(
           tf.tidy(() => {
             const ml = tf.tile(maskLat!, [b, 1, 1, 1]);

@@ -8,7 +8,7 @@ import { parseAdapterArg, mergeLora, readLora } from '../adapters/lora.js';
 import { applyEmbeddings, describeEmbeddingUse, readEmbedding } from '../adapters/embeddings.js';
 import { type HypernetworkUse, disposeHypernetwork, hypernetworkAdapter, hypernetworkName, readHypernetwork } from '../adapters/hypernetwork.js';
 import { usageError } from '../errors.js';
-import { embeddingHash, legacyModelHash, loraHash, modelHash } from '../io/hashes.js';
+import { embeddingHash, fileSha256, legacyModelHash, loraHash, modelHash } from '../io/hashes.js';
 import { type LoadedModel, type OpenModelOptions, disposeModel, loadModel } from '../io/model.js';
 import { formatInfotext, readImageRgb, writePng } from '../io/png.js';
 import { setAttentionChunkElements } from '../models/layers.js';
@@ -16,6 +16,7 @@ import { TargetExistsError } from '../runtime/atomic.js';
 import { progress } from '../runtime/progress.js';
 import { SAMPLER_LABELS, type SamplerName, resolveSampler } from '../schedulers/index.js';
 import { assertSamplingFits, checkImageSize, fmtBytes } from './budget.js';
+import { depthAspectNote, readDepthMap } from './depth.js';
 import { type RgbImage, generate, resolveGenerateOptions, toUint8 } from './pipeline.js';
 
 export const SDTUNE_VERSION = '0.1.0';
@@ -38,6 +39,10 @@ export interface SampleOptions {
   initImage?: string;
   strength?: number;
   mask?: string;
+  /** depth-to-image with a depth model: a grayscale depth map (8/16-bit PNG, near = bright), with initImage */
+  depthMap?: string;
+  /** the depth map has near = dark (e.g. metric depth): flip it */
+  depthInvert?: boolean;
   /** "file.safetensors[:weight]" */
   lora?: string[];
   /** "file.safetensors[:token]" */
@@ -111,10 +116,23 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
   if (mask && init && (mask.width !== init.width || mask.height !== init.height)) {
     throw usageError(`mask ${o.mask} is ${mask.width}x${mask.height} but initImage ${o.initImage} is ${init.width}x${init.height}`);
   }
+  if (o.depthInvert && !o.depthMap) throw usageError('depthInvert needs a depthMap');
+  const depthMap = o.depthMap ? await readDepthMap(o.depthMap) : undefined;
+  if (depthMap && !init) throw usageError(`a depthMap needs an initImage (depth-to-image starts from the image, as diffusers' StableDiffusionDepth2ImgPipeline)`);
   const m: LoadedModel = await loadModel(o.model, o.load);
   const restores: (() => void)[] = [];
   try {
     if (!m.unet || !m.vae || !m.textEncoder) throw usageError(`${o.model}: sampling needs a full model (unet, vae, text_encoder)`);
+    if (m.unet.config.in_channels === 5 && !depthMap)
+      throw usageError(`${o.model} is a depth-to-image model (5 input channels): pass a depth map (--depth-map FILE, near = bright) with --init-image`);
+    if (depthMap && m.unet.config.in_channels !== 5)
+      throw usageError(`${o.model} is not a depth-to-image model (its UNet has ${m.unet.config.in_channels} input channels, a depth model 5): --depth-map needs e.g. stable-diffusion-2-depth`);
+    // SD 2's text encoder (OpenCLIP: exact gelu) was trained on prompts padded with "!" (id 0); SD v1's tokenizer pads
+    // with <|endoftext|>, which changes every result a little: say so rather than guess which was meant
+    if (m.textEncoder.config.hidden_act === 'gelu' && m.tokenizer && m.tokenizer.padTokenId === m.tokenizer.eosTokenId)
+      (o.log ?? ((l: string) => process.stderr.write(l + '\n')))(
+        `warning: ${o.model} has an SD 2 (OpenCLIP) text encoder but its tokenizer pads with <|endoftext|> as SD v1's does; SD 2's pads with "!": pass --tokenizer DIR with an SD 2 model's tokenizer/ folder`,
+      );
     // adapters: LoRAs merged into the weights, embeddings added to the tokenizer and token table
     const loraHashes: Record<string, string> = {};
     for (const arg of o.lora ?? []) {
@@ -170,6 +188,15 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
     // the memory check before any work at this size (generate() checks again, with the prompt's real length)
     const check = o.memoryCheck === false ? undefined : assertSamplingFits(m, { width, height, batchSize: batch, cfg: cfg !== 1, encode: Boolean(init) });
     const mh = await hashOf(o.model);
+    if (depthMap) {
+      const note = depthAspectNote(depthMap, width, height, o.depthMap!);
+      if (note) (o.log ?? ((l: string) => process.stderr.write(l + '\n')))(note);
+    }
+    // A1111 has no key for a given depth map (it always runs the checkpoint's own MiDaS on the init image): ours are
+    // extra "Key: value" pairs, which A1111 shows in PNG Info and otherwise ignores
+    const depthInfo: Record<string, string> | undefined = depthMap
+      ? { 'Depth map': path.basename(o.depthMap!), 'Depth map hash': (await fileSha256(o.depthMap!)).slice(0, 10), ...(o.depthInvert ? { 'Depth invert': 'True' } : {}) }
+      : undefined;
     const outDir = outPng ? path.dirname(o.out!) : (o.out ?? 'outputs');
     let index = outPng ? 0 : nextIndex(outDir);
     const total = nIter * steps;
@@ -197,6 +224,8 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
         eta: o.eta,
         initImage: init,
         mask,
+        depthMap,
+        depthInvert: o.depthInvert,
         strength: o.strength,
         memoryCheck: o.memoryCheck,
         context: hypernets.length ? hypernetworkAdapter(hypernets) : undefined,
@@ -225,6 +254,7 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
           hypernet: hypernets[0] && { name: hypernets[0].name, hash: hypernetHash, strength: hypernets[0].strength ?? 1 },
           clipSkip: o.clipSkip,
           denoisingStrength: init ? (o.strength ?? (mask ? 1 : 0.75)) : undefined,
+          extra: depthInfo,
           version: `sdtune ${SDTUNE_VERSION}`,
         });
         const rgb = toUint8(r.images[k]);

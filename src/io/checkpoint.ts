@@ -10,7 +10,7 @@ import path from 'node:path';
 import { SdtuneError, fileError, fmtShape, formatError, usageError } from '../errors.js';
 import { inferConfig, SD15_SCHEDULER_CONFIG, SD15_TEXT_ENCODER_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG, structuralMismatches } from '../models/presets.js';
 import {
-  COMPONENTS, emaKey, ldmToDiffusersTable, normalizeDiffusersKeys, transformShape,
+  COMPONENTS, DEPTH_MODEL_PREFIX, emaKey, ldmToDiffusersTable, normalizeDiffusersKeys, OPENCLIP_PREFIX, QKV_PART, transformShape,
   type Component, type KeyMapEntry, type Transform,
 } from './ldm-keymap.js';
 import { type TensorFile, TorchFile, openTensorFile } from './pickle.js';
@@ -39,7 +39,8 @@ export interface ComponentSource {
 export interface CheckpointSource {
   path: string;
   layout: 'diffusers' | 'single-file';
-  variant: 'v1' | 'inpaint';
+  /** by the UNet's input channels: 4 (txt2img/img2img), 9 (inpainting), 5 (depth-to-image: latents + depth) */
+  variant: 'v1' | 'inpaint' | 'depth';
   dtype: 'float32' | 'float16' | 'bfloat16' | 'mixed';
   hasEma: boolean;
   usedEma: boolean;
@@ -118,16 +119,21 @@ export function detectFileKind(shapes: Shapes): { kind: FileKind; vaePrefix?: st
   return { kind: 'unknown' };
 }
 
-export type Family = 'v1' | 'v1-inpainting' | 'v2' | 'v2-inpainting' | 'sdxl' | 'sdxl-inpainting' | 'sdxl-refiner' | 'upscale-x4' | 'controlnet' | 'instruct-pix2pix';
+export type Family = 'v1' | 'v1-inpainting' | 'v2' | 'v2-inpainting' | 'v2-depth' | 'sdxl' | 'sdxl-inpainting' | 'sdxl-refiner' | 'upscale-x4' | 'controlnet' | 'instruct-pix2pix';
 const FAMILY_NAME: Record<Family, string> = {
-  'v1': 'SD v1', 'v1-inpainting': 'SD v1 inpainting', 'v2': 'SD 2.x', 'v2-inpainting': 'SD 2.x inpainting', 'sdxl': 'SDXL',
+  'v1': 'SD v1', 'v1-inpainting': 'SD v1 inpainting', 'v2': 'SD 2.x', 'v2-inpainting': 'SD 2.x inpainting', 'v2-depth': 'SD 2.x depth', 'sdxl': 'SDXL',
   'sdxl-inpainting': 'SDXL inpainting', 'sdxl-refiner': 'SDXL refiner', 'upscale-x4': 'SD x4 upscaler', 'controlnet': 'ControlNet',
   'instruct-pix2pix': 'InstructPix2Pix',
 };
 
-/** Model family of an LDM single file, in diffusers' infer_diffusers_model_type order (§6.2; v1 is the fallback). */
+/**
+ * Model family of an LDM single file, in diffusers' infer_diffusers_model_type order (§6.2; v1 is the fallback).
+ * diffusers has no depth type (its depth pipeline cannot load single files): a 5-channel conv_in (latents + depth,
+ * stable-diffusion-2-depth's 512-depth-ema) is ours, tested first as the 9-channel inpainting one is.
+ */
 export function detectFamily(shapes: Shapes): Family {
   const conv = shapes.get('model.diffusion_model.input_blocks.0.0.weight');
+  if (conv?.[1] === 5) return 'v2-depth';
   const v2 = shapes.get('model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight')?.at(-1) === 1024;
   const xlBase = shapes.has('conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias');
   if (conv?.[1] === 9) return v2 ? 'v2-inpainting' : xlBase ? 'sdxl-inpainting' : 'v1-inpainting';
@@ -180,8 +186,10 @@ function overallDtype(components: Partial<Record<Component, ComponentSource>>): 
     for (const r of c!.tensors.values()) if (r.dtype.startsWith('F') || r.dtype === 'BF16') seen.add(FLOAT_NAMES[r.dtype] ?? 'mixed');
   return seen.size === 1 ? ([...seen][0] as CheckpointSource['dtype']) : seen.size === 0 ? 'float32' : 'mixed';
 }
-const variantOf = (components: Partial<Record<Component, ComponentSource>>): 'v1' | 'inpaint' =>
-  components.unet?.tensors.get('conv_in.weight')?.shape[1] === 9 ? 'inpaint' : 'v1';
+const variantOf = (components: Partial<Record<Component, ComponentSource>>): CheckpointSource['variant'] => {
+  const inCh = components.unet?.tensors.get('conv_in.weight')?.shape[1];
+  return inCh === 9 ? 'inpaint' : inCh === 5 ? 'depth' : 'v1';
+};
 
 /** Assemble the source; `files` are closed together by close(). */
 function makeSource(
@@ -379,17 +387,56 @@ async function singleFileTokenizerDir(file: string, opts: OpenOptions): Promise<
   return undefined;
 }
 
+const SD2_FAMILIES: ReadonlySet<Family> = new Set(['v2', 'v2-depth', 'v2-inpainting']);
+
+/**
+ * SD 2 conditions on OpenCLIP's penultimate layer (its LDM configs say layer: "penultimate"); diffusers' text encoder
+ * is the tower cut there (23 of ViT-H's 24 layers) and its converter skips resblocks.23. The rows of the last layer go
+ * when the tower has one more layer than `layers` (the config's num_hidden_layers; without a config: 23 when it has
+ * 24, else all layers are kept, as a tower already cut, which is what diffusers' converter writes).
+ */
+function cutAtPenultimate(rows: KeyMapEntry[], layers: number | undefined, notes: string[]): KeyMapEntry[] {
+  let count = 0;
+  for (const e of rows) {
+    const r = /^text_model\.encoder\.layers\.(\d+)\./.exec(e.to);
+    if (r) count = Math.max(count, +r[1] + 1);
+  }
+  const keep = layers ?? (count === 24 ? 23 : count);
+  if (keep !== count - 1) {
+    if (layers === undefined) notes.push(`text encoder: all ${count} OpenCLIP layers used (a tower already cut at the penultimate layer, as diffusers' converter writes it)`);
+    return rows; // a config that disagrees otherwise fails checkStructure, naming both counts
+  }
+  notes.push(`text encoder: OpenCLIP layer ${count - 1} (the last) not loaded: SD 2 conditions on the penultimate layer`);
+  return rows.filter((e) => !e.to.startsWith(`text_model.encoder.layers.${count - 1}.`));
+}
+
+/** Scheduler of an SD 2.x single file opened without a config: the prediction type cannot be read from weights (§6, point 3). */
+function sd2Scheduler(family: Family, notes: string[]): Record<string, unknown> {
+  // depth (512-depth-ema) and inpainting (512-inpainting-ema) are epsilon models; a plain 2.x file defaults to the
+  // 768-v one, as diffusers' from_single_file does
+  const v = family === 'v2';
+  notes.push(v
+    ? 'no scheduler config: using PNDM with prediction_type v_prediction (SD 2.x 768-v, diffusers\' default for SD 2 files); pass --config DIR for an epsilon model such as SD 2 base 512'
+    : `no scheduler config: using PNDM with prediction_type epsilon (${FAMILY_NAME[family]} models are epsilon-prediction)`);
+  return { ...SD15_SCHEDULER_CONFIG, prediction_type: v ? 'v_prediction' : 'epsilon' };
+}
+
 /** Open a single-file LDM checkpoint (full, or VAE-only). */
 async function openLdmFile(file: TensorFile, vaePrefix: string | undefined, opts: OpenOptions): Promise<CheckpointSource> {
   const notes: string[] = [];
   const shapes = shapesOf(file);
+  let family: Family = 'v1';
   if (vaePrefix === undefined) {
-    const family = detectFamily(shapes);
-    if (family !== 'v1' && family !== 'v1-inpainting')
-      throw unsupported(`${file.path}: an ${FAMILY_NAME[family]} checkpoint; sdtune opens SD v1 and v1-inpainting single files for now`);
+    family = detectFamily(shapes);
+    if (family !== 'v1' && family !== 'v1-inpainting' && !SD2_FAMILIES.has(family))
+      throw unsupported(`${file.path}: an ${FAMILY_NAME[family]} checkpoint; sdtune opens SD v1, v1-inpainting, 2.x, 2.x depth and 2.x inpainting single files`);
   }
+  const sd2 = SD2_FAMILIES.has(family);
   const table = ldmToDiffusersTable(shapes, { vaePrefix, source: file.path });
-  if (table.ignored.length) notes.push(`ignored ${table.ignored.length} non-weight key(s): ${table.ignored.join(', ')}`);
+  const midas = table.ignored.filter((k) => k.startsWith(DEPTH_MODEL_PREFIX));
+  const other = table.ignored.filter((k) => !k.startsWith(DEPTH_MODEL_PREFIX));
+  if (other.length) notes.push(`ignored ${other.length} non-weight key(s): ${other.join(', ')}`);
+  if (midas.length) notes.push(`ignored the ${midas.length} tensors of the MiDaS depth estimator (${DEPTH_MODEL_PREFIX}*): the depth map comes from --depth-map`);
 
   // EMA (§2.3): substitute the flattened EMA copy for each UNet weight when asked.
   const hasEma = table.ema.length > 100;
@@ -414,25 +461,33 @@ async function openLdmFile(file: TensorFile, vaePrefix: string | undefined, opts
   const embedded = embeddedConfigs(file);
   const components: Partial<Record<Component, ComponentSource>> = {};
   for (const c of COMPONENTS) {
-    const own = rows.filter((e) => e.component === c);
+    let own = rows.filter((e) => e.component === c);
     if (!own.length) continue;
-    const tensors = refsFrom(own, () => file, file.path);
     const cfgFile = configDir && path.join(configDir, c, 'config.json');
-    let config: Record<string, unknown>;
+    let given: { config: Record<string, unknown>; where: string } | undefined;
     if (cfgFile && (await exists(cfgFile))) {
-      config = await readJson(cfgFile);
-      noteUnknownKeys(c, config, cfgFile, notes);
-      checkStructure(c, config, tensors, `${file.path} with ${cfgFile}`);
-    } else if (embedded?.[c]) {
-      config = embedded[c];
-      checkStructure(c, config, tensors, `${file.path} (embedded ${c} config)`);
+      given = { config: await readJson(cfgFile), where: `${file.path} with ${cfgFile}` };
+      noteUnknownKeys(c, given.config, cfgFile, notes);
+    } else if (embedded?.[c]) given = { config: embedded[c], where: `${file.path} (embedded ${c} config)` };
+    if (c === 'text_encoder' && own.some((e) => e.from.startsWith(OPENCLIP_PREFIX))) {
+      const layers = given?.config.num_hidden_layers;
+      own = cutAtPenultimate(own, typeof layers === 'number' ? layers : undefined, notes);
+    }
+    const tensors = refsFrom(own, () => file, file.path);
+    let config: Record<string, unknown>;
+    if (given) {
+      config = given.config;
+      checkStructure(c, config, tensors, given.where);
     } else {
       try {
-        config = inferConfig(c, refShapes(tensors));
+        config = inferConfig(c, refShapes(tensors), { sd2 });
+        // a plain 2.x file is taken for the 768-v model (see sd2Scheduler): its native size is 768
+        if (c === 'unet' && family === 'v2') config = { ...config, sample_size: 96 };
       } catch (e) {
         throw e instanceof SdtuneError ? new SdtuneError(e.kind, `${file.path}: ${e.message}`) : e;
       }
-      if (!notes.includes(INFERRED_NOTE)) notes.push(INFERRED_NOTE);
+      const note = sd2 ? INFERRED_NOTE.replace('SD v1 preset', 'SD 2.x presets') : INFERRED_NOTE;
+      if (!notes.includes(note)) notes.push(note);
     }
     components[c] = { component: c, config, tensors };
   }
@@ -442,6 +497,7 @@ async function openLdmFile(file: TensorFile, vaePrefix: string | undefined, opts
   let schedulerConfig: Record<string, unknown>;
   if (configDir && (await exists(path.join(configDir, 'scheduler', 'scheduler_config.json')))) schedulerConfig = await schedulerOf(configDir, notes);
   else if (embedded?.scheduler) schedulerConfig = embedded.scheduler;
+  else if (sd2) schedulerConfig = sd2Scheduler(family, notes);
   else schedulerConfig = await schedulerOf(undefined, notes);
   const indexFile = configDir && path.join(configDir, 'model_index.json');
   return makeSource(
@@ -512,7 +568,11 @@ export async function readTensorRef(ref: TensorRef): Promise<RawTensor> {
   const raw = await ref.file.readFloat(ref.name); // weights are floats: an integer dtype is refused, not reinterpreted
   const shape = transformShape(ref.transform, raw.shape, `${ref.file.path}: ${ref.name}`);
   if (fmtShape(shape) !== fmtShape(ref.shape)) throw formatError(`${ref.file.path}: "${ref.name}" has shape ${fmtShape(shape)}, expected ${fmtShape(ref.shape)}`);
-  return { dtype: raw.dtype, shape, data: raw.data };
+  const part = QKV_PART[ref.transform];
+  if (part === undefined) return { dtype: raw.dtype, shape, data: raw.data };
+  // one third of a fused q,k,v projection: its rows are contiguous in the row-major data
+  const n = shape.reduce((a, b) => a * b, 1);
+  return { dtype: raw.dtype, shape, data: raw.data.slice(part * n, (part + 1) * n) };
 }
 
 /** Read a whole component (diffusers keys, torch layout, f32). */

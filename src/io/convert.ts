@@ -17,7 +17,7 @@ import { writeFileAtomic } from '../runtime/atomic.js';
 import { TOKENIZER_FILES, type TokenizerFileName } from '../tokenizer/clip.js';
 import { CONFIGS_METADATA_KEY, TOKENIZER_METADATA_PREFIX, detectFileKind, openCheckpoint, readTensorRef, type CheckpointSource } from './checkpoint.js';
 import { type PyValue, TorchFile, isPickleFile, isTensor, toPlain } from './pickle.js';
-import { COMPONENTS, diffusersToLdmTable, transformShape, type Component } from './ldm-keymap.js';
+import { COMPONENTS, diffusersToLdmTable, diffusersToOpenClipTable, transformShape, type Component } from './ldm-keymap.js';
 import { writeSafetensors, type Dtype, type LazyTensor } from './safetensors.js';
 import { flattenParams, type ParamTree } from '../models/params.js';
 import type { LoadedModel } from './model.js';
@@ -40,7 +40,7 @@ interface ExportComponent {
 /** What the writers write, from a file (convert) or from weights in memory (saveModel). */
 interface ExportSource {
   path: string;
-  variant: 'v1' | 'inpaint';
+  variant: 'v1' | 'inpaint' | 'depth';
   components: Partial<Record<Component, ExportComponent>>;
   schedulerConfig: Record<string, unknown>;
   modelIndex?: Record<string, unknown>;
@@ -293,6 +293,28 @@ const lazy = (t: ExportTensor, shape: number[], prec: SavePrecision | undefined,
   },
 });
 
+/**
+ * SD 2's text encoder (OpenCLIP ViT-H as a CLIPTextModel) goes into a single file in OpenCLIP's layout, as diffusers'
+ * converter and A1111 have it; it is told from SD v1's OpenAI CLIP by its exact gelu (OpenAI CLIP uses quick_gelu).
+ */
+const isOpenClip = (config: Record<string, unknown>) => config.hidden_act === 'gelu';
+
+/** q, k, v tensors as one fused in_proj tensor (rows concatenated in that order), read when written. */
+function fuseRows(parts: ExportTensor[]): ExportTensor {
+  const [rows, ...rest] = parts[0].shape;
+  return {
+    shape: [3 * rows, ...rest],
+    dtype: parts[0].dtype,
+    read: async () => {
+      const data = await Promise.all(parts.map((p) => p.read()));
+      const out = new Float32Array(data.reduce((n, d) => n + d.length, 0));
+      let off = 0;
+      for (const d of data) (out.set(d, off), (off += d.length));
+      return out;
+    },
+  };
+}
+
 /** One LDM-keyed file with the diffusers converter's key set, configs in the metadata; written tensor by tensor. */
 async function writeSingleFile(src: ExportSource, present: Component[], output: string, prec: SavePrecision | undefined, tick: () => void, tokenizer?: Partial<Record<TokenizerFileName, string>>) {
   const tensors = new Map<string, LazyTensor>();
@@ -300,6 +322,14 @@ async function writeSingleFile(src: ExportSource, present: Component[], output: 
   for (const c of present) {
     const comp = src.components[c]!;
     configs[c] = withDtype(comp, prec);
+    if (c === 'text_encoder' && isOpenClip(comp.config)) {
+      for (const e of diffusersToOpenClipTable(comp.tensors.keys(), src.path)) {
+        const parts = e.from.map((k) => comp.tensors.get(k)!);
+        const t = parts.length === 1 ? parts[0] : fuseRows(parts);
+        tensors.set(e.to, lazy(t, t.shape, prec, parts.length === 1 ? tick : () => parts.forEach(tick)));
+      }
+      continue;
+    }
     for (const e of diffusersToLdmTable(c, comp.tensors.keys(), src.path)) {
       const t = comp.tensors.get(e.from)!;
       tensors.set(e.to, lazy(t, transformShape(e.transform, t.shape, e.to), prec, tick));
@@ -318,7 +348,7 @@ async function writeDiffusers(src: ExportSource, present: Component[], output: s
   await mkdir(tmp, { recursive: true });
   let count = 0, bytes = 0;
   try {
-    const index = src.modelIndex ? { ...src.modelIndex } : sd15ModelIndex(src.variant === 'inpaint');
+    const index = src.modelIndex ? { ...src.modelIndex } : sd15ModelIndex(src.variant === 'inpaint', src.variant === 'depth');
     for (const c of COMPONENTS) if (!src.components[c] && Array.isArray(index[c])) index[c] = [null, null];
     await writeFileAtomic(path.join(tmp, 'model_index.json'), jsonBytes(index));
     for (const c of present) {

@@ -8,8 +8,13 @@
 import { formatError, fmtShape } from '../errors.js';
 
 export type Component = 'unet' | 'vae' | 'text_encoder';
-/** Reshape applied to a tensor when it moves along a table row (the data, row-major, is unchanged). */
-export type Transform = 'none' | 'conv1x1_to_linear' | 'linear_to_conv1x1';
+/**
+ * Reshape applied to a tensor when it moves along a table row: the data, row-major, is unchanged, except for the
+ * `qkv_*` slices, which take the first, second or third third of the rows of OpenCLIP's fused `in_proj` (q, k, v order).
+ */
+export type Transform = 'none' | 'conv1x1_to_linear' | 'linear_to_conv1x1' | 'qkv_q' | 'qkv_k' | 'qkv_v';
+/** Which third of a fused in_proj tensor's rows each qkv transform takes. */
+export const QKV_PART: Partial<Record<Transform, number>> = { qkv_q: 0, qkv_k: 1, qkv_v: 2 };
 export const COMPONENTS: readonly Component[] = ['unet', 'vae', 'text_encoder'];
 
 /** One row of a key table: tensor `from` (source layout) becomes `to` (target layout) after `transform`. */
@@ -33,7 +38,11 @@ const SCHEDULER_BUFFERS = new Set([
   'log_one_minus_alphas_cumprod', 'sqrt_recip_alphas_cumprod', 'sqrt_recipm1_alphas_cumprod', 'posterior_variance',
   'posterior_log_variance_clipped', 'posterior_mean_coef1', 'posterior_mean_coef2', 'logvar',
 ]);
+/** SD 2.x single files hold the text encoder as OpenCLIP's text tower under this prefix (instead of LDM_PREFIX). */
+export const OPENCLIP_PREFIX = 'cond_stage_model.model.';
 export const EMA_PREFIX = 'model_ema.';
+/** SD 2 depth single files (512-depth-ema) carry their MiDaS depth estimator under this prefix: not used, ignored. */
+export const DEPTH_MODEL_PREFIX = 'depth_model.';
 const EMA_SCALARS = new Set(['model_ema.decay', 'model_ema.num_updates']);
 
 // ---- rename tables (module paths, without the trailing .weight / .bias), LDM -> diffusers --------------------------
@@ -61,6 +70,15 @@ const UNET_ATTN_INNER = /^(norm|proj_in|proj_out|transformer_blocks\.\d+\.(norm[
 /** CLIP text-tower modules (diffusers names, §5). */
 const CLIP_MODULE = /^text_model\.(embeddings\.(token|position)_embedding|encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|layer_norm[12]|mlp\.fc[12])|final_layer_norm)$/;
 const OLD_CLIP_ROOTS = ['embeddings.', 'encoder.', 'final_layer_norm.'];
+/** OpenCLIP text-tower keys (prefix stripped) with a fixed diffusers name (diffusers' convert_open_clip_checkpoint). */
+const OPENCLIP_FIXED: Pairs = [
+  ['positional_embedding', 'text_model.embeddings.position_embedding.weight'], ['token_embedding.weight', 'text_model.embeddings.token_embedding.weight'],
+  ['ln_final.weight', 'text_model.final_layer_norm.weight'], ['ln_final.bias', 'text_model.final_layer_norm.bias'],
+];
+/** Inside `transformer.resblocks.N.`: OpenCLIP module -> CLIPTextModel module of `text_model.encoder.layers.N.`. */
+const OPENCLIP_BLOCK: Pairs = [['ln_1', 'layer_norm1'], ['ln_2', 'layer_norm2'], ['mlp.c_fc', 'mlp.fc1'], ['mlp.c_proj', 'mlp.fc2'], ['attn.out_proj', 'self_attn.out_proj']];
+/** OpenCLIP tensors a CLIPTextModel has no place for: the contrastive head (SD 2 never uses it) and the causal-mask buffer. */
+const OPENCLIP_UNUSED = new Set(['text_projection', 'logit_scale', 'attn_mask']);
 
 const fwd = (t: Pairs, k: string) => t.find(([a]) => a === k)?.[1];
 const back = (t: Pairs, k: string) => t.find(([, b]) => b === k)?.[0];
@@ -239,10 +257,34 @@ export function normalizeOldClipKey(key: string): string {
 const isPositionIds = (key: string) => key === 'text_model.embeddings.position_ids';
 const clipOk = (m: string) => CLIP_MODULE.test(m);
 
+/**
+ * An OpenCLIP text-tower key (OPENCLIP_PREFIX stripped) as diffusers CLIPTextModel keys: one row, three rows for the
+ * fused `attn.in_proj_weight` [3h,h] / `in_proj_bias` [3h] (q, k, v thirds), [] for a tensor SD 2 does not use
+ * (text_projection, logit_scale), undefined when no rule covers it.
+ */
+export function openClipToDiffusers(rest: string): { to: string; transform: Transform }[] | undefined {
+  const fixed = fwd(OPENCLIP_FIXED, rest);
+  if (fixed) return [{ to: fixed, transform: 'none' }];
+  if (OPENCLIP_UNUSED.has(rest)) return [];
+  const r = /^transformer\.resblocks\.(\d+)\.(.+)$/.exec(rest);
+  if (!r) return undefined;
+  const layer = `text_model.encoder.layers.${+r[1]}`;
+  const fused = /^attn\.in_proj_(weight|bias)$/.exec(r[2]);
+  if (fused) return (['q', 'k', 'v'] as const).map((p) => ({ to: `${layer}.self_attn.${p}_proj.${fused[1]}`, transform: `qkv_${p}` as Transform }));
+  const sp = splitParam(r[2]);
+  const m = sp && fwd(OPENCLIP_BLOCK, sp[0]);
+  return m ? [{ to: `${layer}.${m}.${sp![1]}`, transform: 'none' }] : undefined;
+}
+
 // ---- transforms ------------------------------------------------------------------------------------------------
 /** Shape of a tensor after `transform`; throws when the shape does not fit the transform. */
 export function transformShape(t: Transform, shape: readonly number[], key: string): number[] {
   if (t === 'none') return [...shape];
+  if (QKV_PART[t] !== undefined) {
+    if ((shape.length !== 1 && shape.length !== 2) || shape[0] % 3 !== 0 || (shape.length === 2 && shape[0] !== 3 * shape[1]))
+      throw formatError(`${key}: shape ${fmtShape(shape)} is not a fused q,k,v projection (expected [3h,h] or [3h])`);
+    return [shape[0] / 3, ...shape.slice(1)];
+  }
   const ok = t === 'conv1x1_to_linear' ? (shape.length === 3 || shape.length === 4) && shape.slice(2).every((d) => d === 1) : shape.length === 2;
   if (!ok) throw formatError(`${key}: shape ${fmtShape(shape)} cannot be reshaped by ${t} (expected ${t === 'conv1x1_to_linear' ? '[C,C,1,1] or [C,C,1]' : '[C,C]'})`);
   return t === 'conv1x1_to_linear' ? shape.slice(0, 2) : [...shape, 1, 1];
@@ -255,7 +297,7 @@ const toLinear = (shape: readonly number[] | undefined): Transform => (shape && 
 export interface LdmTable {
   /** one row per weight: full LDM key -> diffusers key of its component */
   entries: KeyMapEntry[];
-  /** scheduler buffers, position_ids, EMA scalars */
+  /** scheduler buffers, position_ids, EMA scalars, OpenCLIP's text_projection / logit_scale, a depth model's MiDaS */
   ignored: string[];
   /** keys of the flattened EMA copy (§2.3), excluding the decay / num_updates scalars */
   ema: string[];
@@ -268,7 +310,7 @@ export function emaKey(ldmUnetKey: string): string {
 }
 
 const unknownKey = (source: string, key: string, why: string) =>
-  formatError(`${source}: unexpected key "${key}" (${why}); not an SD v1 checkpoint, or a corrupted one`);
+  formatError(`${source}: unexpected key "${key}" (${why}); not an SD v1 / 2.x checkpoint, or a corrupted one`);
 
 /**
  * Table of a single-file LDM checkpoint: every key is either mapped to a diffusers key of its component, ignorable,
@@ -289,7 +331,7 @@ export function ldmToDiffusersTable(
 
   const out: LdmTable = { entries: [], ignored: [], ema: [] };
   for (const key of keys) {
-    if (SCHEDULER_BUFFERS.has(key) || EMA_SCALARS.has(key)) out.ignored.push(key);
+    if (SCHEDULER_BUFFERS.has(key) || EMA_SCALARS.has(key) || key.startsWith(DEPTH_MODEL_PREFIX)) out.ignored.push(key);
     else if (key.startsWith(EMA_PREFIX)) out.ema.push(key);
     else if (key.startsWith(LDM_PREFIX.unet)) {
       const sp = splitParam(key.slice(LDM_PREFIX.unet.length));
@@ -301,6 +343,11 @@ export function ldmToDiffusersTable(
       if (isPositionIds(k)) out.ignored.push(key);
       else if (!clipOk(splitParam(k)?.[0] ?? '')) throw unknownKey(source, key, 'not a CLIP text-encoder weight');
       else out.entries.push({ component: 'text_encoder', from: key, to: k, transform: 'none' });
+    } else if (key.startsWith(OPENCLIP_PREFIX)) {
+      const rows = openClipToDiffusers(key.slice(OPENCLIP_PREFIX.length));
+      if (!rows) throw unknownKey(source, key, 'not an OpenCLIP text-encoder weight');
+      if (!rows.length) out.ignored.push(key);
+      for (const r of rows) out.entries.push({ component: 'text_encoder', from: key, to: r.to, transform: r.transform });
     } else if (key.startsWith(vaePrefix)) {
       const sp = splitParam(key.slice(vaePrefix.length));
       const m = sp && vaeModuleToDiffusers(sp[0], levels);
@@ -364,4 +411,37 @@ export function diffusersToLdmTable(component: Component, keys: Iterable<string>
     const transform: Transform = component === 'vae' && isVaeAttnWeight(key) ? 'linear_to_conv1x1' : 'none';
     return { component, from: key, to: `${LDM_PREFIX[component]}${m}.${sp![1]}`, transform };
   });
+}
+
+/**
+ * Table from a diffusers CLIPTextModel's keys to an SD 2 single file's OpenCLIP text-tower keys (the inverse of
+ * openClipToDiffusers, what diffusers' convert_text_enc_state_dict_v20 writes): one row per tensor, except that the
+ * q, k, v projections of a layer make one row with three sources, concatenated in that order into `in_proj_*`.
+ */
+export function diffusersToOpenClipTable(keys: Iterable<string>, source = 'text_encoder'): { from: string[]; to: string }[] {
+  const out: { from: string[]; to: string }[] = [];
+  const fused = new Map<string, string[]>();
+  for (const key of keys) {
+    const fixed = back(OPENCLIP_FIXED, key);
+    if (fixed) {
+      out.push({ from: [key], to: OPENCLIP_PREFIX + fixed });
+      continue;
+    }
+    const r = /^text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$/.exec(key);
+    const qkv = r && /^self_attn\.([qkv])_proj$/.exec(r[2]);
+    const m = r && !qkv ? back(OPENCLIP_BLOCK, r[2]) : undefined;
+    if (qkv) {
+      const to = `${OPENCLIP_PREFIX}transformer.resblocks.${+r![1]}.attn.in_proj_${r![3]}`;
+      const parts = fused.get(to) ?? ['', '', ''];
+      parts['qkv'.indexOf(qkv[1])] = key;
+      fused.set(to, parts);
+    } else if (m) out.push({ from: [key], to: `${OPENCLIP_PREFIX}transformer.resblocks.${+r![1]}.${m}.${r![3]}` });
+    else throw formatError(`${source}: unexpected text_encoder key "${key}" (no rule maps it to the OpenCLIP layout)`);
+  }
+  for (const [to, parts] of fused) {
+    const missing = ['q', 'k', 'v'].filter((_, i) => !parts[i]);
+    if (missing.length) throw formatError(`${source}: ${to} needs the q, k and v projections; ${missing.join(', ')}_proj missing`);
+    out.push({ from: parts, to });
+  }
+  return out;
 }

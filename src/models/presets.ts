@@ -43,14 +43,30 @@ export const SD15_TEXT_ENCODER_CONFIG: Readonly<Record<string, unknown>> = {
   num_hidden_layers: 12, pad_token_id: 49407, projection_dim: 768, transformers_version: '4.57.6', vocab_size: 49408,
 };
 
+/**
+ * OpenCLIP ViT-H/14 text tower as diffusers' SD 2.x text_encoder/config.json has it: 23 of OpenCLIP's 24 layers
+ * (SD 2 conditions on the penultimate layer), exact-erf gelu, bos/eos/pad ids 0/2/1 as in stabilityai's configs.
+ */
+export const SD2_TEXT_ENCODER_CONFIG: Readonly<Record<string, unknown>> = {
+  ...SD15_TEXT_ENCODER_CONFIG, bos_token_id: 0, eos_token_id: 2, hidden_act: 'gelu', hidden_size: 1024, intermediate_size: 4096,
+  num_attention_heads: 16, num_hidden_layers: 23, pad_token_id: 1, projection_dim: 512,
+};
+
 export const SD15_SCHEDULER_CONFIG: Readonly<Record<string, unknown>> = {
   _class_name: 'PNDMScheduler', _diffusers_version: '0.35.2', beta_end: 0.012, beta_schedule: 'scaled_linear',
   beta_start: 0.00085, clip_sample: false, num_train_timesteps: 1000, set_alpha_to_one: false, skip_prk_steps: true,
   steps_offset: 1, trained_betas: null,
 };
 
-/** model_index.json of an SD v1 (or v1-inpainting) pipeline folder. */
-export function sd15ModelIndex(inpaint = false): Record<string, unknown> {
+/** model_index.json of an SD v1 (or v1-inpainting) pipeline folder; `depth`: StableDiffusionDepth2ImgPipeline's. */
+export function sd15ModelIndex(inpaint = false, depth = false): Record<string, unknown> {
+  if (depth) {
+    return {
+      _class_name: 'StableDiffusionDepth2ImgPipeline', _diffusers_version: '0.35.2', depth_estimator: [null, null], feature_extractor: [null, null],
+      scheduler: ['diffusers', 'PNDMScheduler'], text_encoder: ['transformers', 'CLIPTextModel'], tokenizer: ['transformers', 'CLIPTokenizer'],
+      unet: ['diffusers', 'UNet2DConditionModel'], vae: ['diffusers', 'AutoencoderKL'],
+    };
+  }
   return {
     _class_name: inpaint ? 'StableDiffusionInpaintPipeline' : 'StableDiffusionPipeline', _diffusers_version: '0.35.2',
     feature_extractor: [null, null], image_encoder: [null, null], requires_safety_checker: false,
@@ -86,8 +102,12 @@ const count = (s: Shapes, re: RegExp) => {
 const hasPrefix = (s: Shapes, p: string) => [...s.keys()].some((k) => k.startsWith(p));
 const range = (n: number) => Array.from({ length: n }, (_, i) => i);
 
-/** SD v1.5 UNet config with every structural field taken from the shapes (diffusers keys). */
-export function inferUnetConfig(s: Shapes): Record<string, unknown> {
+/**
+ * SD v1.5 UNet config with every structural field taken from the shapes (diffusers keys). `sd2`: SD 2.x's heads,
+ * channels / 64 per block (its configs' attention_head_dim [5, 10, 20, 20]), instead of SD v1's 8; an error asking
+ * for --config when a width is not a multiple of 64 (`requireHeads: false` skips the heads, for structural checks).
+ */
+export function inferUnetConfig(s: Shapes, opts: { sd2?: boolean; requireHeads?: boolean } = {}): Record<string, unknown> {
   const levels = count(s, /^down_blocks\.(\d+)\./);
   const boc = range(levels).map((b) => need(s, 'unet', `down_blocks.${b}.resnets.0.conv1.weight`)[0]);
   const convIn = need(s, 'unet', 'conv_in.weight'), convOut = need(s, 'unet', 'conv_out.weight');
@@ -95,8 +115,12 @@ export function inferUnetConfig(s: Shapes): Record<string, unknown> {
   const k = [...s.keys()].find((x) => /attn2\.to_k\.weight$/.test(x));
   const projIn = [...s.keys()].find((x) => /\.proj_in\.weight$/.test(x));
   const depth = count(s, /attentions\.\d+\.transformer_blocks\.(\d+)\./);
+  const heads = opts.sd2 && boc.every((c) => c % 64 === 0) ? { attention_head_dim: boc.map((c) => c / 64) } : {};
+  if (opts.sd2 && !heads.attention_head_dim && opts.requireHeads !== false)
+    throw formatError(`cannot infer the UNet's attention heads for block widths ${JSON.stringify(boc)} (SD 2 uses head size 64; not multiples of 64); pass --config DIR (a diffusers folder with the configs)`);
   return {
     ...SD15_UNET_CONFIG,
+    ...heads,
     block_out_channels: boc,
     layers_per_block: count(s, /^down_blocks\.0\.resnets\.(\d+)\./),
     in_channels: convIn[1],
@@ -135,25 +159,26 @@ export function inferVaeConfig(s: Shapes): Record<string, unknown> {
  * CLIP text config from the shapes; heads = width / 64 (ViT-L/14 convention) or, when that does not divide, an error
  * asking for --config (`requireHeads: false` keeps the preset's heads instead, for structural comparisons only).
  */
-export function inferTextEncoderConfig(s: Shapes, opts: { requireHeads?: boolean } = {}): Record<string, unknown> {
+export function inferTextEncoderConfig(s: Shapes, opts: { requireHeads?: boolean; sd2?: boolean } = {}): Record<string, unknown> {
   const [vocab, width] = need(s, 'text_encoder', 'text_model.embeddings.token_embedding.weight');
+  const preset = opts.sd2 ? SD2_TEXT_ENCODER_CONFIG : SD15_TEXT_ENCODER_CONFIG;
   if (width % 64 !== 0 && opts.requireHeads !== false)
     throw formatError(`cannot infer the text encoder's attention heads for width ${width} (not a multiple of 64); pass --config DIR (a diffusers folder with the configs)`);
   return {
-    ...SD15_TEXT_ENCODER_CONFIG,
+    ...preset,
     hidden_size: width,
     intermediate_size: need(s, 'text_encoder', 'text_model.encoder.layers.0.mlp.fc1.weight')[0],
     num_hidden_layers: count(s, /^text_model\.encoder\.layers\.(\d+)\./),
-    num_attention_heads: width % 64 === 0 ? width / 64 : SD15_TEXT_ENCODER_CONFIG.num_attention_heads,
+    num_attention_heads: width % 64 === 0 ? width / 64 : preset.num_attention_heads,
     vocab_size: vocab,
     max_position_embeddings: need(s, 'text_encoder', 'text_model.embeddings.position_embedding.weight')[0],
-    projection_dim: width,
+    projection_dim: opts.sd2 ? preset.projection_dim : width,
   };
 }
 
-/** Dispatch to the inference of one component. */
-export function inferConfig(c: Component, s: Shapes, opts: { requireHeads?: boolean } = {}): Record<string, unknown> {
-  return c === 'unet' ? inferUnetConfig(s) : c === 'vae' ? inferVaeConfig(s) : inferTextEncoderConfig(s, opts);
+/** Dispatch to the inference of one component (`sd2`: SD 2.x presets and head rules). */
+export function inferConfig(c: Component, s: Shapes, opts: { requireHeads?: boolean; sd2?: boolean } = {}): Record<string, unknown> {
+  return c === 'unet' ? inferUnetConfig(s, opts) : c === 'vae' ? inferVaeConfig(s) : inferTextEncoderConfig(s, opts);
 }
 
 /** Structural fields of `inferred` (an inference result, heads aside) that `config` contradicts, as messages. */

@@ -23,6 +23,7 @@ import {
   readHypernetwork,
   readHypernetworkSafetensors,
   resolveHypernetworkMeta,
+  writeHypernetworkPt,
   writeHypernetworkSafetensors,
 } from '../../src/adapters/hypernetwork.js';
 import { injectLora, loraTargetModules } from '../../src/adapters/lora-inject.js';
@@ -306,9 +307,30 @@ describe('our safetensors form', () => {
     disposeHypernetwork(net);
   });
 
-  it('refuses foreign keys, and .pt until the pickle reader exists, with clear errors', async () => {
-    await expect(readHypernetwork(path.join(dir, 'x.pt'))).rejects.toThrow(/needs the pickle reader/);
+  it.skipIf(!HAVE_GOLDEN)('A1111 .pt files read as data: the torch-written golden file and our own writer\'s equal the safetensors form', async () => {
+    const ref = await readHypernetwork(golden('hypernetwork', 'tiny_hypernet.safetensors'));
+    const refData = await hypernetworkData(ref);
+    const ours = path.join(dir, 'ours.pt');
+    await writeHypernetworkPt(ours, refData);
+    for (const file of [golden('pickle', 'hypernetwork-a1111.pt'), ours]) {
+      const net = await readHypernetwork(file);
+      const d = await hypernetworkData(net);
+      expect(d.meta, file).toEqual(refData.meta);
+      expect([...d.layers.keys()], file).toEqual([...refData.layers.keys()]);
+      for (const [w, [k, v]] of refData.layers) {
+        for (const [i, m] of [k, v].entries()) {
+          for (const [key, t] of m) expect(Array.from(d.layers.get(w)![i].get(key)!.data), `${file} ${w} ${key}`).toEqual(Array.from(t.data));
+        }
+      }
+      disposeHypernetwork(net);
+    }
+    disposeHypernetwork(ref);
+  });
+
+  it('refuses foreign keys and files that are not hypernetworks, with clear errors', async () => {
+    await expect(readHypernetwork(path.join(dir, 'x.pt'))).rejects.toThrow(/x\.pt/);
     await expect(readHypernetwork(path.join(dir, 'x.txt'))).rejects.toThrow(SdtuneError);
+    if (HAVE_GOLDEN) await expect(readHypernetwork(golden('pickle', 'embedding-a1111.pt'))).rejects.toThrow(/not an A1111 hypernetwork/);
   });
 });
 

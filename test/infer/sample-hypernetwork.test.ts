@@ -6,7 +6,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createHypernetwork, disposeHypernetwork, hypernetworkData, writeHypernetworkSafetensors } from '../../src/adapters/hypernetwork.js';
+import { createHypernetwork, disposeHypernetwork, hypernetworkData, readHypernetwork, writeHypernetworkPt, writeHypernetworkSafetensors } from '../../src/adapters/hypernetwork.js';
 import { sampleToFiles } from '../../src/infer/sample.js';
 import { legacyModelHash } from '../../src/io/hashes.js';
 import { parseInfotext, readImageRgb, readPngText } from '../../src/io/png.js';
@@ -48,8 +48,17 @@ describe('sample with a hypernetwork (bundled tiny model)', () => {
     expect((await readPngText(plain)).parameters).not.toContain('Hypernet');
   });
 
-  it('refuses an A1111 .pt until the pickle reader exists, and several hypernetworks, with clear errors', async () => {
-    await expect(sampleToFiles({ ...BASE, hypernetwork: [path.join(tmp, 'x.pt')], out: path.join(tmp, 'pt.png') })).rejects.toThrow(/x\.pt: reading A1111 \.pt hypernetworks needs the pickle reader/);
+  it('an A1111 .pt of the same hypernetwork draws the same image; several hypernetworks are refused', async () => {
+    const pt = path.join(tmp, 'my-hn.pt');
+    const net = await readHypernetwork(file);
+    await writeHypernetworkPt(pt, await hypernetworkData(net));
+    disposeHypernetwork(net);
+    const [a, b] = [path.join(tmp, 'st.png'), path.join(tmp, 'pt.png')];
+    await sampleToFiles({ ...BASE, hypernetwork: [`${file}:0.7`], out: a });
+    await sampleToFiles({ ...BASE, hypernetwork: [`${pt}:0.7`], out: b });
+    expect(maxAbsDiff(await image(a), await image(b))).toBe(0);
+    expect((await readPngText(b)).parameters).toContain('Hypernet: my-hn,');
+    await expect(sampleToFiles({ ...BASE, hypernetwork: [path.join(tmp, 'missing.pt')], out: path.join(tmp, 'missing.png') })).rejects.toThrow(/missing\.pt/);
     await expect(sampleToFiles({ ...BASE, hypernetwork: [file, `${file}:0.5`], out: path.join(tmp, 'two.png') })).rejects.toThrow(/2 hypernetworks given/);
   });
 

@@ -7,7 +7,7 @@ import { runCommand } from '../run.js';
 export function registerSample(y: Argv): Argv {
   return y.command(
     'sample',
-    'generate images (txt2img, img2img with --init-image, inpainting with --mask)',
+    'generate images (txt2img, img2img with --init-image, inpainting with --mask, depth-to-image with --depth-map)',
     (a) =>
       a
         .option('model', { type: 'string', demandOption: true, describe: 'diffusers folder or single-file .safetensors' })
@@ -25,6 +25,8 @@ export function registerSample(y: Argv): Argv {
         .option('init-image', { type: 'string', describe: 'img2img / inpaint source image' })
         .option('strength', { type: 'number', describe: 'img2img denoising strength 0-1 (default 0.75; inpaint 1.0)' })
         .option('mask', { type: 'string', describe: 'inpainting mask, white = repaint, same size as --init-image' })
+        .option('depth-map', { type: 'string', describe: 'depth model (SD 2 depth) only: grayscale depth map, 8/16-bit PNG, near = bright (MiDaS), any size; with --init-image' })
+        .option('depth-invert', { type: 'boolean', default: false, describe: 'the --depth-map has near = dark: flip it' })
         .option('lora', { type: 'string', array: true, describe: 'FILE[:WEIGHT], repeatable' })
         .option('embedding', { type: 'string', array: true, describe: 'FILE[:TOKEN], repeatable (token defaults to the file name)' })
         .option('hypernetwork', { type: 'string', array: true, describe: 'FILE[:STRENGTH]: an A1111 hypernetwork (.safetensors; .pt needs the pickle reader)' })
@@ -58,6 +60,8 @@ export function registerSample(y: Argv): Argv {
           initImage: argv['init-image'],
           strength: argv.strength,
           mask: argv.mask,
+          depthMap: argv['depth-map'],
+          depthInvert: argv['depth-invert'],
           lora: argv.lora,
           embedding: argv.embedding,
           hypernetwork: argv.hypernetwork,
