@@ -183,15 +183,25 @@ export function encodeBatch(te: TextEncoder, tokenizer: ClipTokenizer, chunkList
     const c = zs[0]!.shape[2];
     const plain = padded.every((chunks) => chunks.every((ch) => ch.weights.every((w) => w === 1)));
     if (plain) return zs.map((z) => z.reshape([1, k * l, c]) as tf.Tensor3D);
-    const z = tf.stack(zs); // [J, k, 77, C]
-    const w = tf.tensor(padded.flatMap((chunks) => chunks.flatMap((ch) => Array.from(ch.weights))), [padded.length, k, l, 1]);
-    const n = tf.tensor(counts, [counts.length, 1, 1, 1]);
+    const w = tf.tensor4d(padded.flatMap((chunks) => chunks.flatMap((ch) => Array.from(ch.weights))), [padded.length, k, l, 1]);
+    const out = emphasizeBatch(tf.stack(zs) as tf.Tensor4D, w, counts);
+    return tf.unstack(out).map((o) => o.reshape([1, k * l, c]) as tf.Tensor3D);
+  });
+}
+
+/**
+ * "Original" emphasis over a batch, per chunk index: z [J, k, 77, C] (text j occurring counts[j] times), weights
+ * [J, k, 77, 1]: z·w·(mean(z) / mean(z·w)), both means over every occurrence's [77, C] block of that chunk index.
+ */
+export function emphasizeBatch(z: tf.Tensor4D, weights: tf.Tensor4D, counts: readonly number[]): tf.Tensor4D {
+  return tf.tidy(() => {
+    const [, , l, c] = z.shape;
+    const n = tf.tensor4d(counts as number[], [counts.length, 1, 1, 1]);
     const total = counts.reduce((a, v) => a + v, 0) * l * c;
     const before = tf.div(tf.sum(tf.mul(z, n), [0, 2, 3], true), total);
-    const scaled = tf.mul(z, w);
+    const scaled = tf.mul(z, weights);
     const after = tf.div(tf.sum(tf.mul(scaled, n), [0, 2, 3], true), total);
     const ratio = tf.where(tf.equal(after, 0), tf.onesLike(after), tf.div(before, after));
-    const out = tf.mul(scaled, ratio);
-    return tf.unstack(out).map((o) => o.reshape([1, k * l, c]) as tf.Tensor3D);
+    return tf.mul(scaled, ratio) as tf.Tensor4D;
   });
 }

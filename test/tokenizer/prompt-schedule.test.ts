@@ -78,7 +78,7 @@ describe('promptSchedule (get_learned_conditioning_prompt_schedules)', () => {
     const wide = '[a:b:2] '.repeat(20_000) + '(x ['.repeat(50) + '|';
     expect(g(wide)).toEqual([[10, wide]]);
     const flat = '[a|b]'.repeat(5_000);
-    expect(g(flat, 3).map((e) => e[1].length)).toEqual([5_000, 5_000, 5_000]);
+    expect(g(flat, 3).map((e) => (e[1] as string).length)).toEqual([5_000, 5_000, 5_000]);
     expect(() => g('('.repeat(MAX_PROMPT_NESTING) + 'x' + ')'.repeat(MAX_PROMPT_NESTING))).not.toThrow();
   });
 
