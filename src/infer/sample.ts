@@ -6,16 +6,17 @@ import { existsSync, readdirSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { parseAdapterArg, mergeLora, readLora } from '../adapters/lora.js';
 import { applyEmbeddings, describeEmbeddingUse, readEmbedding } from '../adapters/embeddings.js';
-import { usageError } from '../errors.js';
+import { SdtuneError, usageError } from '../errors.js';
 import { embeddingHash, loraHash, modelHash } from '../io/hashes.js';
 import { type LoadedModel, type OpenModelOptions, disposeModel, loadModel } from '../io/model.js';
 import { formatInfotext, readImageRgb, writePng } from '../io/png.js';
 import { setAttentionChunkElements } from '../models/layers.js';
 import { TargetExistsError } from '../runtime/atomic.js';
 import { progress } from '../runtime/progress.js';
-import { SAMPLER_LABELS, type SamplerName, resolveSampler } from '../schedulers/index.js';
+import { SAMPLER_LABELS, type SamplerName, infotextSampler, resolveSampler } from '../schedulers/index.js';
 import { assertSamplingFits, checkImageSize, fmtBytes } from './budget.js';
 import { type RgbImage, generate, resolveGenerateOptions, toUint8 } from './pipeline.js';
+import { resolvePromptNetworks } from './prompt-networks.js';
 
 export const SDTUNE_VERSION = '0.1.0';
 
@@ -39,6 +40,12 @@ export interface SampleOptions {
   mask?: string;
   /** "file.safetensors[:weight]" */
   lora?: string[];
+  /** folder of LoRA files for the prompt's A1111 `<lora:name:weight>` / `<lora:name:te:unet>` tags (found by file name stem) */
+  loraDir?: string;
+  /** folder of hypernetwork files for the prompt's `<hypernet:name:multiplier>` tags */
+  hypernetworkDir?: string;
+  /** hypernetworks to apply (the prompt's `<hypernet:...>` tags are added to these): not supported yet, refused */
+  hypernetworks?: { path: string; strength: number }[];
   /** "file.safetensors[:token]" */
   embedding?: string[];
   /** a .png file (one image) or a directory */
@@ -108,6 +115,15 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
   if (mask && init && (mask.width !== init.width || mask.height !== init.height)) {
     throw usageError(`mask ${o.mask} is ${mask.width}x${mask.height} but initImage ${o.initImage} is ${init.width}x${init.height}`);
   }
+  // A1111 extra-network tags: removed from the prompt text and resolved to files before anything loads
+  // (A1111 reads them from the prompt only; in the negative prompt they stay text)
+  const nets = resolvePromptNetworks(o.prompt, { loraDir: o.loraDir, hypernetworkDir: o.hypernetworkDir });
+  const log = o.log ?? ((l: string) => process.stderr.write(l + '\n'));
+  for (const t of nets.unknown) log(`note: prompt tag ${t} is no extra network sdtune knows (lora, lyco, hypernet); removed from the prompt, as A1111 does`);
+  const hypernetworks = [...(o.hypernetworks ?? []), ...nets.hypernetworks.map((h) => ({ path: h.path, strength: h.strength }))];
+  if (hypernetworks.length > 0) {
+    throw new SdtuneError('unsupported', `hypernetworks are not supported yet (${hypernetworks.map((h) => `${h.path}:${h.strength}`).join(', ')})`);
+  }
   const m: LoadedModel = await loadModel(o.model, o.load);
   const restores: (() => void)[] = [];
   try {
@@ -119,6 +135,12 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
       const lora = await readLora(file, { unet: m.unet.params, textEncoder: m.textEncoder.params });
       restores.push(mergeLora({ unet: m.unet.params, textEncoder: m.textEncoder.params }, lora, weight));
       loraHashes[path.basename(file).replace(/\.safetensors$/i, '')] = await loraHash(file);
+    }
+    // prompt tags: A1111's text-encoder and UNet multipliers; "Lora hashes" names them as the tag does
+    for (const l of nets.loras) {
+      const lora = await readLora(l.path, { unet: m.unet.params, textEncoder: m.textEncoder.params });
+      restores.push(mergeLora({ unet: m.unet.params, textEncoder: m.textEncoder.params }, lora, { textEncoder: l.te, unet: l.unet }));
+      loraHashes[l.name] = await loraHash(l.path);
     }
     let rewrite = (p: string) => p;
     const tiHashes: Record<string, string> = {};
@@ -134,8 +156,7 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
       restores.push(applied.restore);
       rewrite = applied.rewritePrompt;
       // A1111 lists the embeddings the prompts use, by name, with the first 12 hex of the file's SHA-256
-      const used = applied.usedIn(o.prompt, o.negativePrompt ?? '');
-      const log = o.log ?? ((l: string) => process.stderr.write(l + '\n'));
+      const used = applied.usedIn(nets.prompt, o.negativePrompt ?? '');
       for (const line of describeEmbeddingUse(embs, used)) log(line);
       for (const e of used) tiHashes[e.token] = await embeddingHash(e.path);
     }
@@ -160,7 +181,7 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
       const seed = baseSeed + it * batch;
       let done = 0;
       const r = await generate(m, {
-        prompt: rewrite(o.prompt),
+        prompt: rewrite(nets.prompt),
         negativePrompt: rewrite(o.negativePrompt ?? ''),
         sampler: name,
         steps,
@@ -188,7 +209,7 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
           prompt: o.prompt,
           negativePrompt: o.negativePrompt,
           steps,
-          sampler: SAMPLER_LABELS[name],
+          ...infotextSampler(name),
           cfgScale: cfg,
           seed: r.seeds[k],
           width,

@@ -11,7 +11,7 @@ export function registerSample(y: Argv): Argv {
     (a) =>
       a
         .option('model', { type: 'string', demandOption: true, describe: 'diffusers folder or single-file .safetensors' })
-        .option('prompt', { type: 'string', demandOption: true, describe: 'A1111 syntax: (word:1.2), [word], BREAK' })
+        .option('prompt', { type: 'string', demandOption: true, describe: 'A1111 syntax: (word:1.2), [word], BREAK, [from:to:when], [a|b], AND with :weight, <lora:name:weight>, <hypernet:name:weight>' })
         .option('negative-prompt', { type: 'string', default: '' })
         .option('seed', { type: 'number', default: -1, describe: 'torch-compatible seed; image i of a batch uses seed+i; -1 = random' })
         .option('steps', { type: 'number', default: 30 })
@@ -26,6 +26,8 @@ export function registerSample(y: Argv): Argv {
         .option('strength', { type: 'number', describe: 'img2img denoising strength 0-1 (default 0.75; inpaint 1.0)' })
         .option('mask', { type: 'string', describe: 'inpainting mask, white = repaint, same size as --init-image' })
         .option('lora', { type: 'string', array: true, describe: 'FILE[:WEIGHT], repeatable' })
+        .option('lora-dir', { type: 'string', describe: 'folder of LoRA files for the prompt\'s <lora:NAME:WEIGHT> / <lora:NAME:TE:UNET> tags (NAME = file name stem)' })
+        .option('hypernetwork-dir', { type: 'string', describe: 'folder of hypernetwork files for the prompt\'s <hypernet:NAME:WEIGHT> tags (not supported yet)' })
         .option('embedding', { type: 'string', array: true, describe: 'FILE[:TOKEN], repeatable (token defaults to the file name)' })
         .option('overwrite', { type: 'boolean', default: false, describe: 'replace an existing --out PNG' })
         .option('out', { type: 'string', default: 'outputs', describe: 'a .png file (one image) or a directory (NNNNN-SEED.png)' })
@@ -58,6 +60,8 @@ export function registerSample(y: Argv): Argv {
           strength: argv.strength,
           mask: argv.mask,
           lora: argv.lora,
+          loraDir: argv['lora-dir'],
+          hypernetworkDir: argv['hypernetwork-dir'],
           embedding: argv.embedding,
           out: argv.out,
           overwrite: argv.overwrite,
