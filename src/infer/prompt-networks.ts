@@ -1,12 +1,14 @@
 /**
  * A1111 extra-network tags in a prompt, resolved to files: `<lora:name:te:unet>` (also `<lyco:...>`, A1111's alias)
  * from a LoRA folder and `<hypernet:name:multiplier>` from a hypernetwork folder, looked up by file name stem in the
- * folder and its subfolders, as A1111 lists them (A1111 also accepts a LoRA's `ss_output_name` alias; we do not).
+ * folder and its subfolders, as A1111 lists them; a LoRA name that is no file stem may be the `ss_output_name` alias
+ * in a safetensors file's metadata (A1111's default "Alias from file", which its UI writes into tags).
  * The tags leave the prompt text; other tag kinds are removed too and reported (A1111 skips them with a log line).
  */
 import { readdirSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { SdtuneError, usageError } from '../errors.js';
+import { readSafetensorsHeader } from '../io/safetensors.js';
 import { hypernetFromTag, loraFromTag, parseExtraNetworks } from '../tokenizer/prompt-schedule.js';
 
 export interface PromptNetworkDirs {
@@ -67,10 +69,31 @@ function listByStem(dir: string, exts: string[], flag: string): Map<string, stri
   return found;
 }
 
-function pick(found: Map<string, string[]>, name: string, tag: string, flag: string, dir: string, exts: string[]): string {
+/** The LoRA safetensors files whose metadata names `alias` as ss_output_name (headers read once per folder). */
+async function byAlias(found: Map<string, string[]>, cache: Map<string, string[]>, alias: string): Promise<string[]> {
+  if (cache.size === 0) {
+    cache.set('', []); // marks the folder as read
+    for (const files of found.values()) {
+      for (const f of files.filter((x) => x.toLowerCase().endsWith('.safetensors'))) {
+        let a: string | undefined;
+        try {
+          a = (await readSafetensorsHeader(f)).metadata.ss_output_name;
+        } catch {
+          continue; // an unreadable file has no alias; it fails with its own error when named by its stem
+        }
+        if (a) cache.set(a, [...(cache.get(a) ?? []), f]);
+      }
+    }
+  }
+  return cache.get(alias) ?? [];
+}
+
+function pick(found: Map<string, string[]>, name: string, tag: string, flag: string, dir: string, exts: string[], aliased: string[] = []): string {
   const files = found.get(name);
   if (!files?.length) {
-    throw new SdtuneError('file', `prompt tag ${tag}: no ${exts.map((e) => name + e).join(' / ')} under ${flag} ${dir}`);
+    if (aliased.length === 1) return aliased[0]!;
+    if (aliased.length > 1) throw usageError(`prompt tag ${tag}: several files under ${flag} ${dir} have the alias (ss_output_name) "${name}": ${aliased.join(', ')}; use a file name`);
+    throw new SdtuneError('file', `prompt tag ${tag}: no ${exts.map((e) => name + e).join(' / ')} under ${flag} ${dir}${flag === '--lora-dir' ? ', and no LoRA there has the alias (ss_output_name)' : ''} "${name}"`);
   }
   // one folder may hold name.safetensors and name.pt: the safetensors wins; the same stem in two folders is ambiguous
   const byDir = new Map<string, string[]>();
@@ -81,17 +104,19 @@ function pick(found: Map<string, string[]>, name: string, tag: string, flag: str
 }
 
 /** Remove the prompt's extra-network tags and find their files (clear errors for a missing folder or file). */
-export function resolvePromptNetworks(prompt: string, dirs: PromptNetworkDirs = {}): PromptNetworks {
+export async function resolvePromptNetworks(prompt: string, dirs: PromptNetworkDirs = {}): Promise<PromptNetworks> {
   const { text, tags } = parseExtraNetworks(prompt);
   const out: PromptNetworks = { prompt: text, loras: [], hypernetworks: [], unknown: [] };
   let loraFiles: Map<string, string[]> | undefined;
   let hyperFiles: Map<string, string[]> | undefined;
+  const aliases = new Map<string, string[]>();
   for (const t of tags) {
     if (t.kind === 'lora' || t.kind === 'lyco') {
       const l = loraFromTag(t);
       if (!dirs.loraDir) throw usageError(`prompt tag ${t.text} needs a LoRA folder (--lora-dir) holding ${l.name}.safetensors`);
       loraFiles ??= listByStem(dirs.loraDir, LORA_EXT, '--lora-dir');
-      out.loras.push({ ...l, path: pick(loraFiles, l.name, t.text, '--lora-dir', dirs.loraDir, LORA_EXT) });
+      const aliased = loraFiles.has(l.name) ? [] : await byAlias(loraFiles, aliases, l.name);
+      out.loras.push({ ...l, path: pick(loraFiles, l.name, t.text, '--lora-dir', dirs.loraDir, LORA_EXT, aliased) });
     } else if (t.kind === 'hypernet') {
       const h = hypernetFromTag(t);
       if (!dirs.hypernetworkDir) throw usageError(`prompt tag ${t.text} needs a hypernetwork folder (--hypernetwork-dir) holding ${h.name}.pt or ${h.name}.safetensors`);

@@ -16,6 +16,7 @@ import { progress } from '../runtime/progress.js';
 import { SAMPLER_LABELS, type SamplerName, infotextSampler, resolveSampler } from '../schedulers/index.js';
 import { assertSamplingFits, checkImageSize, fmtBytes } from './budget.js';
 import { type RgbImage, generate, resolveGenerateOptions, toUint8 } from './pipeline.js';
+import { parseExtraNetworks } from '../tokenizer/prompt-schedule.js';
 import { resolvePromptNetworks } from './prompt-networks.js';
 
 export const SDTUNE_VERSION = '0.1.0';
@@ -117,8 +118,10 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
   }
   // A1111 extra-network tags: removed from the prompt text and resolved to files before anything loads
   // (A1111 reads them from the prompt only; in the negative prompt they stay text)
-  const nets = resolvePromptNetworks(o.prompt, { loraDir: o.loraDir, hypernetworkDir: o.hypernetworkDir });
+  const nets = await resolvePromptNetworks(o.prompt, { loraDir: o.loraDir, hypernetworkDir: o.hypernetworkDir });
   const log = o.log ?? ((l: string) => process.stderr.write(l + '\n'));
+  const negTags = parseExtraNetworks(o.negativePrompt ?? '').tags;
+  if (negTags.length) log(`note: the negative prompt's ${negTags.map((t) => t.text).join(' ')} stay${negTags.length > 1 ? '' : 's'} text: A1111 reads network tags only from the prompt`);
   for (const t of nets.unknown) log(`note: prompt tag ${t} is no extra network sdtune knows (lora, lyco, hypernet); removed from the prompt, as A1111 does`);
   const hypernetworks = [...(o.hypernetworks ?? []), ...nets.hypernetworks.map((h) => ({ path: h.path, strength: h.strength }))];
   if (hypernetworks.length > 0) {

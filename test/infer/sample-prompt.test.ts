@@ -10,6 +10,7 @@ import { mergeLora, readLora } from '../../src/adapters/lora.js';
 import { disposeModel, loadModel } from '../../src/io/model.js';
 import { generate, toUint8 } from '../../src/infer/pipeline.js';
 import { resolvePromptNetworks } from '../../src/infer/prompt-networks.js';
+import { writeSafetensors } from '../../src/io/safetensors.js';
 import { sampleToFiles } from '../../src/infer/sample.js';
 import { parseInfotext, readImageRgb, readPngText } from '../../src/io/png.js';
 import { samplerFromInfotext } from '../../src/schedulers/index.js';
@@ -27,17 +28,21 @@ describe('resolvePromptNetworks', () => {
   mkdirSync(path.join(dir, 'sub'), { recursive: true });
   for (const f of ['a.safetensors', 'a.pt', 'sub/b.ckpt', 'sub/c.safetensors', 'c.pt', 'h.pt', 'notes.txt']) writeFileSync(path.join(dir, f), '');
 
-  it('finds files by stem in the folder and subfolders, safetensors first; clear errors otherwise', () => {
-    const r = resolvePromptNetworks('x <lora:a:0.5> <lyco:b> <hypernet:h:0.3> <foo:bar> y', { loraDir: dir, hypernetworkDir: dir });
+  it('finds files by stem in the folder and subfolders, safetensors first; clear errors otherwise', async () => {
+    const r = await resolvePromptNetworks('x <lora:a:0.5> <lyco:b> <hypernet:h:0.3> <foo:bar> y', { loraDir: dir, hypernetworkDir: dir });
     expect(r.prompt).toBe('x     y');
     expect(r.loras.map((l) => [path.relative(dir, l.path), l.te, l.unet])).toEqual([['a.safetensors', 0.5, 0.5], [path.join('sub', 'b.ckpt'), 1, 1]]);
     expect(r.hypernetworks.map((h) => [path.relative(dir, h.path), h.strength])).toEqual([['h.pt', 0.3]]);
     expect(r.unknown).toEqual(['<foo:bar>']);
-    expect(() => resolvePromptNetworks('<lora:zz:1>', { loraDir: dir })).toThrow(/<lora:zz:1>: no zz\.safetensors \/ zz\.pt \/ zz\.ckpt under --lora-dir/);
-    expect(() => resolvePromptNetworks('<lora:a:1>')).toThrow(/needs a LoRA folder \(--lora-dir\)/);
-    expect(() => resolvePromptNetworks('<lora:c:1>', { loraDir: dir })).toThrow(/"c" names several files/);
-    expect(() => resolvePromptNetworks('<hypernet:h>')).toThrow(/--hypernetwork-dir/);
-    expect(resolvePromptNetworks('no tags [a:b:0.5]')).toEqual({ prompt: 'no tags [a:b:0.5]', loras: [], hypernetworks: [], unknown: [] });
+    // a name that is no stem: the ss_output_name alias in a safetensors file's metadata (A1111 "Alias from file")
+    await writeSafetensors(path.join(dir, 'sub', 'file-v2.safetensors'), { x: { data: new Float32Array(1), shape: [1] } }, { metadata: { ss_output_name: 'MyStyle' } });
+    const al = await resolvePromptNetworks('<lora:MyStyle:0.8>', { loraDir: dir });
+    expect(al.loras.map((l) => [path.relative(dir, l.path), l.te])).toEqual([[path.join('sub', 'file-v2.safetensors'), 0.8]]);
+    await expect(resolvePromptNetworks('<lora:zz:1>', { loraDir: dir })).rejects.toThrow(/<lora:zz:1>: no zz\.safetensors \/ zz\.pt \/ zz\.ckpt under --lora-dir .*, and no LoRA there has the alias/);
+    await expect(resolvePromptNetworks('<lora:a:1>')).rejects.toThrow(/needs a LoRA folder \(--lora-dir\)/);
+    await expect(resolvePromptNetworks('<lora:c:1>', { loraDir: dir })).rejects.toThrow(/"c" names several files/);
+    await expect(resolvePromptNetworks('<hypernet:h>')).rejects.toThrow(/--hypernetwork-dir/);
+    expect(await resolvePromptNetworks('no tags [a:b:0.5]')).toEqual({ prompt: 'no tags [a:b:0.5]', loras: [], hypernetworks: [], unknown: [] });
   });
 });
 
