@@ -39,6 +39,10 @@ export const DEFAULT_STEPS = 30;
 export const DEFAULT_CFG = 7.5;
 
 export interface GenerateOptions {
+  /**
+   * A1111 syntax: emphasis `(a:1.2)`, `BREAK`, prompt editing `[from:to:when]`, alternation `[a|b]`, `AND` with
+   * `:weight` (infer/prompt-schedule.ts). Extra-network tags (`<lora:...>`) are refused here: sampleToFiles resolves them.
+   */
   prompt: string;
   negativePrompt?: string;
   /** default: the model's scheduler config */
