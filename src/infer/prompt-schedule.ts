@@ -13,11 +13,15 @@
  * A prompt with none of this syntax gives exactly encodePromptPair's tensors and the plain CFG formula.
  */
 import * as tf from '@tensorflow/tfjs';
+import { usageError } from '../errors.js';
 import { clipText } from '../models/clip-text.js';
 import type { ClipTokenizer } from '../tokenizer/clip.js';
 import { type PromptChunk, chunkPrompt } from '../tokenizer/prompt.js';
 import { type ScheduleOptions, type ScheduledText, promptSchedule, scheduleIndexAt, splitAnd } from '../tokenizer/prompt-schedule.js';
 import { type TextEncoder, encodeChunks } from './prompt.js';
+
+/** The most `AND` parts a prompt may have. */
+export const MAX_AND_PARTS = 64;
 
 /** One schedule: its entries and, for each, the index of its tensor in PromptConditioning.tensors. */
 interface EncodedSchedule {
@@ -65,6 +69,8 @@ export class PromptConditioning {
     this.clipSkip = o.clipSkip ?? 1;
     try {
       const parts = splitAnd(o.prompt);
+      // each part is one more UNet row per image: a bound before any encoding
+      if (parts.length > MAX_AND_PARTS) throw usageError(`prompt: ${parts.length} AND parts (at most ${MAX_AND_PARTS}, each one more UNet pass per step)`);
       const byText = new Map<string, EncodedSchedule>();
       for (const { text, weight } of parts) {
         let s = byText.get(text);

@@ -6,7 +6,7 @@ import * as tf from '@tensorflow/tfjs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type LoadedModel, disposeModel, loadModel } from '../../src/io/model.js';
 import { generate } from '../../src/infer/pipeline.js';
-import { PromptConditioning, emphasizeBatch, encodeBatch } from '../../src/infer/prompt-schedule.js';
+import { MAX_AND_PARTS, PromptConditioning, emphasizeBatch, encodeBatch } from '../../src/infer/prompt-schedule.js';
 import { encodeChunks, encodePromptPair } from '../../src/infer/prompt.js';
 import { unet } from '../../src/models/unet.js';
 import { TorchGenerator, randnNHWC } from '../../src/runtime/rng.js';
@@ -137,6 +137,12 @@ describe('per-step conditioning in generate() (tiny model, euler)', () => {
     } finally {
       c.dispose();
     }
+  });
+
+  it('too many AND parts is a clear error before any encoding', () => {
+    const before = tf.memory().numTensors;
+    expect(() => new PromptConditioning(m.textEncoder!, m.tokenizer!, { prompt: Array(MAX_AND_PARTS + 1).fill('x').join(' AND '), steps: 2, cfg: 7 })).toThrow(/65 AND parts \(at most 64/);
+    expect(tf.memory().numTensors).toBe(before);
   });
 
   it('a prompt without syntax leaks no tensors and gives the same tensors as encodePromptPair', () => {
