@@ -23,6 +23,10 @@ export { flattenParams, unflattenParams, disposeParams, countParams, type ParamT
 export { randomParams, buildParams } from './models/build.js';
 export { ClipTokenizer } from './tokenizer/clip.js';
 export { parsePromptAttention, chunkPrompt } from './tokenizer/prompt.js';
+export {
+  parseExtraNetworks, loraFromTag, hypernetFromTag, splitAnd, promptSchedule, scheduleIndexAt,
+  type ExtraNetworkTag, type LoraTag, type ScheduledText, type ScheduleOptions,
+} from './tokenizer/prompt-schedule.js';
 export * from './schedulers/index.js';
 export { readLora, mergeLora, writeLoraKohya, writeLoraPeft, parseAdapterArg, type LoraFile, type LoraModule } from './adapters/lora.js';
 export { injectLora, extractLora, removeLora, loraTargetModules, type LoraRanks, type LoraTargets } from './adapters/lora-inject.js';
@@ -38,6 +42,8 @@ export { generate, resolveGenerateOptions, toUint8, DEFAULT_CFG, DEFAULT_STEPS, 
 export { readDepthMap, depthCondition, resizeBicubicTorch, depthAspectNote, MAX_DEPTH_PIXELS, type DepthMap } from './infer/depth.js';
 export { estimateSampling, assertSamplingFits, assertTrainingFits, trainingFloorBytes, MAX_IMAGE_SIDE, type MemoryEstimate, type SamplingShape } from './infer/budget.js';
 export { sampleToFiles, type SampleOptions } from './infer/sample.js';
+export { PromptConditioning, encodeBatch, emphasizeBatch, type ConditioningOptions, type StepContext } from './infer/prompt-schedule.js';
+export { resolvePromptNetworks, type PromptNetworks, type PromptNetworkDirs } from './infer/prompt-networks.js';
 export { resolveConfig, loadConfigFile, dumpConfig, type TrainConfig, type Method } from './train/config.js';
 export { withModelDefaults, resolutionWarning, type ModelResolvedConfig } from './train/config.js';
 export { train, type TrainOptions, type TrainResult } from './train/loop.js';

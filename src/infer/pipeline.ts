@@ -26,7 +26,8 @@ import {
 } from '../schedulers/index.js';
 import { type MemoryEstimate, assertSamplingFits, checkImageSize } from './budget.js';
 import { type DepthMap, depthCondition } from './depth.js';
-import { encodePromptPair } from './prompt.js';
+import { parseExtraNetworks } from '../tokenizer/prompt-schedule.js';
+import { PromptConditioning } from './prompt-schedule.js';
 
 /** An RGB image, values in [0,1], row-major [height, width, 3]. */
 export interface RgbImage {
@@ -40,6 +41,10 @@ export const DEFAULT_STEPS = 30;
 export const DEFAULT_CFG = 7.5;
 
 export interface GenerateOptions {
+  /**
+   * A1111 syntax: emphasis `(a:1.2)`, `BREAK`, prompt editing `[from:to:when]`, alternation `[a|b]`, `AND` with
+   * `:weight` (infer/prompt-schedule.ts). Extra-network tags (`<lora:...>`) are refused here: sampleToFiles resolves them.
+   */
   prompt: string;
   negativePrompt?: string;
   /** default: the model's scheduler config */
@@ -119,6 +124,8 @@ function validate(m: LoadedModel, o: ResolvedGenerateOptions): void {
   if (!Number.isInteger(bs) || bs < 1) throw usageError(`batchSize must be a positive integer, got ${bs}`);
   if (o.generators && o.generators.length !== bs) throw usageError(`${o.generators.length} generators for a batch of ${bs}`);
   if (o.mask && !o.initImage) throw usageError('a mask needs an initImage');
+  const tags = parseExtraNetworks(o.prompt).tags;
+  if (tags.length) throw usageError(`prompt: ${tags[0]!.text} is an extra-network tag; generate() does not load files (sampleToFiles resolves tags from loraDir / hypernetworkDir)`);
   for (const img of [o.initImage, o.mask]) {
     if (img && (img.width !== o.width || img.height !== o.height)) {
       throw usageError(`image is ${img.width}x${img.height} but the output size is ${o.width}x${o.height}; resize the image or leave width and height unset`);
@@ -161,28 +168,22 @@ export async function generate(m: LoadedModel, options: GenerateOptions): Promis
   const seeds = Array.from({ length: b }, (_, i) => o.seed + i);
   const gens = o.generators ?? seeds.map((s) => new TorchGenerator(s));
   const lat: [number, number, number, number] = [1, vae.config.latent_channels, o.height / VAE_SCALE, o.width / VAE_SCALE];
-  const useCfg = o.cfg !== 1;
   const inpaint9 = un.config.in_channels === 9;
   // depth-to-image: the normalised depth at latent size (the 5th input channel of every image and CFG half)
   const depth = o.depthMap && depthCondition(o.depthMap, lat[3], lat[2], { invert: o.depthInvert });
   const owned: tf.Tensor[] = [];
   const keep = <T extends tf.Tensor>(t: T) => (owned.push(t), t);
+  let text: PromptConditioning | undefined;
   try {
-    // 1. text conditioning: [uncond x B, cond x B] (uncond first, as diffusers)
-    const { cond, uncond, chunks } = encodePromptPair(m.textEncoder!, m.tokenizer!, o.prompt, o.negativePrompt ?? '', o.clipSkip ?? 1);
-    keep(cond);
-    keep(uncond);
+    // 1. text conditioning: every distinct text of the prompt's schedule (prompt editing, alternation, AND) encoded
+    // once; the UNet rows per image are [uncond, cond_1, ..., cond_k] (uncond first, as diffusers)
+    text = new PromptConditioning(m.textEncoder!, m.tokenizer!, { prompt: o.prompt, negativePrompt: o.negativePrompt, steps: o.steps, clipSkip: o.clipSkip, cfg: o.cfg });
+    const rows = text.rows;
     // the size against the backend's memory, before the UNet and the VAE allocate anything at it
     const memory =
       o.memoryCheck === false
         ? undefined
-        : assertSamplingFits(m, { width: o.width, height: o.height, batchSize: b, cfg: useCfg, encode: Boolean(o.initImage), textChunks: chunks }).estimate;
-    const ctx = keep(
-      tf.tidy(() => {
-        const c = tf.tile(cond, [b, 1, 1]) as tf.Tensor3D;
-        return useCfg ? (tf.concat([tf.tile(uncond, [b, 1, 1]), c], 0) as tf.Tensor3D) : c;
-      }),
-    );
+        : assertSamplingFits(m, { width: o.width, height: o.height, batchSize: b * Math.ceil(rows / 2), cfg: rows > 1, encode: Boolean(o.initImage), textChunks: text.maxChunks }).estimate;
     // 2. timesteps (img2img / inpaint with strength < 1 run only the end of the schedule)
     let plan: SamplerPlan = planSampler(o.sampler, m.schedulerConfig, o.steps, { eta: o.eta });
     const strength = o.strength ?? (o.initImage && !o.mask ? 0.75 : 1);
@@ -226,14 +227,14 @@ export async function generate(m: LoadedModel, options: GenerateOptions): Promis
       maskedLatents = keep(encodeImage(m, maskedImage, gens)); // last draw of the inpaint pipeline
     }
     const unetExtra = depth
-      ? keep(tf.tidy(() => tf.tile(tf.tensor4d(depth, [1, lat[2], lat[3], 1]), [useCfg ? 2 * b : b, 1, 1, 1]) as tf.Tensor4D))
+      ? keep(tf.tidy(() => tf.tile(tf.tensor4d(depth, [1, lat[2], lat[3], 1]), [rows * b, 1, 1, 1]) as tf.Tensor4D))
       : inpaint9
       ? keep(
           tf.tidy(() => {
             const ml = tf.tile(maskLat!, [b, 1, 1, 1]);
             const mi = maskedLatents!.shape[0] === b ? maskedLatents! : tf.tile(maskedLatents!, [b, 1, 1, 1]);
             const one = tf.concat([ml, mi], 3);
-            return useCfg ? tf.concat([one, one], 0) : one;
+            return rows > 1 ? tf.concat(Array.from({ length: rows }, () => one), 0) : one;
           }),
         )
       : undefined;
@@ -243,14 +244,12 @@ export async function generate(m: LoadedModel, options: GenerateOptions): Promis
     const stepNoise = () => drawNoise(gens, lat);
     for (let i = 0; i < n; i++) {
       const t = plan.timesteps[i];
+      const { ctx, weights } = text.at(i, b); // the schedule's texts at this step (encoded before the loop)
       const eps = tf.tidy(() => {
-        const x = useCfg ? tf.concat([latents, latents], 0) : latents;
+        const x = rows > 1 ? tf.concat(Array.from({ length: rows }, () => latents), 0) : latents;
         let inp = scaleModelInput(plan, state, x, i) as tf.Tensor4D;
         if (unetExtra) inp = tf.concat([inp, unetExtra], 3);
-        const out = unet(un.params, un.config, inp, t, ctx, { context: o.context });
-        if (!useCfg) return out;
-        const [u, c] = tf.split(out, 2, 0);
-        return tf.add(u, tf.mul(tf.sub(c, u), o.cfg));
+        return text!.combine(unet(un.params, un.config, inp, t, ctx, { context: o.context }), weights, o.cfg);
       });
       const r = step(plan, state, eps, i, latents, stepNoise);
       eps.dispose();
@@ -288,6 +287,7 @@ export async function generate(m: LoadedModel, options: GenerateOptions): Promis
     latents.dispose();
     return { images, seeds, timesteps: Array.from(plan.timesteps), memory };
   } finally {
+    text?.dispose();
     tf.dispose(owned);
   }
 }

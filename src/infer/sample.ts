@@ -14,10 +14,12 @@ import { formatInfotext, readImageRgb, writePng } from '../io/png.js';
 import { setAttentionChunkElements } from '../models/layers.js';
 import { TargetExistsError } from '../runtime/atomic.js';
 import { progress } from '../runtime/progress.js';
-import { SAMPLER_LABELS, type SamplerName, resolveSampler } from '../schedulers/index.js';
+import { SAMPLER_LABELS, type SamplerName, infotextSampler, resolveSampler } from '../schedulers/index.js';
 import { assertSamplingFits, checkImageSize, fmtBytes } from './budget.js';
 import { depthAspectNote, readDepthMap } from './depth.js';
 import { type RgbImage, generate, resolveGenerateOptions, toUint8 } from './pipeline.js';
+import { parseExtraNetworks } from '../tokenizer/prompt-schedule.js';
+import { resolvePromptNetworks } from './prompt-networks.js';
 
 export const SDTUNE_VERSION = '0.1.0';
 
@@ -45,9 +47,14 @@ export interface SampleOptions {
   depthInvert?: boolean;
   /** "file.safetensors[:weight]" */
   lora?: string[];
+  /** folder of LoRA files for the prompt's A1111 `<lora:name:weight>` / `<lora:name:te:unet>` tags (found by file name stem) */
+  loraDir?: string;
+  /** folder of hypernetwork files for the prompt's `<hypernet:name:multiplier>` tags */
+  hypernetworkDir?: string;
   /** "file.safetensors[:token]" */
   embedding?: string[];
-  /** "file.safetensors[:strength]" (our form; A1111 .pt once the pickle reader exists), default strength 1 */
+  /** "file.safetensors[:strength]" (our form, or A1111's .pt, read as data), default strength 1; the prompt's
+   *  `<hypernet:name:strength>` tags (from hypernetworkDir) are added to these */
   hypernetwork?: string[];
   /** a .png file (one image) or a directory */
   out?: string;
@@ -119,6 +126,13 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
   if (o.depthInvert && !o.depthMap) throw usageError('depthInvert needs a depthMap');
   const depthMap = o.depthMap ? await readDepthMap(o.depthMap) : undefined;
   if (depthMap && !init) throw usageError(`a depthMap needs an initImage (depth-to-image starts from the image, as diffusers' StableDiffusionDepth2ImgPipeline)`);
+  // A1111 extra-network tags: removed from the prompt text and resolved to files before anything loads
+  // (A1111 reads them from the prompt only; in the negative prompt they stay text)
+  const nets = await resolvePromptNetworks(o.prompt, { loraDir: o.loraDir, hypernetworkDir: o.hypernetworkDir });
+  const log = o.log ?? ((l: string) => process.stderr.write(l + '\n'));
+  const negTags = parseExtraNetworks(o.negativePrompt ?? '').tags;
+  if (negTags.length) log(`note: the negative prompt's ${negTags.map((t) => t.text).join(' ')} stay${negTags.length > 1 ? '' : 's'} text: A1111 reads network tags only from the prompt`);
+  for (const t of nets.unknown) log(`note: prompt tag ${t} is no extra network sdtune knows (lora, lyco, hypernet); removed from the prompt, as A1111 does`);
   const m: LoadedModel = await loadModel(o.model, o.load);
   const restores: (() => void)[] = [];
   try {
@@ -141,6 +155,12 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
       restores.push(mergeLora({ unet: m.unet.params, textEncoder: m.textEncoder.params }, lora, weight));
       loraHashes[path.basename(file).replace(/\.safetensors$/i, '')] = await loraHash(file);
     }
+    // prompt tags: A1111's text-encoder and UNet multipliers; "Lora hashes" names them as the tag does
+    for (const l of nets.loras) {
+      const lora = await readLora(l.path, { unet: m.unet.params, textEncoder: m.textEncoder.params });
+      restores.push(mergeLora({ unet: m.unet.params, textEncoder: m.textEncoder.params }, lora, { textEncoder: l.te, unet: l.unet }));
+      loraHashes[l.name] = await loraHash(l.path);
+    }
     let rewrite = (p: string) => p;
     const tiHashes: Record<string, string> = {};
     if (o.embedding?.length) {
@@ -155,16 +175,15 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
       restores.push(applied.restore);
       rewrite = applied.rewritePrompt;
       // A1111 lists the embeddings the prompts use, by name, with the first 12 hex of the file's SHA-256
-      const used = applied.usedIn(o.prompt, o.negativePrompt ?? '');
-      const log = o.log ?? ((l: string) => process.stderr.write(l + '\n'));
+      const used = applied.usedIn(nets.prompt, o.negativePrompt ?? '');
       for (const line of describeEmbeddingUse(embs, used)) log(line);
       for (const e of used) tiHashes[e.token] = await embeddingHash(e.path);
     }
     // hypernetworks: context adapters of every attention (A1111), chained in order
     const hypernets: (HypernetworkUse & { name: string; file: string })[] = [];
     restores.push(() => hypernets.forEach((h) => disposeHypernetwork(h.net)));
-    for (const arg of o.hypernetwork ?? []) {
-      const { path: file, weight } = parseAdapterArg(arg);
+    const hypernetArgs = [...(o.hypernetwork ?? []).map((arg) => parseAdapterArg(arg)), ...nets.hypernetworks.map((h) => ({ path: h.path, weight: h.strength }))];
+    for (const { path: file, weight } of hypernetArgs) {
       const net = await readHypernetwork(file);
       hypernets.push({ net, strength: weight, name: hypernetworkName(file), file });
       // a width no attention has changes nothing (A1111 applies it silently): say so
@@ -211,7 +230,7 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
       const seed = baseSeed + it * batch;
       let done = 0;
       const r = await generate(m, {
-        prompt: rewrite(o.prompt),
+        prompt: rewrite(nets.prompt),
         negativePrompt: rewrite(o.negativePrompt ?? ''),
         sampler: name,
         steps,
@@ -242,7 +261,7 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
           prompt: o.prompt,
           negativePrompt: o.negativePrompt,
           steps,
-          sampler: SAMPLER_LABELS[name],
+          ...infotextSampler(name),
           cfgScale: cfg,
           seed: r.seeds[k],
           width,

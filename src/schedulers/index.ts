@@ -51,7 +51,7 @@ export { ddpmStep } from './ddpm.js';
 export { eulerAncestralStep, eulerStep } from './euler.js';
 export { lmsCoefficient } from './lms.js';
 
-export { SAMPLER_CLASS, SAMPLER_LABELS, SAMPLER_NAMES, resolveSampler } from './names.js';
+export { SAMPLER_CLASS, SAMPLER_LABELS, SAMPLER_NAMES, infotextSampler, resolveSampler, samplerFromInfotext } from './names.js';
 
 /** The sampler a model's scheduler_config names (_class_name; DPMSolverMultistepScheduler + use_karras_sigmas -> Karras). */
 export function samplerFromConfig(cfg: Record<string, unknown>): SamplerName {

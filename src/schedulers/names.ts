@@ -37,3 +37,17 @@ export function resolveSampler(name: string): SamplerName {
   throw usageError(`unknown sampler "${name}"; valid: ${valid} (diffusers class names are accepted too)`);
 }
 
+
+/**
+ * The "Sampler" and "Schedule type" fields A1111 >= 1.9 writes: the sampler without its schedule ("DPM++ 2M") and the
+ * schedule ("Karras"), "Automatic" when the sampler runs its own default schedule.
+ */
+export function infotextSampler(name: SamplerName): { sampler: string; scheduleType: string } {
+  return name === 'dpmpp_2m_karras' ? { sampler: 'DPM++ 2M', scheduleType: 'Karras' } : { sampler: SAMPLER_LABELS[name], scheduleType: 'Automatic' };
+}
+
+/** Our sampler from an infotext's "Sampler" and "Schedule type" (older files put the schedule in the sampler's name). */
+export function samplerFromInfotext(sampler: string, scheduleType?: string): SamplerName {
+  const st = scheduleType?.trim();
+  return resolveSampler(st && st !== 'Automatic' && !sampler.endsWith(` ${st}`) ? `${sampler} ${st}` : sampler);
+}

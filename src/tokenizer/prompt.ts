@@ -10,8 +10,8 @@
  * `sdtune sample` defaults to the A1111 behaviour. For a prompt with no syntax (`hasPromptSyntax` false) and <= 75
  * tokens it is identical to diffusers: one chunk with exactly `ClipTokenizer.encode`'s ids, all weights 1.0, and
  * `applyEmphasis` with all-ones weights returns z bit for bit (tested in test/tokenizer/prompt.test.ts).
- * Not handled here (they run before this step in A1111): `AND`, prompt editing `[a:b:when]`, alternation `[a|b]`,
- * `<lora:...>` / `<hypernet:...>` tags.
+ * Not handled here (they run before this step, in tokenizer/prompt-schedule.ts, as in A1111): `AND`, prompt editing
+ * `[a:b:when]`, alternation `[a|b]`, `<lora:...>` / `<hypernet:...>` tags.
  */
 import * as tf from '@tensorflow/tfjs';
 import { SdtuneError } from '../errors.js';

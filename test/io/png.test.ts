@@ -54,6 +54,16 @@ describe('parseInfotext (A1111 parse_generation_parameters)', () => {
     expect(back.extra).toEqual({ 'Hires upscaler': 'Latent', Note: 'x: "y", z\nw' }); // TI hashes is a known key, not an extra
   });
 
+  it('A1111 prompt syntax survives as typed: network tags, prompt editing, alternation, AND with weights', () => {
+    const p: GenerationParams = {
+      ...BASE, prompt: 'a [cat:dog:0.5] <lora:my-style:0.7:0.2>, [red|blue] hair\nAND (tree:1.2) :0.5', negativePrompt: '[blurry::10], <lora:x:1>',
+      sampler: 'Euler a', scheduleType: 'Automatic', loraHashes: { 'my-style': '0123456789ab' },
+    };
+    const back = parseInfotext(formatInfotext(p));
+    expect([back.prompt, back.negativePrompt, back.sampler, back.scheduleType, back.loraHashes]).toEqual([p.prompt, p.negativePrompt, 'Euler a', 'Automatic', p.loraHashes]);
+    expect(formatInfotext(p)).toContain('\nSteps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: ');
+  });
+
   it('defaults: no negative prompt, Clip skip 1; a text without a parameter line is all prompt', () => {
     const back = parseInfotext(formatInfotext(BASE));
     expect([back.negativePrompt, back.clipSkip, back.raw['Clip skip'], back.steps]).toEqual(['', 1, '1', 20]);

@@ -11,7 +11,7 @@ export function registerSample(y: Argv): Argv {
     (a) =>
       a
         .option('model', { type: 'string', demandOption: true, describe: 'diffusers folder or single-file .safetensors' })
-        .option('prompt', { type: 'string', demandOption: true, describe: 'A1111 syntax: (word:1.2), [word], BREAK' })
+        .option('prompt', { type: 'string', demandOption: true, describe: 'A1111 syntax: (word:1.2), [word], BREAK, [from:to:when], [a|b], AND with :weight, <lora:name:weight>, <hypernet:name:weight>' })
         .option('negative-prompt', { type: 'string', default: '' })
         .option('seed', { type: 'number', default: -1, describe: 'torch-compatible seed; image i of a batch uses seed+i; -1 = random' })
         .option('steps', { type: 'number', default: 30 })
@@ -28,6 +28,8 @@ export function registerSample(y: Argv): Argv {
         .option('depth-map', { type: 'string', describe: 'depth model (SD 2 depth) only: grayscale depth map, 8/16-bit PNG, near = bright (MiDaS), any size; with --init-image' })
         .option('depth-invert', { type: 'boolean', default: false, describe: 'the --depth-map has near = dark: flip it' })
         .option('lora', { type: 'string', array: true, describe: 'FILE[:WEIGHT], repeatable' })
+        .option('lora-dir', { type: 'string', describe: 'folder of LoRA files for the prompt\'s <lora:NAME:WEIGHT> / <lora:NAME:TE:UNET> tags (NAME = file name stem)' })
+        .option('hypernetwork-dir', { type: 'string', describe: 'folder of hypernetwork files for the prompt\'s <hypernet:NAME:WEIGHT> tags' })
         .option('embedding', { type: 'string', array: true, describe: 'FILE[:TOKEN], repeatable (token defaults to the file name)' })
         .option('hypernetwork', { type: 'string', array: true, describe: 'FILE[:STRENGTH]: an A1111 hypernetwork (.safetensors; .pt needs the pickle reader)' })
         .option('overwrite', { type: 'boolean', default: false, describe: 'replace an existing --out PNG' })
@@ -63,6 +65,8 @@ export function registerSample(y: Argv): Argv {
           depthMap: argv['depth-map'],
           depthInvert: argv['depth-invert'],
           lora: argv.lora,
+          loraDir: argv['lora-dir'],
+          hypernetworkDir: argv['hypernetwork-dir'],
           embedding: argv.embedding,
           hypernetwork: argv.hypernetwork,
           out: argv.out,
