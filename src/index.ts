@@ -40,3 +40,4 @@ export {
   type ToyWorldItem, type ToyWorldOptions, type WriteToyWorldOptions, type ToyLabels, type ToyColour, type ToyShape,
 } from './data/toy-world.js';
 export { toyVocabulary, toyTokenizerFiles, writeToyVocabulary, TOY_MAX_LENGTH } from './data/toy-vocab.js';
+export { judgeColour, judgeShape, judgeToyImage, inkMask, rgbToHsv, REFERENCE_HUES, type JudgeImage, type ColourVerdict, type ShapeVerdict } from './eval/judges.js';
