@@ -7,7 +7,7 @@
 import * as tf from '@tensorflow/tfjs';
 import { SdtuneError, usageError } from '../errors.js';
 import type { LoadedModel } from '../io/model.js';
-import { VAE_SCALE } from '../models/configs.js';
+import { vaeScaleFactor } from '../models/configs.js';
 import { unet } from '../models/unet.js';
 import { vaeDecode, vaeEncode } from '../models/vae.js';
 import { TorchGenerator, randnNHWC, randomSeed } from '../runtime/rng.js';
@@ -77,7 +77,7 @@ export type ResolvedGenerateOptions = GenerateOptions & Required<Pick<GenerateOp
 
 /** Fill generate()'s defaults (see GenerateOptions): what sampleToFiles writes into the PNG text too. */
 export function resolveGenerateOptions(m: LoadedModel, o: GenerateOptions): ResolvedGenerateOptions {
-  const side = (m.unet?.config.sample_size ?? 64) * VAE_SCALE;
+  const side = (m.unet?.config.sample_size ?? 64) * vaeScaleFactor(m.vae?.config);
   return {
     ...o,
     sampler: o.sampler ?? samplerFromConfig(m.schedulerConfig),
@@ -149,7 +149,8 @@ export async function generate(m: LoadedModel, options: GenerateOptions): Promis
   const b = o.batchSize;
   const seeds = Array.from({ length: b }, (_, i) => o.seed + i);
   const gens = o.generators ?? seeds.map((s) => new TorchGenerator(s));
-  const lat: [number, number, number, number] = [1, vae.config.latent_channels, o.height / VAE_SCALE, o.width / VAE_SCALE];
+  const f = vaeScaleFactor(vae.config);
+  const lat: [number, number, number, number] = [1, vae.config.latent_channels, o.height / f, o.width / f];
   const useCfg = o.cfg !== 1;
   const inpaint9 = un.config.in_channels === 9;
   const owned: tf.Tensor[] = [];
