@@ -41,3 +41,6 @@ export {
 } from './data/toy-world.js';
 export { toyVocabulary, toyTokenizerFiles, writeToyVocabulary, TOY_MAX_LENGTH } from './data/toy-vocab.js';
 export { judgeColour, judgeShape, judgeToyImage, inkMask, rgbToHsv, REFERENCE_HUES, type JudgeImage, type ColourVerdict, type ShapeVerdict } from './eval/judges.js';
+export { buildToyModel, makeToyModel, toyModelConfigs, modelParamCounts, TOY_SEEDS, type ToyModelOptions } from './data/toy-model.js';
+export { evaluateModel, evalPrompts, assertToyModel, formatEvalTable, contactSheet, type EvaluateOptions, type EvalReport, type EvalResult, type EvalPromptRow, type EvalSample } from './eval/evaluate.js';
+export { applyAdapters, type AppliedAdapters } from './infer/sample.js';

@@ -89,6 +89,54 @@ async function hashOf(model: string): Promise<string | undefined> {
   return undefined;
 }
 
+/** What applyAdapters did: the prompt rewrite for embeddings and the adapters' A1111 hashes (by name / token). */
+export interface AppliedAdapters {
+  rewrite: (prompt: string) => string;
+  loraHashes: Record<string, string>;
+  tiHashes: Record<string, string>;
+}
+
+/**
+ * Apply `--lora FILE[:WEIGHT]` (merged into the weights) and `--embedding FILE[:TOKEN]` (added to the tokenizer and
+ * the token table) to a loaded model, as `sdtune sample` does; each undo is pushed on `restores` (run them in
+ * reverse). The embeddings the prompts use are listed through `o.log`.
+ */
+export async function applyAdapters(
+  m: LoadedModel,
+  o: Pick<SampleOptions, 'lora' | 'embedding' | 'prompt' | 'negativePrompt' | 'log'> & { prompts?: string[] },
+  restores: (() => void)[],
+): Promise<AppliedAdapters> {
+  if (!m.unet || !m.textEncoder) throw usageError(`${m.path}: adapters need a unet and a text_encoder`);
+  // LoRAs merged into the weights, embeddings added to the tokenizer and token table
+  const loraHashes: Record<string, string> = {};
+  for (const arg of o.lora ?? []) {
+    const { path: file, weight } = parseAdapterArg(arg);
+    const lora = await readLora(file, { unet: m.unet.params, textEncoder: m.textEncoder.params });
+    restores.push(mergeLora({ unet: m.unet.params, textEncoder: m.textEncoder.params }, lora, weight));
+    loraHashes[path.basename(file).replace(/\.safetensors$/i, '')] = await loraHash(file);
+  }
+  let rewrite = (p: string) => p;
+  const tiHashes: Record<string, string> = {};
+  if (o.embedding?.length) {
+    const embs = await Promise.all(
+      o.embedding.map((arg) => {
+        const sep = arg.lastIndexOf(':');
+        const hasToken = sep > 1 && !/^[\\/]/.test(arg.slice(sep + 1)); // "C:\x" is a drive letter, not a token
+        return readEmbedding(hasToken ? arg.slice(0, sep) : arg, { token: hasToken ? arg.slice(sep + 1) : undefined, expectedDim: m.textEncoder!.config.hidden_size });
+      }),
+    );
+    const applied = applyEmbeddings(m.textEncoder.params, m.tokenizer!, embs);
+    restores.push(applied.restore);
+    rewrite = applied.rewritePrompt;
+    // A1111 lists the embeddings the prompts use, by name, with the first 12 hex of the file's SHA-256
+    const used = applied.usedIn([o.prompt, ...(o.prompts ?? [])].join(' '), o.negativePrompt ?? '');
+    const log = o.log ?? ((l: string) => process.stderr.write(l + '\n'));
+    for (const line of describeEmbeddingUse(embs, used)) log(line);
+    for (const e of used) tiHashes[e.token] = await embeddingHash(e.path);
+  }
+  return { rewrite, loraHashes, tiHashes };
+}
+
 /** Generate images and write them (see SampleOptions). */
 export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
   const nIter = o.nIter ?? 1;
@@ -112,33 +160,7 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
   const restores: (() => void)[] = [];
   try {
     if (!m.unet || !m.vae || !m.textEncoder) throw usageError(`${o.model}: sampling needs a full model (unet, vae, text_encoder)`);
-    // adapters: LoRAs merged into the weights, embeddings added to the tokenizer and token table
-    const loraHashes: Record<string, string> = {};
-    for (const arg of o.lora ?? []) {
-      const { path: file, weight } = parseAdapterArg(arg);
-      const lora = await readLora(file, { unet: m.unet.params, textEncoder: m.textEncoder.params });
-      restores.push(mergeLora({ unet: m.unet.params, textEncoder: m.textEncoder.params }, lora, weight));
-      loraHashes[path.basename(file).replace(/\.safetensors$/i, '')] = await loraHash(file);
-    }
-    let rewrite = (p: string) => p;
-    const tiHashes: Record<string, string> = {};
-    if (o.embedding?.length) {
-      const embs = await Promise.all(
-        o.embedding.map((arg) => {
-          const sep = arg.lastIndexOf(':');
-          const hasToken = sep > 1 && !/^[\\/]/.test(arg.slice(sep + 1)); // "C:\x" is a drive letter, not a token
-          return readEmbedding(hasToken ? arg.slice(0, sep) : arg, { token: hasToken ? arg.slice(sep + 1) : undefined, expectedDim: m.textEncoder!.config.hidden_size });
-        }),
-      );
-      const applied = applyEmbeddings(m.textEncoder.params, m.tokenizer!, embs);
-      restores.push(applied.restore);
-      rewrite = applied.rewritePrompt;
-      // A1111 lists the embeddings the prompts use, by name, with the first 12 hex of the file's SHA-256
-      const used = applied.usedIn(o.prompt, o.negativePrompt ?? '');
-      const log = o.log ?? ((l: string) => process.stderr.write(l + '\n'));
-      for (const line of describeEmbeddingUse(embs, used)) log(line);
-      for (const e of used) tiHashes[e.token] = await embeddingHash(e.path);
-    }
+    const { rewrite, loraHashes, tiHashes } = await applyAdapters(m, o, restores);
     // the same defaults as generate(): the model's scheduler, the init image's size or the UNet's, 30 steps, cfg 7.5
     const r0 = resolveGenerateOptions(m, { prompt: o.prompt, sampler, steps: o.steps, cfg: o.cfg, width: o.width, height: o.height, seed: o.seed, initImage: init });
     const { sampler: name, width, height, steps, cfg, seed: baseSeed } = r0;
