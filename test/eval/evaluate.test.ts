@@ -2,7 +2,7 @@
 // machinery (prompts x seeds through the pipeline, judges, table, JSON, contact sheet) and its refusals. A random
 // model draws noise, so accuracy is not asserted; the counts and that each verdict is the judges' on the image are.
 import { spawnSync } from 'node:child_process';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { copyFile, mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -49,6 +49,18 @@ describe('toy model builder', () => {
       disposeModel(m);
     }
     await expect(makeToyModel(modelDir)).rejects.toThrow(/exists|not empty/);
+  });
+
+  it("a tokenizer without model_max_length takes the text encoder's 12 positions; a longer window is refused", async () => {
+    const bare = path.join(tmp, 'bare-tokenizer');
+    await mkdir(bare);
+    for (const f of ['vocab.json', 'merges.txt']) await copyFile(path.join(modelDir, 'tokenizer', f), path.join(bare, f));
+    const m = await loadModel(modelDir, { tokenizerDir: bare, components: ['text_encoder'] });
+    expect(m.tokenizer!.maxLength).toBe(12);
+    disposeModel(m);
+    await expect(loadModel(modelDir, { tokenizerDir: path.join(TINY, 'tokenizer'), components: ['text_encoder'] })).rejects.toThrow(
+      /the tokenizer's model_max_length is 77 but the text encoder has 12 positions/,
+    );
   });
 });
 
