@@ -8,10 +8,11 @@
  * whose hue is meaningless, is not ink; every world colour has value >= 0.78). Fewer than 8 ink pixels: no verdict
  * (null), which scores as wrong. Neither ever throws on pixel content.
  *  - Colour: the circular mean of the ink's hues, snapped to the nearest reference hue (TOY_RGB, purple included).
- *  - Shape: the best soft IoU (sum min / sum max) between the binary ink mask and templates rendered by the world's
- *    own rasteriser, per shape (heart included) over radius and centre: starting from the mask's area and centroid,
- *    a coarse grid then two finer ones, radii within SHAPE_RADIUS_RANGE. A best IoU below MIN_SHAPE_IOU (0.6; world
- *    images score >= 0.78, ink scattered at random about 0.5) is no verdict: a blob, not a shape.
+ *  - Shape: the best soft IoU (sum min / sum max) between the image's ink coverage (estimated from chroma around the
+ *    ink mask, see softInk: anti-aliased and blurred rims count partly) and templates rendered by the world's own
+ *    rasteriser, per shape (heart included) over radius and centre: starting from the ink's area and centroid, a
+ *    coarse grid then two finer ones, radii within SHAPE_RADIUS_RANGE. A best IoU below MIN_SHAPE_IOU (0.6; world
+ *    images score >= 0.89, ink scattered at random about 0.43) is no verdict: a blob, not a shape.
  */
 import { usageError } from '../errors.js';
 import { TOY_COLOURS, TOY_RGB, TOY_SHAPES, TOY_SIZE, type ToyColour, type ToyShape, shapeCoverage } from '../data/toy-world.js';
@@ -136,14 +137,14 @@ const BITMAPS: Record<ToyShape, Uint8Array> = Object.fromEntries(
  * Soft IoU (sum min / sum max) of a binary mask holding `n` ones and a shape's template at (cx, cy, r), summed over
  * the template's bounding box only: union = n + the template's coverage outside the mask.
  */
-function templateIoU(mask: Uint8Array, n: number, w: number, h: number, shape: ToyShape, cx: number, cy: number, r: number): number {
+function templateIoU(ink: Float32Array, total: number, w: number, h: number, shape: ToyShape, cx: number, cy: number, r: number): number {
   const bm = BITMAPS[shape];
   const reach = BITMAP_EXTENT * r;
   const j0 = Math.max(0, Math.floor(cx - reach)), j1 = Math.min(w - 1, Math.ceil(cx + reach));
   const i0 = Math.max(0, Math.floor(cy - reach)), i1 = Math.min(h - 1, Math.ceil(cy + reach));
   const k = BITMAP_SCALE / r;
   const ss = TEMPLATE_SUPERSAMPLE;
-  let inter = 0, outside = 0;
+  let inter = 0, tsum = 0;
   for (let i = i0; i <= i1; i++) {
     for (let j = j0; j <= j1; j++) {
       let t = 0;
@@ -155,36 +156,70 @@ function templateIoU(mask: Uint8Array, n: number, w: number, h: number, shape: T
           if (bj >= 0 && bj < BITMAP) t += bm[bi * BITMAP + bj]!;
         }
       }
-      if (mask[i * w + j]) inter += t;
-      else outside += t;
+      t /= ss * ss;
+      tsum += t;
+      inter += Math.min(t, ink[i * w + j]!);
     }
   }
-  const norm = ss * ss;
-  return inter / norm / (n + outside / norm);
+  return inter / (total + tsum - inter); // sum max(a, t) = sum a + sum t - sum min(a, t)
+}
+
+/**
+ * How much of each pixel the shape covers, estimated from its chroma (max - min channel): on white, a pixel covered
+ * a of the way by colour c has chroma a * chroma(c), so ink = chroma / the shape's own chroma (the 90th percentile
+ * over the ink mask), clipped to [0, 1], on the mask and its 8-neighbours only (elsewhere 0: chroma noise on the
+ * background is not the shape). Dark pixels (value <= INK_VALUE) are no ink.
+ */
+function softInk(img: JudgeImage, mask: Uint8Array): Float32Array {
+  const n = img.width * img.height;
+  const chroma = new Float32Array(n);
+  const inMask: number[] = [];
+  for (let p = 0; p < n; p++) {
+    const r = img.data[3 * p]!, g = img.data[3 * p + 1]!, b = img.data[3 * p + 2]!;
+    const max = Math.max(r, g, b);
+    chroma[p] = max / 255 > INK_VALUE ? max - Math.min(r, g, b) : 0;
+    if (mask[p]) inMask.push(chroma[p]!);
+  }
+  inMask.sort((x, y) => x - y);
+  const ref = Math.max(1, inMask[Math.min(inMask.length - 1, Math.floor(0.9 * inMask.length))]!);
+  // only the mask and its 8-neighbours: the anti-aliased or blurred rim, not chroma noise over the white background
+  const w = img.width, h = img.height;
+  const ink = new Float32Array(n);
+  for (let i = 0; i < h; i++) {
+    for (let j = 0; j < w; j++) {
+      let near = false;
+      for (let a = Math.max(0, i - 1); a <= Math.min(h - 1, i + 1) && !near; a++) for (let b = Math.max(0, j - 1); b <= Math.min(w - 1, j + 1); b++) if (mask[a * w + b]) near = true;
+      if (near) ink[i * w + j] = Math.min(1, chroma[i * w + j]! / ref);
+    }
+  }
+  return ink;
 }
 
 /** The shape an image shows (see the module comment). */
 export function judgeShape(img: JudgeImage): ShapeVerdict {
   const mask = inkMask(img);
   const { width: w, height: h } = img;
-  let n = 0, mx = 0, my = 0;
-  for (let i = 0; i < h; i++) {
-    for (let j = 0; j < w; j++) {
-      if (!mask[i * w + j]) continue;
-      n++;
-      mx += j + 0.5;
-      my += i + 0.5;
-    }
-  }
+  let n = 0;
+  for (const v of mask) n += v;
   const none = Object.fromEntries(TOY_SHAPES.map((s) => [s, 0])) as Record<ToyShape, number>;
   if (n < MIN_INK_PIXELS) return { shape: null, iou: none, radius: NaN, cx: NaN, cy: NaN, pixels: n };
-  mx /= n;
-  my /= n;
+  const ink = softInk(img, mask);
+  let total = 0, mx = 0, my = 0;
+  for (let i = 0; i < h; i++) {
+    for (let j = 0; j < w; j++) {
+      const a = ink[i * w + j]!;
+      total += a;
+      mx += a * (j + 0.5);
+      my += a * (i + 0.5);
+    }
+  }
+  mx /= total;
+  my /= total;
   const scores = { ...none };
   let best = { shape: TOY_SHAPES[0] as ToyShape, score: -1, r: NaN, cx: NaN, cy: NaN };
   for (const shape of TOY_SHAPES) {
     const [rMin, rMax] = SHAPE_RADIUS_RANGE;
-    let cur = { score: -1, r: Math.min(rMax, Math.max(rMin, Math.sqrt(n / UNIT_AREA[shape]))), cx: mx, cy: my };
+    let cur = { score: -1, r: Math.min(rMax, Math.max(rMin, Math.sqrt(total / UNIT_AREA[shape]))), cx: mx, cy: my };
     // coarse to fine: (centre step px, centre steps each side, radius factors)
     for (const [step, k, rf] of [[1.5, 1, [0.85, 1, 1.15]], [0.75, 1, [0.93, 1, 1.07]], [0.375, 1, [0.965, 1, 1.035]]] as const) {
       const base = cur;
@@ -192,7 +227,7 @@ export function judgeShape(img: JudgeImage): ShapeVerdict {
         for (let a = -k; a <= k; a++) {
           for (let b = -k; b <= k; b++) {
             const r = Math.min(rMax, Math.max(rMin, base.r * f)), cx = base.cx + b * step, cy = base.cy + a * step;
-            const s = templateIoU(mask, n, w, h, shape, cx, cy, r);
+            const s = templateIoU(ink, total, w, h, shape, cx, cy, r);
             if (s > cur.score) cur = { score: s, r, cx, cy };
           }
         }
