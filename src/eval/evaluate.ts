@@ -12,7 +12,7 @@ import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { SdtuneError, usageError } from '../errors.js';
 import { TOY_BASE_COLOURS, TOY_BASE_SHAPES, TOY_COLOURS, TOY_SHAPES, TOY_SIZE, TOY_WORDS, type ToyColour, type ToyShape, parseToyPrompt } from '../data/toy-world.js';
-import { type LoadedModel, type OpenModelOptions, disposeModel, loadModel } from '../io/model.js';
+import { type LoadedModel, type OpenModelOptions, disposeModel, inspectModel, loadModel } from '../io/model.js';
 import { writePng } from '../io/png.js';
 import { vaeScaleFactor } from '../models/configs.js';
 import { writeFileAtomic } from '../runtime/atomic.js';
@@ -136,10 +136,23 @@ export function evalPrompts(prompts: readonly string[] = [], grid?: string): Eva
  */
 export function assertToyModel(m: LoadedModel): void {
   const side = m.unet && m.vae ? m.unet.config.sample_size * vaeScaleFactor(m.vae.config) : undefined;
-  const missing = m.tokenizer ? TOY_WORDS.filter((w) => m.tokenizer!.tokenize(w).length !== 1) : TOY_WORDS;
+  const missing = m.tokenizer ? TOY_WORDS.filter((w) => m.tokenizer!.tokenize(w).length !== 1) : [...TOY_WORDS];
+  refuseUnlessToy(m.path, side, missing);
+}
+
+function refuseUnlessToy(where: string, side: number | undefined, missing: readonly string[]): void {
   if (side === TOY_SIZE && missing.length === 0) return;
   const why = side !== TOY_SIZE ? `it samples ${side === undefined ? 'nothing (no unet/vae)' : `${side}x${side}`} images, not ${TOY_SIZE}x${TOY_SIZE}` : `its tokenizer splits the world's words (${missing.slice(0, 4).join(', ')}${missing.length > 4 ? ', ...' : ''})`;
-  throw new SdtuneError('unsupported', `${m.path} is not a toy-world model (${why}): the judges only know the toy world (32x32 coloured shapes, see sdtune toy-world); evaluate a model built from it`);
+  throw new SdtuneError('unsupported', `${where} is not a toy-world model (${why}): the judges only know the toy world (32x32 coloured shapes, see sdtune toy-world); evaluate a model built from it`);
+}
+
+/** The image size check from the configs alone, before any weights are read (an SD v1 is refused in a second, not after loading 4 GB). */
+async function precheckToyModel(model: string, load: OpenModelOptions | undefined): Promise<void> {
+  const r = await inspectModel(model, load);
+  const u = r.components.unet?.config, v = r.components.vae?.config;
+  const boc = v?.block_out_channels;
+  const side = u && Array.isArray(boc) && typeof u.sample_size === 'number' ? u.sample_size * vaeScaleFactor({ block_out_channels: boc as number[] }) : undefined;
+  if (side !== TOY_SIZE) refuseUnlessToy(model, side, []);
 }
 
 const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
@@ -199,6 +212,7 @@ export async function evaluateModel(o: EvaluateOptions): Promise<EvalResult> {
     for (const f of Object.values(files)) if (existsSync(f)) throw usageError(`eval: ${f} already exists; choose another --out folder or pass --overwrite`);
   }
   const owned = typeof o.model === 'string';
+  if (typeof o.model === 'string') await precheckToyModel(o.model, o.load);
   const m = typeof o.model === 'string' ? await loadModel(o.model, o.load) : o.model;
   const restores: (() => void)[] = [];
   try {

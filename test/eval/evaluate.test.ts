@@ -9,7 +9,8 @@ import { fileURLToPath } from 'node:url';
 import * as tf from '@tensorflow/tfjs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TOY_WORDS } from '../../src/data/toy-world.js';
-import { makeToyModel } from '../../src/data/toy-model.js';
+import { buildToyModel, makeToyModel } from '../../src/data/toy-model.js';
+import { ClipTokenizer } from '../../src/tokenizer/clip.js';
 import { assertToyModel, evalPrompts, evaluateModel, formatEvalTable } from '../../src/eval/evaluate.js';
 import { judgeToyImage } from '../../src/eval/judges.js';
 import { generate, toUint8 } from '../../src/infer/pipeline.js';
@@ -123,6 +124,16 @@ describe('evaluateModel', () => {
     const r = spawnSync(process.execPath, [BIN, 'eval', '--model', TINY, '--prompts', 'a red circle', '--steps', '1', '--out', path.join(tmp, 'x')], { encoding: 'utf8', env: { ...process.env, SDTUNE_BACKEND: 'wasm' } });
     expect(r.status).toBe(6);
     expect(r.stderr.trim().split('\n').pop()).toMatch(/^error: .*is not a toy-world model .*the judges only know the toy world/);
+    // 32x32, but a tokenizer without the world's words
+    const m = buildToyModel();
+    try {
+      const other = await ClipTokenizer.fromDir(path.join(TINY, 'tokenizer'), { maxLength: 12 });
+      const missing = TOY_WORDS.filter((w) => other.tokenize(w).length !== 1);
+      expect(missing.length).toBeGreaterThan(0);
+      expect(() => assertToyModel({ ...m, tokenizer: other })).toThrow(new RegExp(`its tokenizer splits the world's words \\(${missing[0]}`));
+    } finally {
+      disposeModel(m);
+    }
   });
 
   it('parses prompts and grids; prompts naming no colour or shape are a clear error', () => {
