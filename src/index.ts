@@ -49,3 +49,13 @@ export { withModelDefaults, resolutionWarning, type ModelResolvedConfig } from '
 export { train, type TrainOptions, type TrainResult } from './train/loop.js';
 export { diffusionLoss } from './train/loss.js';
 export { createEma, emaStep, emaDecay, emaStateToHost, emaStateFromHost, disposeEma, EMA_DEFAULTS, type EmaOptions, type EmaState, type EmaHostState } from './train/ema.js';
+export {
+  toyWorldStream, toyWorldImages, writeToyWorld, renderToyImage, shapeCoverage, toyPalette, toyCaption, parseToyPrompt,
+  TOY_SIZE, TOY_COLOURS, TOY_SHAPES, TOY_BASE_COLOURS, TOY_BASE_SHAPES, TOY_HELD_OUT_COLOURS, TOY_HELD_OUT_SHAPES, TOY_RGB, TOY_WORDS, TOY_RARE_WORD,
+  type ToyWorldItem, type ToyWorldOptions, type WriteToyWorldOptions, type ToyLabels, type ToyColour, type ToyShape,
+} from './data/toy-world.js';
+export { toyVocabulary, toyTokenizerFiles, writeToyVocabulary, TOY_MAX_LENGTH } from './data/toy-vocab.js';
+export { judgeColour, judgeShape, judgeToyImage, inkMask, rgbToHsv, REFERENCE_HUES, type JudgeImage, type ColourVerdict, type ShapeVerdict } from './eval/judges.js';
+export { buildToyModel, makeToyModel, toyModelConfigs, modelParamCounts, TOY_SEEDS, type ToyModelOptions } from './data/toy-model.js';
+export { evaluateModel, evalPrompts, assertToyModel, formatEvalTable, contactSheet, type EvaluateOptions, type EvalReport, type EvalResult, type EvalPromptRow, type EvalSample } from './eval/evaluate.js';
+export { applyAdapters, type AppliedAdapters } from './infer/sample.js';

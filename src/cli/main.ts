@@ -2,11 +2,13 @@
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { registerConvert } from './commands/convert.js';
+import { registerEval } from './commands/eval.js';
 import { registerInspect } from './commands/inspect.js';
 import { registerSample } from './commands/sample.js';
+import { registerToyWorld } from './commands/toy-world.js';
 import { registerTrain } from './commands/train.js';
 
-const COMMANDS = ['inspect', 'convert', 'sample', 'lora', 'textual-inversion', 'finetune'];
+const COMMANDS = ['inspect', 'convert', 'sample', 'lora', 'textual-inversion', 'finetune', 'toy-world', 'eval'];
 
 let cli = yargs(hideBin(process.argv))
   .scriptName('sdtune')
@@ -28,4 +30,6 @@ cli = registerInspect(cli);
 cli = registerConvert(cli);
 cli = registerSample(cli);
 cli = registerTrain(cli);
+cli = registerToyWorld(cli);
+cli = registerEval(cli);
 await cli.parseAsync();

@@ -20,7 +20,7 @@
  */
 import { SdtuneError } from '../errors.js';
 import type { LoadedModel } from '../io/model.js';
-import { type ClipTextConfig, CLIP_MAX_LENGTH, type UNetConfig, VAE_SCALE, type VaeConfig } from '../models/configs.js';
+import { type ClipTextConfig, CLIP_MAX_LENGTH, type UNetConfig, VAE_SCALE, type VaeConfig, vaeScaleFactor } from '../models/configs.js';
 import { attentionChunks, getAttentionChunkElements } from '../models/layers.js';
 import { countParams } from '../models/params.js';
 import { type MemoryBudget, memoryBudget } from '../runtime/backend.js';
@@ -227,8 +227,8 @@ export function estimateSampling(m: SamplingModel, s: SamplingShape, weights = w
   if (!m.unet || !m.vae || !m.textEncoder) throw new SdtuneError('usage', 'a memory estimate for sampling needs unet, vae and text_encoder');
   const b = s.batchSize ?? 1;
   const chunk = s.attentionChunk ?? getAttentionChunkElements();
-  const lh = s.height / VAE_SCALE;
-  const lw = s.width / VAE_SCALE;
+  const lh = s.height / vaeScaleFactor(m.vae.config);
+  const lw = s.width / vaeScaleFactor(m.vae.config);
   const bu = s.cfg ? 2 * b : b;
   const un = unetPeakBytes(m.unet.config, bu, lh, lw, chunk, CLIP_MAX_LENGTH * (s.textChunks ?? 1));
   const dec = vaeDecodePeakBytes(m.vae.config, 1, lh, lw, chunk);
@@ -324,7 +324,8 @@ export function assertSamplingFits(
  */
 export function trainingFloorBytes(m: Pick<LoadedModel, 'unet' | 'vae' | 'textEncoder'>, resolution: readonly [number, number], batchSize: number, gradientCheckpointing: boolean): number {
   if (!m.unet) throw new SdtuneError('usage', 'a memory estimate for training needs a unet');
-  const u = unetPeakBytes(m.unet.config, batchSize, Math.ceil(resolution[1] / VAE_SCALE), Math.ceil(resolution[0] / VAE_SCALE));
+  const f = vaeScaleFactor(m.vae?.config);
+  const u = unetPeakBytes(m.unet.config, batchSize, Math.ceil(resolution[1] / f), Math.ceil(resolution[0] / f));
   return weightsBytes(m) + (gradientCheckpointing ? u.peak : u.total);
 }
 

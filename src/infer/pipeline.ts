@@ -7,7 +7,7 @@
 import * as tf from '@tensorflow/tfjs';
 import { SdtuneError, usageError } from '../errors.js';
 import type { LoadedModel } from '../io/model.js';
-import { VAE_SCALE } from '../models/configs.js';
+import { vaeScaleFactor } from '../models/configs.js';
 import type { ContextAdapter } from '../models/layers.js';
 import { unet } from '../models/unet.js';
 import { vaeDecode, vaeEncode } from '../models/vae.js';
@@ -90,7 +90,7 @@ export type ResolvedGenerateOptions = GenerateOptions & Required<Pick<GenerateOp
 
 /** Fill generate()'s defaults (see GenerateOptions): what sampleToFiles writes into the PNG text too. */
 export function resolveGenerateOptions(m: LoadedModel, o: GenerateOptions): ResolvedGenerateOptions {
-  const side = (m.unet?.config.sample_size ?? 64) * VAE_SCALE;
+  const side = (m.unet?.config.sample_size ?? 64) * vaeScaleFactor(m.vae?.config);
   return {
     ...o,
     sampler: o.sampler ?? samplerFromConfig(m.schedulerConfig),
@@ -167,7 +167,8 @@ export async function generate(m: LoadedModel, options: GenerateOptions): Promis
   const b = o.batchSize;
   const seeds = Array.from({ length: b }, (_, i) => o.seed + i);
   const gens = o.generators ?? seeds.map((s) => new TorchGenerator(s));
-  const lat: [number, number, number, number] = [1, vae.config.latent_channels, o.height / VAE_SCALE, o.width / VAE_SCALE];
+  const f = vaeScaleFactor(vae.config);
+  const lat: [number, number, number, number] = [1, vae.config.latent_channels, o.height / f, o.width / f];
   const inpaint9 = un.config.in_channels === 9;
   // depth-to-image: the normalised depth at latent size (the 5th input channel of every image and CFG half)
   const depth = o.depthMap && depthCondition(o.depthMap, lat[3], lat[2], { invert: o.depthInvert });

@@ -19,7 +19,7 @@ import { assertSamplingFits, checkImageSize, fmtBytes } from './budget.js';
 import { depthAspectNote, readDepthMap } from './depth.js';
 import { type RgbImage, generate, resolveGenerateOptions, toUint8 } from './pipeline.js';
 import { parseExtraNetworks } from '../tokenizer/prompt-schedule.js';
-import { resolvePromptNetworks } from './prompt-networks.js';
+import { type PromptNetworks, resolvePromptNetworks } from './prompt-networks.js';
 
 export const SDTUNE_VERSION = '0.1.0';
 
@@ -104,6 +104,60 @@ async function hashOf(model: string): Promise<string | undefined> {
   return undefined;
 }
 
+/** What applyAdapters did: the prompt rewrite for embeddings and the adapters' A1111 hashes (by name / token). */
+export interface AppliedAdapters {
+  rewrite: (prompt: string) => string;
+  loraHashes: Record<string, string>;
+  tiHashes: Record<string, string>;
+}
+
+/**
+ * Apply `--lora FILE[:WEIGHT]` (merged into the weights) and `--embedding FILE[:TOKEN]` (added to the tokenizer and
+ * the token table) to a loaded model, as `sdtune sample` does; each undo is pushed on `restores` (run them in
+ * reverse). The embeddings the prompts use are listed through `o.log`.
+ */
+export async function applyAdapters(
+  m: LoadedModel,
+  o: Pick<SampleOptions, 'lora' | 'embedding' | 'prompt' | 'negativePrompt' | 'log'> & { prompts?: string[]; promptLoras?: PromptNetworks['loras'] },
+  restores: (() => void)[],
+): Promise<AppliedAdapters> {
+  if (!m.unet || !m.textEncoder) throw usageError(`${m.path}: adapters need a unet and a text_encoder`);
+  // LoRAs merged into the weights, embeddings added to the tokenizer and token table
+  const loraHashes: Record<string, string> = {};
+  for (const arg of o.lora ?? []) {
+    const { path: file, weight } = parseAdapterArg(arg);
+    const lora = await readLora(file, { unet: m.unet.params, textEncoder: m.textEncoder.params });
+    restores.push(mergeLora({ unet: m.unet.params, textEncoder: m.textEncoder.params }, lora, weight));
+    loraHashes[path.basename(file).replace(/\.safetensors$/i, '')] = await loraHash(file);
+  }
+  // prompt tags: A1111's text-encoder and UNet multipliers; "Lora hashes" names them as the tag does
+  for (const l of o.promptLoras ?? []) {
+    const lora = await readLora(l.path, { unet: m.unet.params, textEncoder: m.textEncoder.params });
+    restores.push(mergeLora({ unet: m.unet.params, textEncoder: m.textEncoder.params }, lora, { textEncoder: l.te, unet: l.unet }));
+    loraHashes[l.name] = await loraHash(l.path);
+  }
+  let rewrite = (p: string) => p;
+  const tiHashes: Record<string, string> = {};
+  if (o.embedding?.length) {
+    const embs = await Promise.all(
+      o.embedding.map((arg) => {
+        const sep = arg.lastIndexOf(':');
+        const hasToken = sep > 1 && !/^[\\/]/.test(arg.slice(sep + 1)); // "C:\x" is a drive letter, not a token
+        return readEmbedding(hasToken ? arg.slice(0, sep) : arg, { token: hasToken ? arg.slice(sep + 1) : undefined, expectedDim: m.textEncoder!.config.hidden_size });
+      }),
+    );
+    const applied = applyEmbeddings(m.textEncoder.params, m.tokenizer!, embs);
+    restores.push(applied.restore);
+    rewrite = applied.rewritePrompt;
+    // A1111 lists the embeddings the prompts use, by name, with the first 12 hex of the file's SHA-256
+    const used = applied.usedIn([o.prompt, ...(o.prompts ?? [])].join(' '), o.negativePrompt ?? '');
+    const log = o.log ?? ((l: string) => process.stderr.write(l + '\n'));
+    for (const line of describeEmbeddingUse(embs, used)) log(line);
+    for (const e of used) tiHashes[e.token] = await embeddingHash(e.path);
+  }
+  return { rewrite, loraHashes, tiHashes };
+}
+
 /** Generate images and write them (see SampleOptions). */
 export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
   const nIter = o.nIter ?? 1;
@@ -147,38 +201,8 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
       (o.log ?? ((l: string) => process.stderr.write(l + '\n')))(
         `warning: ${o.model} has an SD 2 (OpenCLIP) text encoder but its tokenizer pads with <|endoftext|> as SD v1's does; SD 2's pads with "!": pass --tokenizer DIR with an SD 2 model's tokenizer/ folder`,
       );
-    // adapters: LoRAs merged into the weights, embeddings added to the tokenizer and token table
-    const loraHashes: Record<string, string> = {};
-    for (const arg of o.lora ?? []) {
-      const { path: file, weight } = parseAdapterArg(arg);
-      const lora = await readLora(file, { unet: m.unet.params, textEncoder: m.textEncoder.params });
-      restores.push(mergeLora({ unet: m.unet.params, textEncoder: m.textEncoder.params }, lora, weight));
-      loraHashes[path.basename(file).replace(/\.safetensors$/i, '')] = await loraHash(file);
-    }
-    // prompt tags: A1111's text-encoder and UNet multipliers; "Lora hashes" names them as the tag does
-    for (const l of nets.loras) {
-      const lora = await readLora(l.path, { unet: m.unet.params, textEncoder: m.textEncoder.params });
-      restores.push(mergeLora({ unet: m.unet.params, textEncoder: m.textEncoder.params }, lora, { textEncoder: l.te, unet: l.unet }));
-      loraHashes[l.name] = await loraHash(l.path);
-    }
-    let rewrite = (p: string) => p;
-    const tiHashes: Record<string, string> = {};
-    if (o.embedding?.length) {
-      const embs = await Promise.all(
-        o.embedding.map((arg) => {
-          const sep = arg.lastIndexOf(':');
-          const hasToken = sep > 1 && !/^[\\/]/.test(arg.slice(sep + 1)); // "C:\x" is a drive letter, not a token
-          return readEmbedding(hasToken ? arg.slice(0, sep) : arg, { token: hasToken ? arg.slice(sep + 1) : undefined, expectedDim: m.textEncoder!.config.hidden_size });
-        }),
-      );
-      const applied = applyEmbeddings(m.textEncoder.params, m.tokenizer!, embs);
-      restores.push(applied.restore);
-      rewrite = applied.rewritePrompt;
-      // A1111 lists the embeddings the prompts use, by name, with the first 12 hex of the file's SHA-256
-      const used = applied.usedIn(nets.prompt, o.negativePrompt ?? '');
-      for (const line of describeEmbeddingUse(embs, used)) log(line);
-      for (const e of used) tiHashes[e.token] = await embeddingHash(e.path);
-    }
+    // adapters: --lora and the prompt's <lora:...> tags merged into the weights, embeddings added to the tokenizer
+    const { rewrite, loraHashes, tiHashes } = await applyAdapters(m, { ...o, prompt: nets.prompt, promptLoras: nets.loras }, restores);
     // hypernetworks: context adapters of every attention (A1111), chained in order
     const hypernets: (HypernetworkUse & { name: string; file: string })[] = [];
     restores.push(() => hypernets.forEach((h) => disposeHypernetwork(h.net)));

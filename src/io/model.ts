@@ -88,15 +88,23 @@ function checkComponent(
  * of the config folder, of a folder named like a single file, or beside it), the tokenizer a single file written by
  * sdtune carries in its metadata.
  */
-async function tokenizerOf(ck: CheckpointSource, opts: OpenModelOptions, notes: string[]): Promise<ClipTokenizer> {
+async function tokenizerOf(ck: CheckpointSource, opts: OpenModelOptions, notes: string[], positions: number): Promise<ClipTokenizer> {
   const dir = opts.tokenizerDir ?? ck.tokenizerDir;
+  // a tokenizer without model_max_length takes the text encoder's window (SD v1: 77; the toy world's: 12)
+  const tokOpts = { defaultMaxLength: positions };
+  let tok: ClipTokenizer | undefined;
   if (dir) {
     if (ck.embeddedTokenizer) notes.push(`tokenizer from ${dir} (not the one embedded in ${ck.path})`);
-    return ClipTokenizer.fromDir(dir);
-  }
-  if (ck.embeddedTokenizer) {
+    tok = await ClipTokenizer.fromDir(dir, tokOpts);
+  } else if (ck.embeddedTokenizer) {
     notes.push('tokenizer: the one embedded in the file');
-    return ClipTokenizer.fromTexts(ck.embeddedTokenizer, (name) => `${ck.path} (embedded ${name})`);
+    tok = ClipTokenizer.fromTexts(ck.embeddedTokenizer, (name) => `${ck.path} (embedded ${name})`, tokOpts);
+  }
+  if (tok) {
+    if (tok.maxLength > positions) {
+      throw new SdtuneError('format', `${dir ?? ck.path}: the tokenizer's model_max_length is ${tok.maxLength} but the text encoder has ${positions} positions (max_position_embeddings); they must agree`);
+    }
+    return tok;
   }
   const where = ck.layout === 'single-file' ? `no tokenizer/ folder beside it or in a folder named like it, and none embedded in the file` : 'no tokenizer/ folder';
   throw new SdtuneError('usage', `${ck.path}: no tokenizer found (${where}); pass --tokenizer DIR (a folder with vocab.json and merges.txt, e.g. the tokenizer/ of the diffusers model it came from)`);
@@ -134,7 +142,7 @@ export async function loadModel(path: string, opts: OpenModelOptions = {}): Prom
       else if (name === 'vae') loaded.vae = { config: config as VaeConfig, params };
       else loaded.textEncoder = { config: config as ClipTextConfig, params };
     }
-    if (loaded.textEncoder) loaded.tokenizer = await tokenizerOf(ck, opts, loaded.notes);
+    if (loaded.textEncoder) loaded.tokenizer = await tokenizerOf(ck, opts, loaded.notes, loaded.textEncoder.config.max_position_embeddings);
     return loaded;
   } catch (e) {
     disposeModel(loaded);

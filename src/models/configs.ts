@@ -10,6 +10,11 @@ export const CLIP_MAX_LENGTH = 77;
 export const SD_LATENT_SCALE = 0.18215;
 export const VAE_SCALE = 8;
 
+/** Pixels per latent of a VAE: 2^(levels - 1), as diffusers' pipelines compute vae_scale_factor (SD v1: 8; the toy world's: 4). */
+export function vaeScaleFactor(cfg: { block_out_channels: readonly number[] } | undefined): number {
+  return cfg ? 2 ** (cfg.block_out_channels.length - 1) : VAE_SCALE;
+}
+
 export interface UNetConfig {
   in_channels: number;
   out_channels: number;

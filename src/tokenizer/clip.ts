@@ -18,8 +18,11 @@ export interface ClipTokenizerOptions {
   eosTokenId?: number;
   /** Default: id of the config's pad_token (SD v1 `<|endoftext|>` = eos; SD 2 `!` = 0), else eos. */
   padTokenId?: number;
-  /** Default: the config's model_max_length, else 77. */
+  /** Default: the config's model_max_length, else defaultMaxLength. */
   maxLength?: number;
+  /** The window when neither maxLength nor the config's model_max_length gives one (default 77; a model loader passes
+   *  its text encoder's max_position_embeddings). */
+  defaultMaxLength?: number;
 }
 
 export interface Encoded {
@@ -222,7 +225,7 @@ export class ClipTokenizer {
     this.eosTokenId = idOf(opts.eosTokenId, eos, 'eos');
     this.unkTokenId = idOf(undefined, unk, 'unk');
     this.padTokenId = opts.padTokenId ?? this.tokenToId(pad) ?? this.eosTokenId;
-    this.maxLength = opts.maxLength ?? specials.maxLength ?? DEFAULT_MAX_LENGTH;
+    this.maxLength = opts.maxLength ?? specials.maxLength ?? opts.defaultMaxLength ?? DEFAULT_MAX_LENGTH;
     if (!Number.isInteger(this.maxLength) || this.maxLength < 2) {
       throw new SdtuneError('usage', `tokenizer: maxLength must be an integer >= 2 (room for BOS and EOS), got ${this.maxLength}`);
     }

@@ -698,11 +698,11 @@ export type ModelResolvedConfig = TrainConfig & { data: TrainConfig['data'] & { 
  * (the size the model was trained at, as diffusers' pipelines default to: 512 for SD v1, 64 for the bundled tiny
  * model). Returns a new config; the loop saves this one, so a resume reads back the same resolution.
  */
-export function withModelDefaults(c: TrainConfig, unetSampleSize: number): ModelResolvedConfig {
+export function withModelDefaults(c: TrainConfig, unetSampleSize: number, pixelsPerLatent = 8): ModelResolvedConfig {
   if (c.data.resolution) return c as ModelResolvedConfig;
-  const side = unetSampleSize * 8;
+  const side = unetSampleSize * pixelsPerLatent; // the VAE's 2^(levels-1): 8 for SD v1, 4 for the toy world's
   const out = { ...c, data: { ...c.data, resolution: [side, side] as [number, number] } };
-  checkBucketRange(out.data.resolution, out.data.buckets, `data.resolution (default: the UNet's sample_size ${unetSampleSize} x 8): `);
+  checkBucketRange(out.data.resolution, out.data.buckets, `data.resolution (default: the UNet's sample_size ${unetSampleSize} x ${pixelsPerLatent}): `);
   return out;
 }
 

@@ -26,6 +26,7 @@ import { disposeTape } from '../runtime/memory.js';
 import { progress } from '../runtime/progress.js';
 import { type GeneratorState, TorchGenerator, randnNHWC } from '../runtime/rng.js';
 import { type Schedule, samplerFromConfig, scheduleFromConfig } from '../schedulers/index.js';
+import { vaeScaleFactor } from '../models/configs.js';
 import { type Method, type ModelResolvedConfig, type TrainConfig, describeSteps, dumpConfig, resolutionWarning, withModelDefaults } from './config.js';
 import { checkpointName, loadCheckpoint, resolveResume, saveCheckpoint } from './checkpoint.js';
 import { type PredictionType, diffusionLoss } from './loss.js';
@@ -167,7 +168,7 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
   try {
     if (!model.unet || !model.vae || !model.textEncoder || !model.tokenizer) throw new SdtuneError('usage', `${config.model.path}: training needs unet, vae, text_encoder and tokenizer`);
     const unetP = model.unet;
-    const c = withModelDefaults(config, unetP.config.sample_size);
+    const c = withModelDefaults(config, unetP.config.sample_size, vaeScaleFactor(model.vae.config));
     const vae = model.vae;
     const pred = (c.model.prediction_type ?? (model.schedulerConfig.prediction_type as string | undefined) ?? 'epsilon') as PredictionType;
     if (pred !== 'epsilon' && pred !== 'v_prediction') throw new SdtuneError('unsupported', `prediction type ${pred}`);

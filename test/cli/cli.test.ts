@@ -34,7 +34,7 @@ describe('sdtune command line (no reference data needed)', () => {
 
   it('declaring the commands (what --help needs) loads no tfjs: the library is imported when a command runs', () => {
     const script = [
-      ...['train', 'sample', 'convert', 'inspect'].map((c) => `await import('./src/cli/commands/${c}.ts');`),
+      ...['train', 'sample', 'convert', 'inspect', 'toy-world', 'eval'].map((c) => `await import('./src/cli/commands/${c}.ts');`),
       "const { createRequire } = await import('node:module');",
       'const cache = Object.keys(createRequire(import.meta.url).cache);',
       "process.stdout.write(JSON.stringify(cache.filter((k) => k.includes('@tensorflow'))));",

@@ -325,6 +325,8 @@ describe('defaults that follow the model and the data', () => {
     expect(resolveConfig('lora', dumpConfig(r), {}).data.resolution).toEqual([512, 512]);
     expect(withModelDefaults(resolveConfig('lora', BASE, { resolution: '768x512' }), 64).data.resolution).toEqual([768, 512]);
     expect(withModelDefaults(resolveConfig('lora', BASE, { resolution: null }), 8).data.resolution).toEqual([64, 64]);
+    // the toy world's VAE has 4 pixels per latent: sample_size 8 -> 32x32
+    expect(withModelDefaults(resolveConfig('lora', BASE, { resolution: null }), 8, 4).data.resolution).toEqual([32, 32]);
     // the bucket range is checked once the default is known
     const buckets = resolveConfig('lora', BASE, { 'data.buckets': { enabled: true, min_side: 640 } });
     expect(errorOf(() => withModelDefaults(buckets, 64)).message).toMatch(/data.resolution \(default: the UNet's sample_size 64 x 8\): data.resolution 512x512 must lie within/);
