@@ -32,5 +32,8 @@ export { sampleToFiles, type SampleOptions } from './infer/sample.js';
 export { resolveConfig, loadConfigFile, dumpConfig, type TrainConfig, type Method } from './train/config.js';
 export { withModelDefaults, resolutionWarning, type ModelResolvedConfig } from './train/config.js';
 export { train, type TrainOptions, type TrainResult } from './train/loop.js';
+export { registerMethod, unregisterMethod, getMethod, methodNames, type MethodEntry, type MethodFlag } from './train/registry.js';
+export { str, bool, int, num, oneOf, strs, size, orNull, expected } from './train/schema.js';
+export type { Recipe } from './train/recipe.js';
 export { diffusionLoss } from './train/loss.js';
 export { createEma, emaStep, emaDecay, emaStateToHost, emaStateFromHost, disposeEma, EMA_DEFAULTS, type EmaOptions, type EmaState, type EmaHostState } from './train/ema.js';

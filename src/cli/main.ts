@@ -4,9 +4,9 @@ import { hideBin } from 'yargs/helpers';
 import { registerConvert } from './commands/convert.js';
 import { registerInspect } from './commands/inspect.js';
 import { registerSample } from './commands/sample.js';
-import { registerTrain } from './commands/train.js';
+import { registerTrain, trainCommands } from './commands/train.js';
 
-const COMMANDS = ['inspect', 'convert', 'sample', 'lora', 'textual-inversion', 'finetune'];
+const COMMANDS = ['inspect', 'convert', 'sample', ...trainCommands()];
 
 let cli = yargs(hideBin(process.argv))
   .scriptName('sdtune')

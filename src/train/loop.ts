@@ -34,9 +34,7 @@ import { type EmaState, createEma, disposeEma, emaStateFromHost, emaStep } from 
 import { acquireRunLock, divergedError, newRunId, prepareRunFolder, unhealthyTrainable } from './guards.js';
 import { type AdamWState, adamwStep, clipGradNorm, createAdamW, disposeAdamW } from './optim.js';
 import { type Recipe, captionIds } from './recipe.js';
-import { createFinetuneRecipe } from './recipes/finetune.js';
-import { createLoraRecipe } from './recipes/lora.js';
-import { TI_TEMPLATES, createTiRecipe } from './recipes/textual-inversion.js';
+import { getMethod } from './registry.js';
 
 export interface TrainOptions {
   /** checkpoint folder (or output folder) to continue from */
@@ -66,52 +64,6 @@ export interface TrainResult {
   files: string[];
   checkpoint: string;
   stopped: 'done' | 'interrupted';
-}
-
-/** Build the method's recipe on a loaded model. */
-function makeRecipe(method: Method, model: LoadedModel, c: ModelResolvedConfig, gen: TorchGenerator): Recipe {
-  if (method === 'lora') {
-    const l = c.lora!;
-    if (l.dropout) throw new SdtuneError('unsupported', `lora.dropout = ${l.dropout}: LoRA dropout is not implemented yet; set it to 0`);
-    return createLoraRecipe(model, {
-      rank: l.rank,
-      alpha: l.alpha,
-      convRank: l.conv_rank ?? l.rank,
-      convAlpha: l.conv_alpha ?? l.alpha,
-      targets: l.targets,
-      textEncoder: l.text_encoder,
-      textEncoderLr: l.text_encoder_lr,
-      savePrecision: c.output.save_precision as 'fp16' | 'fp32', // bf16 is refused for LoRA by the config
-      alsoDiffusers: c.output.also_diffusers_format,
-      gen,
-      metadata: {
-        ss_output_name: c.output.name,
-        ss_learning_rate: String(c.train.lr),
-        ss_lr_scheduler: c.train.lr_scheduler,
-        ss_max_train_steps: String(c.train.max_steps ?? ''),
-        ss_resolution: `(${c.data.resolution.join(', ')})`,
-        ss_seed: String(c.train.seed),
-        ss_noise_offset: String(c.train.noise_offset),
-        ss_min_snr_gamma: String(c.train.min_snr_gamma ?? ''),
-        ss_gradient_checkpointing: c.train.gradient_checkpointing ? 'True' : 'False',
-        ss_sd_model_name: path.basename(c.model.path),
-        ss_base_model_version: 'sd_v1',
-        ss_training_comment: 'trained with sdtune',
-      },
-    });
-  }
-  if (method === 'finetune') {
-    const f = c.finetune!;
-    return createFinetuneRecipe(model, {
-      unet: f.unet,
-      textEncoder: f.text_encoder,
-      textEncoderLr: f.text_encoder_lr,
-      savePrecision: c.output.save_precision,
-      saveAs: c.output.save_as,
-    });
-  }
-  const t = c.textual_inversion!;
-  return createTiRecipe(model, { token: t.token, initWord: t.init_word, vectors: t.vectors, templates: c.data.templates ?? [...TI_TEMPLATES] });
 }
 
 /**
@@ -173,20 +125,20 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
     if (pred !== 'epsilon' && pred !== 'v_prediction') throw new SdtuneError('unsupported', `prediction type ${pred}`);
     const schedule: Schedule = scheduleFromConfig(model.schedulerConfig);
     assertTrainingFits(model, c.data.resolution, c.train.batch_size, c.train.gradient_checkpointing); // before any data is read
-    // 1. data
+    // 1. the method's recipe (registry.ts), then the data
+    const gen = new TorchGenerator(c.train.seed);
+    const recipe = await getMethod(method).create(model, c, gen);
+    cleanups.push(() => recipe.dispose());
     let warnings = 0;
     const items = await scanDataset(c.data.dir, {
       captionExtension: c.data.caption_extension,
       repeats: c.data.repeats,
       metadata: c.data.metadata,
-      uncaptioned: c.textual_inversion ? 'templates' : 'empty',
+      uncaptioned: recipe.uncaptioned ?? 'empty',
       onWarning: (m) => (warnings++ < 20 ? log(`warning: ${m}`) : undefined),
     });
     const tooLarge = resolutionWarning(c.data.resolution, items);
     if (tooLarge) log(`warning: ${tooLarge}`);
-    const gen = new TorchGenerator(c.train.seed);
-    const recipe = makeRecipe(method, model, c, gen);
-    cleanups.push(() => recipe.dispose());
     const encodePixels = (px: tf.Tensor4D) => {
       const d = vaeEncode(vae.params, vae.config, px);
       d.logvar.dispose();
@@ -453,7 +405,7 @@ async function sampleImages(model: LoadedModel, recipe: Recipe, c: ModelResolved
   const [w, h] = c.data.resolution;
   await recipe.withInference(async () => {
     for (const [i, prompt] of c.output.sample_prompts.entries()) {
-      const text = recipe.method === 'textual_inversion' ? recipe.captionFor(prompt, () => 0) : prompt;
+      const text = recipe.samplePrompt?.(prompt) ?? prompt;
       const r = await generate(model, {
         prompt: text,
         sampler: (c.output.sample_sampler as never) ?? samplerFromConfig(model.schedulerConfig),

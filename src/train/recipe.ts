@@ -17,6 +17,10 @@ export interface Recipe {
   readonly textEncoderTrainable: boolean;
   /** the caption actually trained on (TI: placeholder expansion / templates); `pick` draws in [0, n) */
   captionFor(caption: string, pick: (n: number) => number): string;
+  /** images without a caption: trained on an empty caption (default) or on the recipe's templates (TI) */
+  readonly uncaptioned?: 'empty' | 'templates';
+  /** the prompt a validation sample of `prompt` is drawn with (TI: the placeholder in; default: the prompt) */
+  samplePrompt?(prompt: string): string;
   /** text conditioning [B, 77, C] for token ids [B, 77] (called inside the tape) */
   encodeIds(ids: tf.Tensor2D): tf.Tensor3D;
   /** run `fn` with the trained state visible to the plain inference path (pipelines, sample) */
