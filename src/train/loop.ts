@@ -28,12 +28,12 @@ import { type GeneratorState, TorchGenerator, randnNHWC } from '../runtime/rng.j
 import { type Schedule, samplerFromConfig, scheduleFromConfig } from '../schedulers/index.js';
 import { type Method, type ModelResolvedConfig, type TrainConfig, describeSteps, dumpConfig, resolutionWarning, withModelDefaults } from './config.js';
 import { checkpointName, loadCheckpoint, resolveResume, saveCheckpoint } from './checkpoint.js';
-import { type PredictionType, diffusionLoss } from './loss.js';
+import { type PredictionType, diffusionLossPerItem } from './loss.js';
 import { lrFactor } from './lr.js';
 import { type EmaState, createEma, disposeEma, emaStateFromHost, emaStep } from './ema.js';
 import { acquireRunLock, divergedError, newRunId, prepareRunFolder, unhealthyTrainable } from './guards.js';
 import { type AdamWState, adamwStep, clipGradNorm, createAdamW, disposeAdamW } from './optim.js';
-import { type Recipe, captionIds } from './recipe.js';
+import { type Recipe, captionIds, restoreRecipeState } from './recipe.js';
 import { getMethod } from './registry.js';
 
 export interface TrainOptions {
@@ -53,6 +53,14 @@ export interface TrainOptions {
   onStep?: (step: number, loss: number) => void;
   /** a fresh run may replace an earlier run in its output folder (its checkpoints are removed first) */
   overwrite?: boolean;
+}
+
+/** What is saved with a checkpoint from before a step (a step cut short saves the state from before it). */
+interface StepState {
+  rng: GeneratorState;
+  loader: LoaderState;
+  /** the recipe's JSON state (Recipe.checkpoint.json) */
+  recipe?: unknown;
 }
 
 export interface TrainResult {
@@ -192,6 +200,7 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
       loader = DataLoader.fromState(items, loaderOpts, r.state.loader);
       lossEma = r.state.lossEma;
       runId = r.state.runId ?? runId;
+      restoreRecipeState(recipe, dir, r.state.recipe, r.recipeTensors);
       if (ema && r.ema) {
         disposeEma(ema);
         ema = emaStateFromHost({ ...r.ema, opts: emaOpts! }, vars);
@@ -218,10 +227,11 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
       const bad = await unhealthyTrainable(vars);
       if (bad) throw divergedError(step, `${bad.name} has ${bad.what}`, lastGood(), c.output.dir);
     };
-    const save = async (at: { rng: GeneratorState; loader: LoaderState } = { rng: gen.getState(), loader: loader.getState() }) => {
+    const stateNow = (): StepState => ({ rng: gen.getState(), loader: loader.getState(), recipe: recipe.checkpoint?.json?.() });
+    const save = async (at: StepState = stateNow()) => {
       await assertHealthy();
       await tb!.flush(); // a kill after this save loses no logged step the checkpoint covers
-      return saveCheckpoint(ckRoot, vars, opt, { method, step, ...at, lossEma, runId }, configYaml, c.output.keep_last, ema);
+      return saveCheckpoint(ckRoot, vars, opt, { method, step, ...at, lossEma, runId }, configYaml, c.output.keep_last, ema, recipe.checkpoint?.tensors?.());
     };
     /** Run `fn` with the weights that are exported and sampled: the EMA average when output.export_ema (as diffusers
      *  does), the trained weights otherwise (and always restored after). */
@@ -248,7 +258,7 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
     cleanups.push(checkBeforeEveryKernel(() => armed && stopRequested()));
 
     /** Stop on request: save the last completed step (when this run completed one not yet saved) and return. */
-    const stop = async (inStep: boolean, at?: { rng: GeneratorState; loader: LoaderState }): Promise<TrainResult> => {
+    const stop = async (inStep: boolean, at?: StepState): Promise<TrainResult> => {
       bar?.done();
       const discarded = inStep ? ` (step ${step + 1} was stopped part-way and discarded)` : '';
       if (savedStep !== step) {
@@ -278,35 +288,46 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
         }
       });
 
-    /** One forward + backward pass on the next batch: adds its gradients (/ ga) into `acc`, returns its loss. Frees
-     *  everything it made when it throws (an interrupt), the tensors the gradient tape saved included. */
+    /** The loss function of a diffusion step on `bt`: its random draws (latents, noise, timesteps, captions) are made
+     *  here, outside the tape, into `own`; the UNet's per-item losses are reduced by the recipe (default: their mean). */
+    const diffusionStep = (bt: Batch, own: <T extends tf.Tensor>(t: T) => T): (() => tf.Scalar) => {
+      const b = bt.captions.length;
+      const latents = own(
+        bt.latents ? sampleLatents(bt.latents, gen, vae.config.scaling_factor) : tf.tidy(() => sampleLatents(encodePixels(bt.pixels!), gen, vae.config.scaling_factor)),
+      );
+      const [, h, w, ch] = latents.shape;
+      const noise = own(tf.tidy(() => {
+        const n = randnNHWC(gen, [b, ch, h, w]);
+        // noise offset (Crosslabs): a per-channel constant shift, diffusers noise += offset * randn(B, C, 1, 1)
+        return c.train.noise_offset ? tf.add(n, tf.mul(randnNHWC(gen, [b, ch, 1, 1]), c.train.noise_offset)) : n;
+      }) as tf.Tensor4D);
+      const timesteps = gen.randint(0, T, [b]);
+      const captions = bt.captions.map((cap) => recipe.captionFor(cap, pick));
+      const ids = own(captionIds(model, captions));
+      // a frozen text encoder gives the same embedding for the same caption: cache it
+      const frozenCtx = textCache ? own(tf.tidy(() => tf.stack(captions.map((cap) => textCache.get(cap))) as tf.Tensor3D)) : undefined;
+      const lossOpts = { predictionType: pred, minSnrGamma: c.train.min_snr_gamma, gradientCheckpointing: c.train.gradient_checkpointing };
+      return () =>
+        tf.tidy(() => {
+          const perItem = diffusionLossPerItem(unetP.params, unetP.config, schedule, { latents, noise, timesteps, context: frozenCtx ?? recipe.encodeIds(ids) }, lossOpts);
+          return recipe.reduceLoss ? recipe.reduceLoss(perItem, bt) : (tf.mean(perItem) as tf.Scalar);
+        });
+    };
+
+    /** One forward + backward pass on the next batch (the recipe's, default the loader's): adds its gradients (/ ga)
+     *  into `acc`, returns its loss. Frees everything it made when it throws (an interrupt), the tensors the gradient
+     *  tape saved included. */
     const microStep = async (acc: Map<string, tf.Tensor>): Promise<number> => {
       const owned: tf.Tensor[] = []; // freed when this pass ends, however it ends
       const own = <T extends tf.Tensor>(t: T) => (owned.push(t), t);
       let batch: Batch | undefined;
       let grads: tf.NamedTensorMap = {};
       try {
-        const bt = (batch = await loader.next());
-        const b = bt.captions.length;
-        const latents = own(
-          bt.latents ? sampleLatents(bt.latents, gen, vae.config.scaling_factor) : tf.tidy(() => sampleLatents(encodePixels(bt.pixels!), gen, vae.config.scaling_factor)),
-        );
-        const [, h, w, ch] = latents.shape;
-        const noise = own(tf.tidy(() => {
-          const n = randnNHWC(gen, [b, ch, h, w]);
-          // noise offset (Crosslabs): a per-channel constant shift, diffusers noise += offset * randn(B, C, 1, 1)
-          return c.train.noise_offset ? tf.add(n, tf.mul(randnNHWC(gen, [b, ch, 1, 1]), c.train.noise_offset)) : n;
-        }) as tf.Tensor4D);
-        const timesteps = gen.randint(0, T, [b]);
-        const captions = bt.captions.map((cap) => recipe.captionFor(cap, pick));
-        const ids = own(captionIds(model, captions));
-        // a frozen text encoder gives the same embedding for the same caption: cache it
-        const frozenCtx = textCache ? own(tf.tidy(() => tf.stack(captions.map((cap) => textCache.get(cap))) as tf.Tensor3D)) : undefined;
+        const bt = (batch = await (recipe.nextBatch ? recipe.nextBatch(loader) : loader.next()));
+        // the recipe's own loss (a method that is not diffusion training), else the diffusion loss
+        const lossOf = recipe.loss ? () => recipe.loss!(bt) : diffusionStep(bt, own);
         // the loss is owned from inside the tape: when the backward pass throws, engine.gradients loses it
-        const r = tf.variableGrads(
-          () => own(diffusionLoss(unetP.params, unetP.config, schedule, { latents, noise, timesteps, context: frozenCtx ?? recipe.encodeIds(ids) }, { predictionType: pred, minSnrGamma: c.train.min_snr_gamma, gradientCheckpointing: c.train.gradient_checkpointing })),
-          [...vars.values()],
-        );
+        const r = tf.variableGrads(() => own(lossOf()), [...vars.values()]);
         grads = r.grads;
         const loss = (await r.value.data())[0];
         for (const [name, v] of vars) {
@@ -332,7 +353,7 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
 
     // 4. the loop
     while (step < total) {
-      const before = { rng: gen.getState(), loader: loader.getState() };
+      const before = stateNow();
       if (stopRequested()) return await stop(false, before); // e.g. Ctrl-C while the model was loading
       const t0 = performance.now();
       let lossSum = 0;
@@ -370,7 +391,9 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
         lrFor: recipe.lrFor ? (name) => recipe.lrFor!(name, factor, c.train.lr) : undefined,
       });
       tf.dispose([...acc.values(), ...clipped.values()]);
+      // after the update: the average of the weights (any method's: EMA is a loop feature), then the recipe's own
       if (ema) emaStep(ema, vars);
+      recipe.afterStep?.(step + 1);
       step++;
       losses.push(loss);
       lossEma = lossEma === null ? loss : 0.9 * lossEma + 0.1 * loss;
