@@ -15,7 +15,7 @@ import { BACKENDS } from '../runtime/backend-names.js';
 import { resolveSampler } from '../schedulers/names.js';
 import { LR_SCHEDULERS } from './lr.js';
 import { type MethodEntry, getMethod, isMethod, methodNames } from './registry.js';
-import { bool, expected, int, isMap, leafKind, num, oneOf, orNull, parseLeaf, sectionKeys, show, size, str, strs } from './schema.js';
+import { bool, expected, int, isMap, leafKind, levenshtein, num, oneOf, orNull, parseLeaf, sectionKeys, show, size, str, strs } from './schema.js';
 
 export { TI_TEMPLATES } from './methods/textual-inversion.js';
 export { FINETUNE_FILTERS } from './methods/finetune.js';
@@ -126,30 +126,17 @@ export type TrainConfig = {
   output: Omit<Out<'output'>, 'dir' | 'name' | 'log_dir'> & { dir: string; name: string; log_dir: string };
 } & Partial<MethodSections>;
 
-/** The short flags every training command accepts -> the dotted key they set (each method adds its own, see
- *  MethodEntry.cli.flags). `--config` (the YAML file), `--resume` (a checkpoint) and `--set key=value` (any key)
- *  are not config keys: see flagOverrides. */
-export const SHARED_FLAGS: Record<string, string> = {
-  model: 'model.path', tokenizer: 'model.tokenizer', 'model-config': 'model.config', backend: 'model.backend',
-  'prediction-type': 'model.prediction_type',
-  data: 'data.dir', repeats: 'data.repeats', resolution: 'data.resolution',
-  'max-steps': 'train.max_steps', epochs: 'train.epochs', 'batch-size': 'train.batch_size',
-  'gradient-accumulation': 'train.gradient_accumulation', lr: 'train.lr', 'lr-scheduler': 'train.lr_scheduler',
-  'lr-warmup-steps': 'train.lr_warmup_steps', seed: 'train.seed', 'gradient-checkpointing': 'train.gradient_checkpointing',
-  output: 'output.dir', name: 'output.name', 'save-every': 'output.save_every', 'save-precision': 'output.save_precision',
-  'sample-every': 'output.sample_every', 'sample-prompt': 'output.sample_prompts', logdir: 'output.logging_dir',
-};
-/** Every flag of every registered method -> its key (a flag several methods share: the first's). */
-function allFlagKeys(): Record<string, string> {
-  const out = { ...SHARED_FLAGS };
-  for (const name of methodNames()) for (const [f, d] of Object.entries(getMethod(name).cli.flags ?? {})) out[f] ??= d.key;
-  return out;
+/** How resolveConfig names its inputs in messages (a caller such as the CLI says how the user gave them). */
+export interface ResolveOptions {
+  /** names the YAML text in messages (its file: "my.yaml:12: ..."); also the default output.name */
+  source?: string;
+  /** how each override was given, by dotted key (the CLI: "--lr"); default "override <key>" */
+  labels?: Readonly<Record<string, string>>;
+  /** how a required key can be given besides the config (the CLI: "--model"), for its message */
+  setWith?: (key: string) => string | undefined;
+  /** problems the caller found in its own input (the CLI: unknown flags), reported at once with the config's */
+  problems?: readonly string[];
 }
-/** The flags of the built-in methods' commands -> the dotted key they set. */
-export const FLAG_KEYS: Record<string, string> = allFlagKeys();
-/** The key a flag sets when `method` trains: its own flag first, then any method's (whose key is then refused). */
-const flagKey = (method: Method, flag: string): string | undefined => getMethod(method).cli.flags?.[flag]?.key ?? allFlagKeys()[flag];
-const NON_CONFIG_FLAGS = new Set(['config', 'resume', 'set', 'overwrite']);
 
 // ---- the keys: shared sections + every registered method's ----
 
@@ -197,17 +184,6 @@ const NOTES: Record<string, string> = {
   network_args: 'kohya conv_dim / conv_alpha are lora.conv_rank / lora.conv_alpha, with lora.targets: attn+ff+conv',
   network_module: 'sdtune trains kohya networks.lora (LoRA, and LoCon with lora.targets: attn+ff+conv)',
 };
-
-/** Edit distance (Levenshtein), for "did you mean". */
-function levenshtein(a: string, b: string): number {
-  let prev = Array.from({ length: b.length + 1 }, (_, j) => j);
-  for (let i = 1; i <= a.length; i++) {
-    const cur = [i];
-    for (let j = 1; j <= b.length; j++) cur[j] = Math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
-    prev = cur;
-  }
-  return prev[b.length];
-}
 
 const sectionOf = (key: string) => key.split('.')[0];
 /** The keys and groups `method` may use: the shared sections' and its own section's, leaves first. */
@@ -408,17 +384,21 @@ function yamlToJs(doc: YAML.Document.Parsed, lc: YAML.LineCounter, src: string):
 }
 
 /**
- * Parse YAML text (`source` names it in messages), merge flag overrides (dotted keys like 'train.lr' or the FLAG_KEYS
- * names; undefined values ignored; strings read as YAML scalars), fill the method's defaults and validate types,
- * ranges and cross-field rules. Every problem is an SdtuneError('usage') naming the key, expected vs found.
+ * Parse YAML text, merge overrides (dotted keys like 'train.lr', or a group like 'data.buckets' with a mapping;
+ * undefined values ignored; a string given for a key that is not a string is read as a YAML scalar, as a command
+ * line or an environment variable gives it: '1e-4', 'true', 'null', '[512, 768]', sizes as '768x512'), fill the
+ * method's defaults and validate types, ranges and cross-field rules. Every problem is an SdtuneError('usage')
+ * naming the key (with its file line, or how it was given: `options.labels`), expected vs found.
  */
-export function resolveConfig(method: Method, yamlText: string | null, overrides: Record<string, unknown>, source?: string): TrainConfig {
+export function resolveConfig(method: Method, yamlText: string | null, overrides: Record<string, unknown>, options: string | ResolveOptions = {}): TrainConfig {
+  const o: ResolveOptions = typeof options === 'string' ? { source: options } : options;
+  const source = o.source;
   const m = getMethod(method); // an unknown method lists the registered ones
   const idx = keyIndex();
   const src = source ?? '<config>';
   const origin: Origin = new Map();
   const flat = new Map<string, unknown>();
-  const problems: string[] = []; // everything wrong with the file and the flags, reported together
+  const problems: string[] = [...(o.problems ?? [])]; // everything wrong with the file and the overrides, reported together
 
   // 1. the file
   if (yamlText !== null && yamlText.trim() !== '') {
@@ -434,14 +414,12 @@ export function resolveConfig(method: Method, yamlText: string | null, overrides
     }
   }
 
-  // 2. the flags
-  for (const [name, raw] of Object.entries(overrides)) {
-    if (raw === undefined || NON_CONFIG_FLAGS.has(name)) continue;
-    const flag = flagKey(method, name); // --train-text-encoder sets the trained method's own key
-    const key = flag ?? name;
-    const label = flag ? `--${name}` : `override ${name}`;
+  // 2. the overrides
+  for (const [key, raw] of Object.entries(overrides)) {
+    if (raw === undefined) continue;
+    const label = o.labels?.[key] ?? `override ${key}`;
     if (!idx.leaves.has(key) && !idx.groups.has(key)) {
-      problems.push(key.includes('.') ? unknownKey(idx, key, method, new Map([[key, label]])).message : `unknown option --${name}${suggestFlag(name)}`);
+      problems.push(unknownKey(idx, key, method, new Map([[key, label]])).message);
       continue;
     }
     if (isMethod(sectionOf(key)) && sectionOf(key) !== method) {
@@ -462,8 +440,8 @@ export function resolveConfig(method: Method, yamlText: string | null, overrides
     if (r.ok) {
       setPath(cfg, key, r.value);
     } else if (v === undefined) {
-      const flag = Object.entries(m.cli.flags ?? {}).find(([, d]) => d.key === key)?.[0] ?? Object.keys(SHARED_FLAGS).find((f) => SHARED_FLAGS[f] === key);
-      problems.push(`${key} is required (set it in the config${flag ? ` or with --${flag}` : ''})`);
+      const other = o.setWith?.(key);
+      problems.push(`${key} is required (set it in the config${other ? ` or with ${other}` : ''})`);
     } else {
       const hint = leafKind(schema) === 'strs' && typeof v === 'string' ? ' (write a YAML list, one "- item" per line)' : '';
       problems.push(`${at(origin, key)}${key}: expected ${expected(schema)}, found ${show(v)}${hint}`);
@@ -483,14 +461,6 @@ export function resolveConfig(method: Method, yamlText: string | null, overrides
   c.output.log_dir ??= c.output.logging_dir ? path.posix.join(c.output.logging_dir.replace(/\\/g, '/'), c.output.name) : path.posix.join(c.output.dir.replace(/\\/g, '/'), 'logs');
   c.data.cache_dir ??= c.output.dir;
   return c;
-}
-
-/** " (did you mean --x?)" for a mistyped flag name. */
-function suggestFlag(name: string): string {
-  const flags = Object.keys(allFlagKeys());
-  const best = flags.reduce((a, b) => (levenshtein(name, a) <= levenshtein(name, b) ? a : b));
-  if (levenshtein(name, best) <= 2) return ` (did you mean --${best}?)`;
-  return ` (valid: ${flags.map((f) => `--${f}`).join(', ')}; any key with --set key=value)`;
 }
 
 /** Checks that involve several keys or more than a type. */
@@ -593,9 +563,9 @@ export function resolutionWarning(resolution: [number, number], images: readonly
   );
 }
 
-/** Read a YAML config file (null = flags only) and resolveConfig it; a missing file is an SdtuneError('file'). */
-export async function loadConfigFile(method: Method, file: string | null, overrides: Record<string, unknown>): Promise<TrainConfig> {
-  if (file === null) return resolveConfig(method, null, overrides);
+/** Read a YAML config file (null = overrides only) and resolveConfig it; a missing file is an SdtuneError('file'). */
+export async function loadConfigFile(method: Method, file: string | null, overrides: Record<string, unknown>, options: Omit<ResolveOptions, 'source'> = {}): Promise<TrainConfig> {
+  if (file === null) return resolveConfig(method, null, overrides, options);
   let text: string;
   try {
     const { size } = await stat(file);
@@ -605,20 +575,7 @@ export async function loadConfigFile(method: Method, file: string | null, overri
     if (e instanceof SdtuneError) throw e;
     throw fileError(`cannot read config ${file}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
   }
-  return resolveConfig(method, text, overrides, file);
-}
-
-/** Split a yargs argv into config overrides (FLAG_KEYS flags and --set key=value), the --config file and --resume. */
-export function flagOverrides(argv: Record<string, unknown>): { overrides: Record<string, unknown>; configPath: string | null; resume: string | null } {
-  const overrides: Record<string, unknown> = {};
-  for (const s of [argv.set ?? []].flat()) {
-    const i = String(s).indexOf('=');
-    if (i < 1) throw usageError(`--set ${s}: expected key=value, e.g. --set train.lr=1e-4`);
-    overrides[String(s).slice(0, i).trim()] = String(s).slice(i + 1);
-  }
-  for (const flag of Object.keys(allFlagKeys())) if (argv[flag] !== undefined) overrides[flag] = argv[flag];
-  const opt = (k: string) => (typeof argv[k] === 'string' ? (argv[k] as string) : null);
-  return { overrides, configPath: opt('config'), resume: opt('resume') };
+  return resolveConfig(method, text, overrides, { ...options, source: file });
 }
 
 /** YAML of the resolved config (saved next to the outputs as config.resolved.yaml); resolveConfig reads it back to

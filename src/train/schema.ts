@@ -123,5 +123,16 @@ export const show = (v: unknown): string => {
   return s.length > 100 ? `${s.slice(0, 97)}...` : s;
 };
 
+/** Edit distance (Levenshtein), for "did you mean". */
+export function levenshtein(a: string, b: string): number {
+  let prev = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const cur = [i];
+    for (let j = 1; j <= b.length; j++) cur[j] = Math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
+    prev = cur;
+  }
+  return prev[b.length];
+}
+
 /** The leaf's kind (for reading command-line strings). */
 export const leafKind = (s: z.ZodType) => leafSpec(s).spec.t;

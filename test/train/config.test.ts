@@ -4,18 +4,16 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { FLAG_KEYS, configOverrides, flagOverrides } from '../../src/cli/train-flags.js';
 import { SdtuneError } from '../../src/errors.js';
-import {
-  FLAG_KEYS,
-  type Method,
-  describeSteps,
-  dumpConfig,
-  flagOverrides,
-  loadConfigFile,
-  resolutionWarning,
-  resolveConfig,
-  withModelDefaults,
-} from '../../src/train/config.js';
+import { type Method, describeSteps, dumpConfig, loadConfigFile, resolutionWarning, resolveConfig as resolveDotted, withModelDefaults } from '../../src/train/config.js';
+
+/** resolveConfig as the training commands call it: overrides by flag name (or dotted key, as --set gives them)
+ *  through the CLI's flag table (src/cli/train-flags.ts), so messages name the flags. */
+const resolveConfig = (method: Method, yaml: string | null, flags: Record<string, unknown>, source?: string) => {
+  const { overrides, ...named } = configOverrides(method, flags);
+  return resolveDotted(method, yaml, overrides, { ...named, source });
+};
 
 const BASE = 'model:\n  path: models/sd15\ndata:\n  dir: data/dog\n';
 const TI = `${BASE}textual_inversion:\n  token: "<my-logo>"\n  init_word: logo\n`;

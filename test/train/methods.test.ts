@@ -8,6 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { z } from 'zod';
+import { configOverrides, flagKeys } from '../../src/cli/train-flags.js';
 import { SdtuneError } from '../../src/errors.js';
 import { SafetensorsFile, writeSafetensors } from '../../src/io/safetensors.js';
 import { makeTrainable } from '../../src/models/params.js';
@@ -122,7 +123,15 @@ describe('method registry', () => {
     expect(() => resolveConfig('bias_only', 'bias_only:\n  scal: 2\n', base(path.join(tmp, 'cfg')), 'b.yaml')).toThrow('b.yaml:2: unknown key bias_only.scal (did you mean bias_only.scale?)');
     expect(() => resolveConfig('bias_only', 'bias_only:\n  scale: 0\n', base(path.join(tmp, 'cfg')), 'b.yaml')).toThrow('b.yaml:2: bias_only.scale: expected a number > 0, found 0');
     expect(() => resolveConfig('bias_only', 'bias_only:\n  scale: 2\n  repeat: 2\n', base(path.join(tmp, 'cfg')), 'b.yaml')).toThrow('b.yaml:3: bias_only.repeat needs bias_only.scale 1');
-    expect(resolveConfig('bias_only', null, { ...base(path.join(tmp, 'cfg')), scale: '3' }).bias_only).toEqual({ scale: 3, repeat: 1 });
+    // its flags: the CLI reads them from the entry (--scale sets bias_only.scale, and messages name the flag)
+    const flags = configOverrides('bias_only', { ...base(path.join(tmp, 'cfg')), scale: '3' });
+    expect(flags.overrides['bias_only.scale']).toBe('3');
+    expect(resolveConfig('bias_only', null, flags.overrides, flags).bias_only).toEqual({ scale: 3, repeat: 1 });
+    const bad = configOverrides('bias_only', { ...base(path.join(tmp, 'cfg')), scale: 'big' });
+    expect(() => resolveConfig('bias_only', null, bad.overrides, bad)).toThrow('--scale: bias_only.scale: expected a number > 0, found "big"');
+    expect(flagKeys().scale).toBe('bias_only.scale');
+    // the library itself takes dotted keys only
+    expect(() => resolveConfig('bias_only', null, { ...base(path.join(tmp, 'cfg')), scale: 3 })).toThrow(/^override scale: unknown key scale \(/);
     // its section belongs to it alone
     expect(() => resolveConfig('lora', 'bias_only:\n  scale: 2\n', base(path.join(tmp, 'cfg')))).toThrow(/has a bias_only section, but this command trains lora/);
     expect(() => resolveConfig('bias_only', 'lora:\n  rank: 2\n', base(path.join(tmp, 'cfg')))).toThrow(/has a lora section, but this command trains bias_only/);

@@ -3,9 +3,10 @@
 import { Worker } from 'node:worker_threads';
 import type { Argv } from 'yargs';
 import { SdtuneError } from '../../errors.js';
-import { type Method, type TrainConfig, SHARED_FLAGS, flagOverrides, loadConfigFile } from '../../train/config.js';
+import { type Method, type TrainConfig, loadConfigFile } from '../../train/config.js';
 import { getMethod, methodNames } from '../../train/registry.js';
 import { runCommand } from '../run.js';
+import { SHARED_FLAGS, configOverrides, flagOverrides } from '../train-flags.js';
 import type { TrainWorkerData, TrainWorkerMessage } from '../train-worker.js';
 
 const DESCRIBE: Record<string, string> = {
@@ -39,8 +40,9 @@ function options(a: Argv, method: Method): Argv {
 }
 
 async function run(method: Method, argv: Record<string, unknown>): Promise<void> {
-  const { overrides, configPath, resume } = flagOverrides(argv);
-  const config = await loadConfigFile(method, configPath, overrides);
+  const { overrides: flags, configPath, resume } = flagOverrides(argv);
+  const { overrides, ...named } = configOverrides(method, flags);
+  const config = await loadConfigFile(method, configPath, overrides, named);
   const requested = (config.model.backend ?? process.env.SDTUNE_BACKEND ?? '').trim().toLowerCase();
   const run: RunRequest = { method, config, resume, overwrite: Boolean(argv.overwrite) };
   const r = await trainInWorker(run, requested === 'webgpu');
