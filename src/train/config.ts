@@ -106,6 +106,7 @@ const OUTPUT = z.object({
   logging_dir: orNull(str()), // kohya logging_dir: a folder of TensorBoard runs, each in <logging_dir>/<name>
   also_diffusers_format: bool().default(false), // additionally write PEFT / diffusers-format files
   export_ema: bool().default(true), // with train.ema: export (and sample with) the averaged weights, as diffusers does
+  ema_only: bool().default(false), // with train.ema: the single file holds the EMA average ("pruned-emaonly", as A1111 users expect) even when export_ema is false; the diffusers folder keeps export_ema's weights (it holds one set of weights, never an EMA copy)
 });
 
 /** The shared sections, in the order configs list them (the method's section goes between train and output). */

@@ -233,19 +233,28 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
       await tb!.flush(); // a kill after this save loses no logged step the checkpoint covers
       return saveCheckpoint(ckRoot, vars, opt, { method, step, ...at, lossEma, runId }, configYaml, c.output.keep_last, ema, recipe.checkpoint?.tensors?.());
     };
-    /** Run `fn` with the weights that are exported and sampled: the EMA average when output.export_ema (as diffusers
-     *  does), the trained weights otherwise (and always restored after). */
-    const withExportWeights = async <T>(fn: () => Promise<T>): Promise<T> => {
-      if (!ema || !c.output.export_ema) return fn();
+    /** Run `fn` with the EMA average in the trainables' place (the trained weights are restored after); `fn` as is
+     *  when the average is in place already. */
+    let emaInPlace = false;
+    const withEma = async <T>(fn: () => Promise<T>): Promise<T> => {
+      if (!ema) throw new Error('withEma: no EMA');
+      if (emaInPlace) return fn();
       const kept = new Map([...vars].map(([k, v]) => [k, tf.keep(tf.clone(v))] as const));
       try {
         for (const [k, v] of vars) v.assign(ema.shadow.get(k)!);
+        emaInPlace = true;
         return await fn();
       } finally {
+        emaInPlace = false;
         for (const [k, v] of vars) v.assign(kept.get(k)!);
         tf.dispose([...kept.values()]);
       }
     };
+    /** Run `fn` with the weights that are exported and sampled: the EMA average when output.export_ema (as diffusers
+     *  does), the trained weights otherwise (and always restored after). */
+    const withExportWeights = <T>(fn: () => Promise<T>): Promise<T> => (ema && c.output.export_ema ? withEma(fn) : fn());
+    /** The recipe's export, with the weights of output.export_ema in place and the EMA at hand (output.ema_only). */
+    const exportAs = (name: string) => withExportWeights(() => recipe.export(c.output.dir, name, step, { withEma: ema ? withEma : undefined }));
     const losses: number[] = [];
     const files: string[] = [];
     let checkpoint = '';
@@ -264,7 +273,7 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
       if (savedStep !== step) {
         checkpoint = await save(at);
         savedStep = step;
-        files.push(...(await withExportWeights(() => recipe.export(c.output.dir, `${c.output.name}-${checkpointName(step)}`, step))));
+        files.push(...(await exportAs(`${c.output.name}-${checkpointName(step)}`)));
         log(`interrupted at step ${step}: checkpoint ${checkpoint}; continue with --resume ${c.output.dir}${discarded}`);
       } else if (checkpoint || o.resume) {
         log(`interrupted at step ${step}: checkpoint ${checkpoint || o.resume} already holds it; continue with --resume ${c.output.dir}${discarded}`);
@@ -406,13 +415,13 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
       if (c.output.save_every && step % c.output.save_every === 0 && step < total) {
         checkpoint = await save();
         savedStep = step;
-        files.push(...(await withExportWeights(() => recipe.export(c.output.dir, `${c.output.name}-${checkpointName(step)}`, step))));
+        files.push(...(await exportAs(`${c.output.name}-${checkpointName(step)}`)));
       }
     }
     bar?.done();
     // 5. final outputs
     checkpoint = await save();
-    files.push(...(await withExportWeights(() => recipe.export(c.output.dir, c.output.name, step))));
+    files.push(...(await exportAs(c.output.name)));
     if (c.output.sample_every || c.output.sample_prompts.length) await sampleInterruptibly();
     log(`done: ${step} steps; wrote ${files.join(', ')}`);
     return { steps: step, losses, files, checkpoint, stopped: 'done' };

@@ -28,8 +28,9 @@ export interface Recipe {
   encodeIds(ids: tf.Tensor2D): tf.Tensor3D;
   /** run `fn` with the trained state visible to the plain inference path (pipelines, sample) */
   withInference<T>(fn: () => Promise<T>): Promise<T>;
-  /** write the adapter files; returns their paths */
-  export(dir: string, name: string, step: number): Promise<string[]>;
+  /** write the result files (adapter, embedding, model); returns their paths. The trainables hold the weights of
+   *  output.export_ema; `withEma` (present with train.ema) runs a write with the EMA average in their place */
+  export(dir: string, name: string, step: number, ctx?: ExportContext): Promise<string[]>;
   /** undo every change to the model and free the recipe's tensors */
   dispose(): void;
 
@@ -48,6 +49,12 @@ export interface Recipe {
   afterStep?(step: number): void;
   /** what this recipe's checkpoints hold beyond the trainables and the optimizer, restored exactly on resume */
   readonly checkpoint?: RecipeCheckpoint;
+}
+
+/** What the loop gives a recipe's export. */
+export interface ExportContext {
+  /** run `fn` with the EMA average in the trainables' place (restored after); absent without train.ema */
+  withEma?<T>(fn: () => Promise<T>): Promise<T>;
 }
 
 /** A recipe's own checkpoint state. */

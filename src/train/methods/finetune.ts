@@ -2,6 +2,7 @@
 import { z } from 'zod';
 import type { MethodEntry } from '../registry.js';
 import { bool, num, oneOf, orNull } from '../schema.js';
+import { checkModelOutputs } from './common.js';
 
 /** Which UNet parameters a full fine-tune trains: all, or only the transformer blocks' attention layers. */
 export const FINETUNE_FILTERS = ['all', 'attention'] as const;
@@ -23,6 +24,7 @@ export const finetune: MethodEntry = {
   section: FINETUNE_SECTION,
   defaults: { 'train.lr': 1e-5, 'train.weight_decay': 1e-2, 'output.save_precision': 'fp32' }, // diffusers train_text_to_image
   check(c, fail) {
+    checkModelOutputs(c, fail);
     const f = c.finetune!;
     if (f.text_encoder_lr !== null && !f.text_encoder) {
       fail('finetune.text_encoder_lr', 'finetune.text_encoder_lr is set but finetune.text_encoder is false (the text encoder is not trained)');
@@ -42,6 +44,7 @@ export const finetune: MethodEntry = {
       textEncoderLr: f.text_encoder_lr,
       savePrecision: c.output.save_precision,
       saveAs: c.output.save_as,
+      emaOnly: c.output.ema_only,
     });
   },
 };
