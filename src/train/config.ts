@@ -1,7 +1,7 @@
 /**
- * The training configuration (design principle 11): a YAML file, overridden by flags, filled with the defaults that
- * kohya sd-scripts / diffusers' training scripts users expect, validated into one typed, fully resolved object,
- * and saved with the outputs as config.resolved.yaml (dumpConfig), which resolves back to the same object.
+ * The training configuration (design principle 11): a YAML file, overridden by dotted keys (what the CLI's flags
+ * become, src/cli/train-flags.ts), filled with the defaults that kohya sd-scripts / diffusers' training scripts users
+ * expect, validated into one typed, fully resolved object, and saved with the outputs as config.resolved.yaml (dumpConfig), which resolves back to the same object.
  * Every mistake is a one-line SdtuneError naming the key (and its file line or flag), expected vs found.
  * Each key is declared once, in its section's zod schema (type, default, range; src/train/schema.ts); the method
  * sections and their rules come from the method registry (src/train/registry.ts).

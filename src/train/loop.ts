@@ -1,7 +1,9 @@
 /**
  * The one training loop (design principle 8), readable top to bottom:
  *   batch -> loss inside the tape -> gradients of the recipe's trainables -> accumulate -> clip -> AdamW at
- *   lrAt(step) -> log (progress bar, TensorBoard) -> sample / save on schedule.
+ *   lrAt(step) -> EMA, recipe.afterStep -> log (progress bar, TensorBoard) -> sample / save on schedule.
+ * The method's recipe (registry.ts, recipe.ts) says what trains and may replace a default: its batches (nextBatch),
+ * the reduction of the per-item diffusion losses (reduceLoss) or the whole loss (loss), and its checkpoint state.
  * Every random draw (noise, timesteps, latent samples, TI templates) comes from one torch-compatible generator whose
  * state is checkpointed with the loader's, so `--resume` continues the same curve exactly.
  */
