@@ -44,10 +44,13 @@ export { estimateSampling, assertSamplingFits, assertTrainingFits, trainingFloor
 export { sampleToFiles, type SampleOptions } from './infer/sample.js';
 export { PromptConditioning, encodeBatch, emphasizeBatch, type ConditioningOptions, type StepContext } from './infer/prompt-schedule.js';
 export { resolvePromptNetworks, type PromptNetworks, type PromptNetworkDirs } from './infer/prompt-networks.js';
-export { resolveConfig, loadConfigFile, dumpConfig, type TrainConfig, type Method } from './train/config.js';
+export { resolveConfig, loadConfigFile, dumpConfig, type TrainConfig, type Method, type MethodSections, type ResolveOptions } from './train/config.js';
 export { withModelDefaults, resolutionWarning, type ModelResolvedConfig } from './train/config.js';
 export { train, type TrainOptions, type TrainResult } from './train/loop.js';
-export { diffusionLoss } from './train/loss.js';
+export { registerMethod, unregisterMethod, getMethod, methodNames, type MethodEntry, type MethodFlag } from './train/registry.js';
+export { str, bool, int, num, oneOf, strs, size, orNull, expected } from './train/schema.js';
+export type { Recipe, RecipeCheckpoint, ExportContext } from './train/recipe.js';
+export { diffusionLoss, diffusionLossPerItem } from './train/loss.js';
 export { createEma, emaStep, emaDecay, emaStateToHost, emaStateFromHost, disposeEma, EMA_DEFAULTS, type EmaOptions, type EmaState, type EmaHostState } from './train/ema.js';
 export {
   toyWorldStream, toyWorldImages, writeToyWorld, renderToyImage, shapeCoverage, toyPalette, toyCaption, parseToyPrompt,

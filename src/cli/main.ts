@@ -6,9 +6,9 @@ import { registerEval } from './commands/eval.js';
 import { registerInspect } from './commands/inspect.js';
 import { registerSample } from './commands/sample.js';
 import { registerToyWorld } from './commands/toy-world.js';
-import { registerTrain } from './commands/train.js';
+import { registerTrain, trainCommands } from './commands/train.js';
 
-const COMMANDS = ['inspect', 'convert', 'sample', 'lora', 'textual-inversion', 'finetune', 'toy-world', 'eval'];
+const COMMANDS = ['inspect', 'convert', 'sample', ...trainCommands(), 'toy-world', 'eval'];
 
 let cli = yargs(hideBin(process.argv))
   .scriptName('sdtune')

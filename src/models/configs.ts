@@ -3,6 +3,7 @@
  * defaults, validates what SD v1 (and SD 2-style linear projections / per-block heads) needs, and refuses
  * non-default values of features we do not implement (instead of silently computing something else).
  */
+import { z } from 'zod';
 import { SdtuneError } from '../errors.js';
 
 /** Named constants used across the project. */
@@ -15,94 +16,105 @@ export function vaeScaleFactor(cfg: { block_out_channels: readonly number[] } | 
   return cfg ? 2 ** (cfg.block_out_channels.length - 1) : VAE_SCALE;
 }
 
-export interface UNetConfig {
-  in_channels: number;
-  out_channels: number;
-  block_out_channels: number[];
-  layers_per_block: number;
-  down_block_types: string[];
-  up_block_types: string[];
-  mid_block_type: string;
+// ---- config.json fields: one declaration each (type, default, validation); unknown keys are ignored ----
+
+const n = (d: number) => z.number().default(d); // finite (zod refuses NaN and Infinity)
+const b = (d: boolean) => z.boolean().default(d);
+const s = (d: string) => z.string().default(d);
+const nums = (d: number[]) => z.array(z.number()).default(d);
+
+const UNET_FIELDS = z.object({
+  in_channels: n(4),
+  out_channels: n(4),
+  block_out_channels: nums([320, 640, 1280, 1280]),
+  layers_per_block: n(2),
+  down_block_types: z.array(z.string()).default(['CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D']),
+  up_block_types: z.array(z.string()).default(['UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D']),
+  mid_block_type: s('UNetMidBlock2DCrossAttn'),
+  norm_num_groups: n(32),
+  norm_eps: n(1e-5),
+  flip_sin_to_cos: b(true),
+  freq_shift: n(0),
+  use_linear_projection: b(false),
+  sample_size: n(64),
+  act_fn: s('silu'),
+  downsample_padding: n(1),
+  mid_block_scale_factor: n(1),
+  center_input_sample: b(false),
+});
+
+export type UNetConfig = z.output<typeof UNET_FIELDS> & {
   /** heads per block (diffusers' `num_attention_heads ?? attention_head_dim`, SD v1's naming quirk) */
   heads: number[];
   cross_attention_dim: number;
-  norm_num_groups: number;
-  norm_eps: number;
-  flip_sin_to_cos: boolean;
-  freq_shift: number;
-  use_linear_projection: boolean;
-  sample_size: number;
-  act_fn: string;
   transformer_layers_per_block: number;
-  downsample_padding: number;
-  mid_block_scale_factor: number;
-  center_input_sample: boolean;
   only_cross_attention: boolean;
   /** the raw config as read (kept for saving / inspect) */
   raw: Record<string, unknown>;
-}
+};
 
-export interface VaeConfig {
-  in_channels: number;
-  out_channels: number;
-  latent_channels: number;
-  block_out_channels: number[];
-  layers_per_block: number;
-  norm_num_groups: number;
-  act_fn: string;
-  scaling_factor: number;
+const VAE_FIELDS = z.object({
+  in_channels: n(3),
+  out_channels: n(3),
+  latent_channels: n(4),
+  block_out_channels: nums([64]),
+  down_block_types: z.array(z.string()).optional(), // default: DownEncoderBlock2D per block
+  up_block_types: z.array(z.string()).optional(), // default: UpDecoderBlock2D per block
+  layers_per_block: n(1),
+  norm_num_groups: n(32),
+  act_fn: s('silu'),
+  scaling_factor: n(SD_LATENT_SCALE),
+  sample_size: n(32),
+  use_quant_conv: b(true),
+  use_post_quant_conv: b(true),
+  mid_block_add_attention: b(true),
+});
+
+export type VaeConfig = Omit<z.output<typeof VAE_FIELDS>, 'down_block_types' | 'up_block_types'> & {
   shift_factor: number | null;
-  sample_size: number;
-  use_quant_conv: boolean;
-  use_post_quant_conv: boolean;
-  mid_block_add_attention: boolean;
   raw: Record<string, unknown>;
-}
+};
 
-export interface ClipTextConfig {
-  vocab_size: number;
-  hidden_size: number;
-  intermediate_size: number;
-  num_hidden_layers: number;
-  num_attention_heads: number;
-  max_position_embeddings: number;
-  hidden_act: string;
-  layer_norm_eps: number;
-  bos_token_id: number;
-  eos_token_id: number;
-  pad_token_id: number;
-  projection_dim: number;
-  raw: Record<string, unknown>;
-}
+const CLIP_FIELDS = z.object({
+  vocab_size: n(49408),
+  hidden_size: n(512),
+  intermediate_size: n(2048),
+  num_hidden_layers: n(12),
+  num_attention_heads: n(8),
+  max_position_embeddings: n(77),
+  hidden_act: s('quick_gelu'),
+  layer_norm_eps: n(1e-5),
+  bos_token_id: n(49406),
+  eos_token_id: n(49407),
+  pad_token_id: n(1),
+  projection_dim: n(512),
+});
+
+export type ClipTextConfig = z.output<typeof CLIP_FIELDS> & { raw: Record<string, unknown> };
 
 type Raw = Record<string, unknown>;
 
 const bad = (what: string, msg: string) => new SdtuneError('format', `${what} config: ${msg}`);
 
-function num(raw: Raw, key: string, def: number | undefined, what: string): number {
-  const v = raw[key] ?? def;
-  if (typeof v !== 'number' || !Number.isFinite(v)) throw bad(what, `"${key}" must be a number, found ${JSON.stringify(raw[key])}`);
-  return v;
+/** What a field accepts, in words. */
+function wording(f: z.ZodType): string {
+  const t = f instanceof z.ZodDefault || f instanceof z.ZodOptional ? (f.unwrap() as z.ZodType) : f;
+  if (t instanceof z.ZodNumber) return 'a number';
+  if (t instanceof z.ZodBoolean) return 'true or false';
+  if (t instanceof z.ZodArray) return t.element instanceof z.ZodNumber ? 'a list of numbers' : 'a list of strings';
+  return 'a string';
 }
-function bool(raw: Raw, key: string, def: boolean, what: string): boolean {
-  const v = raw[key] ?? def;
-  if (typeof v !== 'boolean') throw bad(what, `"${key}" must be true or false, found ${JSON.stringify(raw[key])}`);
-  return v;
-}
-function str(raw: Raw, key: string, def: string, what: string): string {
-  const v = raw[key] ?? def;
-  if (typeof v !== 'string') throw bad(what, `"${key}" must be a string, found ${JSON.stringify(raw[key])}`);
-  return v;
-}
-function numList(raw: Raw, key: string, def: number[], what: string): number[] {
-  const v = raw[key] ?? def;
-  if (!Array.isArray(v) || !v.every((x) => typeof x === 'number')) throw bad(what, `"${key}" must be a list of numbers`);
-  return v as number[];
-}
-function strList(raw: Raw, key: string, def: string[], what: string): string[] {
-  const v = raw[key] ?? def;
-  if (!Array.isArray(v) || !v.every((x) => typeof x === 'string')) throw bad(what, `"${key}" must be a list of strings`);
-  return v as string[];
+
+/** The fields of `raw` as `schema` declares them (null = the default, as diffusers reads it); the first wrong one
+ *  is a 'format' error naming it. */
+function readFields<T extends z.ZodObject>(schema: T, raw: Raw, what: string): z.output<T> {
+  const given = Object.fromEntries(Object.keys(schema.shape).filter((k) => raw[k] != null).map((k) => [k, raw[k]]));
+  const r = schema.safeParse(given);
+  if (r.success) return r.data;
+  const key = String(r.error.issues[0]!.path[0]);
+  const v = raw[key];
+  const found = typeof v === 'number' ? String(v) : (JSON.stringify(v) ?? String(v));
+  throw bad(what, `"${key}" must be ${wording(schema.shape[key] as z.ZodType)}, found ${found.length > 100 ? `${found.slice(0, 97)}...` : found}`);
 }
 /** Fields whose non-default values select features we do not implement. */
 function refuse(raw: Raw, what: string, defaults: Record<string, unknown>): void {
@@ -142,14 +154,12 @@ export function unetConfig(raw: Raw): UNetConfig {
     mid_block_only_cross_attention: null,
     reverse_transformer_layers_per_block: null,
   });
-  const block_out_channels = numList(raw, 'block_out_channels', [320, 640, 1280, 1280], W);
+  const f = readFields(UNET_FIELDS, raw, W);
+  const { block_out_channels, down_block_types, up_block_types, mid_block_type } = f;
   const n = block_out_channels.length;
-  const down_block_types = strList(raw, 'down_block_types', ['CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'], W);
-  const up_block_types = strList(raw, 'up_block_types', ['UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'], W);
   if (down_block_types.length !== n || up_block_types.length !== n) throw bad(W, `down/up_block_types must have ${n} entries like block_out_channels`);
   for (const t of down_block_types) if (!DOWN_TYPES.includes(t)) throw new SdtuneError('unsupported', `unet config: down block type ${t} (supported: ${DOWN_TYPES.join(', ')})`);
   for (const t of up_block_types) if (!UP_TYPES.includes(t)) throw new SdtuneError('unsupported', `unet config: up block type ${t} (supported: ${UP_TYPES.join(', ')})`);
-  const mid_block_type = str(raw, 'mid_block_type', 'UNetMidBlock2DCrossAttn', W);
   if (mid_block_type !== 'UNetMidBlock2DCrossAttn') throw new SdtuneError('unsupported', `unet config: mid block type ${mid_block_type}`);
   // diffusers: num_attention_heads = num_attention_heads or attention_head_dim (the latter is a head COUNT in SD v1/v2 configs)
   const headsRaw = raw.num_attention_heads ?? raw.attention_head_dim ?? 8;
@@ -163,80 +173,27 @@ export function unetConfig(raw: Raw): UNetConfig {
   if (typeof ca !== 'number') throw new SdtuneError('unsupported', 'unet config: per-block cross_attention_dim');
   const only = raw.only_cross_attention ?? false;
   if (only !== false) throw new SdtuneError('unsupported', 'unet config: only_cross_attention');
-  return {
-    in_channels: num(raw, 'in_channels', 4, W),
-    out_channels: num(raw, 'out_channels', 4, W),
-    block_out_channels,
-    layers_per_block: num(raw, 'layers_per_block', 2, W),
-    down_block_types,
-    up_block_types,
-    mid_block_type,
-    heads,
-    cross_attention_dim: ca,
-    norm_num_groups: num(raw, 'norm_num_groups', 32, W),
-    norm_eps: num(raw, 'norm_eps', 1e-5, W),
-    flip_sin_to_cos: bool(raw, 'flip_sin_to_cos', true, W),
-    freq_shift: num(raw, 'freq_shift', 0, W),
-    use_linear_projection: bool(raw, 'use_linear_projection', false, W),
-    sample_size: num(raw, 'sample_size', 64, W),
-    act_fn: str(raw, 'act_fn', 'silu', W),
-    transformer_layers_per_block: tlpb,
-    downsample_padding: num(raw, 'downsample_padding', 1, W),
-    mid_block_scale_factor: num(raw, 'mid_block_scale_factor', 1, W),
-    center_input_sample: bool(raw, 'center_input_sample', false, W),
-    only_cross_attention: false,
-    raw,
-  };
+  return { ...f, heads, cross_attention_dim: ca, transformer_layers_per_block: tlpb, only_cross_attention: false, raw };
 }
 
 /** AutoencoderKL config. */
 export function vaeConfig(raw: Raw): VaeConfig {
   const W = 'vae';
   refuse(raw, W, { latents_mean: null, latents_std: null });
-  const block_out_channels = numList(raw, 'block_out_channels', [64], W);
-  const down = strList(raw, 'down_block_types', new Array(block_out_channels.length).fill('DownEncoderBlock2D'), W);
-  const up = strList(raw, 'up_block_types', new Array(block_out_channels.length).fill('UpDecoderBlock2D'), W);
+  const { down_block_types, up_block_types, ...f } = readFields(VAE_FIELDS, raw, W);
+  const down = down_block_types ?? new Array<string>(f.block_out_channels.length).fill('DownEncoderBlock2D');
+  const up = up_block_types ?? new Array<string>(f.block_out_channels.length).fill('UpDecoderBlock2D');
   if (down.some((t) => t !== 'DownEncoderBlock2D') || up.some((t) => t !== 'UpDecoderBlock2D')) {
     throw new SdtuneError('unsupported', `vae config: block types ${[...down, ...up].join(', ')}`);
   }
   const sf = raw.shift_factor ?? null;
-  return {
-    in_channels: num(raw, 'in_channels', 3, W),
-    out_channels: num(raw, 'out_channels', 3, W),
-    latent_channels: num(raw, 'latent_channels', 4, W),
-    block_out_channels,
-    layers_per_block: num(raw, 'layers_per_block', 1, W),
-    norm_num_groups: num(raw, 'norm_num_groups', 32, W),
-    act_fn: str(raw, 'act_fn', 'silu', W),
-    scaling_factor: num(raw, 'scaling_factor', SD_LATENT_SCALE, W),
-    shift_factor: typeof sf === 'number' ? sf : null,
-    sample_size: num(raw, 'sample_size', 32, W),
-    use_quant_conv: bool(raw, 'use_quant_conv', true, W),
-    use_post_quant_conv: bool(raw, 'use_post_quant_conv', true, W),
-    mid_block_add_attention: bool(raw, 'mid_block_add_attention', true, W),
-    raw,
-  };
+  return { ...f, shift_factor: typeof sf === 'number' ? sf : null, raw };
 }
 
 /** transformers CLIPTextConfig. */
 export function clipTextConfig(raw: Raw): ClipTextConfig {
   const W = 'text_encoder';
-  const hidden = num(raw, 'hidden_size', 512, W);
-  const heads = num(raw, 'num_attention_heads', 8, W);
-  if (hidden % heads !== 0) throw bad(W, `hidden_size ${hidden} is not divisible by num_attention_heads ${heads}`);
-  return {
-    vocab_size: num(raw, 'vocab_size', 49408, W),
-    hidden_size: hidden,
-    intermediate_size: num(raw, 'intermediate_size', 2048, W),
-    num_hidden_layers: num(raw, 'num_hidden_layers', 12, W),
-    num_attention_heads: heads,
-    max_position_embeddings: num(raw, 'max_position_embeddings', 77, W),
-    hidden_act: str(raw, 'hidden_act', 'quick_gelu', W),
-    layer_norm_eps: num(raw, 'layer_norm_eps', 1e-5, W),
-    bos_token_id: num(raw, 'bos_token_id', 49406, W),
-    eos_token_id: num(raw, 'eos_token_id', 49407, W),
-    pad_token_id: num(raw, 'pad_token_id', 1, W),
-    projection_dim: num(raw, 'projection_dim', 512, W),
-    raw,
-  };
+  const f = readFields(CLIP_FIELDS, raw, W);
+  if (f.hidden_size % f.num_attention_heads !== 0) throw bad(W, `hidden_size ${f.hidden_size} is not divisible by num_attention_heads ${f.num_attention_heads}`);
+  return { ...f, raw };
 }

@@ -24,12 +24,15 @@ export interface TrainState {
   lossEma: number | null;
   /** the run this checkpoint belongs to: pruning touches only the same run's checkpoints (absent before 0.1.1) */
   runId?: string;
+  /** the recipe's JSON state (Recipe.checkpoint.json), when it has one */
+  recipe?: unknown;
 }
 
 const STATE = 'state.json';
 const PARAMS = 'trainable.safetensors';
 const OPTIM = 'optimizer.safetensors';
 const EMA = 'ema.safetensors';
+const RECIPE = 'recipe.safetensors';
 
 /** Folder name of the checkpoint after `step` optimizer steps. */
 export const checkpointName = (step: number) => `step-${String(step).padStart(6, '0')}`;
@@ -43,6 +46,7 @@ export async function saveCheckpoint(
   configYaml: string,
   keepLast: number | null,
   ema?: EmaState,
+  recipeTensors?: Map<string, tf.Tensor>,
 ): Promise<string> {
   await mkdir(root, { recursive: true });
   const final = path.join(root, checkpointName(state.step));
@@ -58,6 +62,9 @@ export async function saveCheckpoint(
     if (ema) {
       const tensors = new Map([...ema.shadow].map(([k, t]) => [`ema/${k}`, lazy(t)]));
       await writeSafetensors(path.join(tmp, EMA), tensors, { metadata: { optimization_step: String(ema.optimizationStep), options: JSON.stringify(ema.opts) } });
+    }
+    if (recipeTensors?.size) {
+      await writeSafetensors(path.join(tmp, RECIPE), new Map([...recipeTensors].map(([k, t]) => [k, lazy(t)])), { metadata: { format: 'sdtune-recipe-state/1' } });
     }
     await writeFileAtomic(path.join(tmp, STATE), Buffer.from(JSON.stringify(state, null, 1))); // disk full: a one-line error
     await writeFileAtomic(path.join(tmp, 'config.resolved.yaml'), Buffer.from(configYaml));
@@ -140,8 +147,12 @@ export async function resolveResume(dir: string, log: (line: string) => void = (
   throw new SdtuneError('file', `--resume ${dir}: no checkpoint found (expected ${STATE} in it, or step-NNNNNN folders under it or its checkpoints/)`);
 }
 
-/** Restore variables (strictly: same names and shapes) and return the optimizer and loop state. */
-export async function loadCheckpoint(dir: string, vars: Map<string, tf.Variable>): Promise<{ opt: AdamWState; state: TrainState; ema?: EmaHostState }> {
+/** Restore variables (strictly: same names and shapes) and return the optimizer and loop state, the EMA state and
+ *  the recipe's tensors when the checkpoint has them. */
+export async function loadCheckpoint(
+  dir: string,
+  vars: Map<string, tf.Variable>,
+): Promise<{ opt: AdamWState; state: TrainState; ema?: EmaHostState; recipeTensors?: Map<string, { shape: number[]; data: Float32Array }> }> {
   const state = JSON.parse(await readFile(path.join(dir, STATE), 'utf8')) as TrainState;
   const f = await SafetensorsFile.open(path.join(dir, PARAMS));
   try {
@@ -165,9 +176,26 @@ export async function loadCheckpoint(dir: string, vars: Map<string, tf.Variable>
       const t = await o.readFloat(k);
       tensors.set(k, { shape: t.shape, data: t.data as Float32Array });
     }
-    return { opt: adamwStateFromHost({ step: Number(o.metadata.step), tensors }, vars), state, ema: existsSync(path.join(dir, EMA)) ? await readEma(path.join(dir, EMA)) : undefined };
+    const ema = existsSync(path.join(dir, EMA)) ? await readEma(path.join(dir, EMA)) : undefined;
+    const recipeTensors = existsSync(path.join(dir, RECIPE)) ? await readAll(path.join(dir, RECIPE)) : undefined;
+    return { opt: adamwStateFromHost({ step: Number(o.metadata.step), tensors }, vars), state, ema, recipeTensors };
   } finally {
     await o.close();
+  }
+}
+
+/** Every tensor of a safetensors file, as float32 host arrays. */
+async function readAll(file: string): Promise<Map<string, { shape: number[]; data: Float32Array }>> {
+  const f = await SafetensorsFile.open(file);
+  try {
+    const out = new Map<string, { shape: number[]; data: Float32Array }>();
+    for (const k of f.keys()) {
+      const t = await f.readFloat(k);
+      out.set(k, { shape: t.shape, data: t.data as Float32Array });
+    }
+    return out;
+  } finally {
+    await f.close();
   }
 }
 

@@ -1,7 +1,9 @@
 /**
  * The one training loop (design principle 8), readable top to bottom:
  *   batch -> loss inside the tape -> gradients of the recipe's trainables -> accumulate -> clip -> AdamW at
- *   lrAt(step) -> log (progress bar, TensorBoard) -> sample / save on schedule.
+ *   lrAt(step) -> EMA, recipe.afterStep -> log (progress bar, TensorBoard) -> sample / save on schedule.
+ * The method's recipe (registry.ts, recipe.ts) says what trains and may replace a default: its batches (nextBatch),
+ * the reduction of the per-item diffusion losses (reduceLoss) or the whole loss (loss), and its checkpoint state.
  * Every random draw (noise, timesteps, latent samples, TI templates) comes from one torch-compatible generator whose
  * state is checkpointed with the loader's, so `--resume` continues the same curve exactly.
  */
@@ -29,15 +31,13 @@ import { type Schedule, samplerFromConfig, scheduleFromConfig } from '../schedul
 import { vaeScaleFactor } from '../models/configs.js';
 import { type Method, type ModelResolvedConfig, type TrainConfig, describeSteps, dumpConfig, resolutionWarning, withModelDefaults } from './config.js';
 import { checkpointName, loadCheckpoint, resolveResume, saveCheckpoint } from './checkpoint.js';
-import { type PredictionType, diffusionLoss } from './loss.js';
+import { type PredictionType, diffusionLossPerItem } from './loss.js';
 import { lrFactor } from './lr.js';
 import { type EmaState, createEma, disposeEma, emaStateFromHost, emaStep } from './ema.js';
 import { acquireRunLock, divergedError, newRunId, prepareRunFolder, unhealthyTrainable } from './guards.js';
 import { type AdamWState, adamwStep, clipGradNorm, createAdamW, disposeAdamW } from './optim.js';
-import { type Recipe, captionIds } from './recipe.js';
-import { createFinetuneRecipe } from './recipes/finetune.js';
-import { createLoraRecipe } from './recipes/lora.js';
-import { TI_TEMPLATES, createTiRecipe } from './recipes/textual-inversion.js';
+import { type Recipe, captionIds, restoreRecipeState } from './recipe.js';
+import { getMethod } from './registry.js';
 
 export interface TrainOptions {
   /** checkpoint folder (or output folder) to continue from */
@@ -58,6 +58,14 @@ export interface TrainOptions {
   overwrite?: boolean;
 }
 
+/** What is saved with a checkpoint from before a step (a step cut short saves the state from before it). */
+interface StepState {
+  rng: GeneratorState;
+  loader: LoaderState;
+  /** the recipe's JSON state (Recipe.checkpoint.json) */
+  recipe?: unknown;
+}
+
 export interface TrainResult {
   /** optimizer steps completed in total */
   steps: number;
@@ -67,52 +75,6 @@ export interface TrainResult {
   files: string[];
   checkpoint: string;
   stopped: 'done' | 'interrupted';
-}
-
-/** Build the method's recipe on a loaded model. */
-function makeRecipe(method: Method, model: LoadedModel, c: ModelResolvedConfig, gen: TorchGenerator): Recipe {
-  if (method === 'lora') {
-    const l = c.lora!;
-    if (l.dropout) throw new SdtuneError('unsupported', `lora.dropout = ${l.dropout}: LoRA dropout is not implemented yet; set it to 0`);
-    return createLoraRecipe(model, {
-      rank: l.rank,
-      alpha: l.alpha,
-      convRank: l.conv_rank ?? l.rank,
-      convAlpha: l.conv_alpha ?? l.alpha,
-      targets: l.targets,
-      textEncoder: l.text_encoder,
-      textEncoderLr: l.text_encoder_lr,
-      savePrecision: c.output.save_precision as 'fp16' | 'fp32', // bf16 is refused for LoRA by the config
-      alsoDiffusers: c.output.also_diffusers_format,
-      gen,
-      metadata: {
-        ss_output_name: c.output.name,
-        ss_learning_rate: String(c.train.lr),
-        ss_lr_scheduler: c.train.lr_scheduler,
-        ss_max_train_steps: String(c.train.max_steps ?? ''),
-        ss_resolution: `(${c.data.resolution.join(', ')})`,
-        ss_seed: String(c.train.seed),
-        ss_noise_offset: String(c.train.noise_offset),
-        ss_min_snr_gamma: String(c.train.min_snr_gamma ?? ''),
-        ss_gradient_checkpointing: c.train.gradient_checkpointing ? 'True' : 'False',
-        ss_sd_model_name: path.basename(c.model.path),
-        ss_base_model_version: 'sd_v1',
-        ss_training_comment: 'trained with sdtune',
-      },
-    });
-  }
-  if (method === 'finetune') {
-    const f = c.finetune!;
-    return createFinetuneRecipe(model, {
-      unet: f.unet,
-      textEncoder: f.text_encoder,
-      textEncoderLr: f.text_encoder_lr,
-      savePrecision: c.output.save_precision,
-      saveAs: c.output.save_as,
-    });
-  }
-  const t = c.textual_inversion!;
-  return createTiRecipe(model, { token: t.token, initWord: t.init_word, vectors: t.vectors, templates: c.data.templates ?? [...TI_TEMPLATES] });
 }
 
 /**
@@ -174,20 +136,20 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
     if (pred !== 'epsilon' && pred !== 'v_prediction') throw new SdtuneError('unsupported', `prediction type ${pred}`);
     const schedule: Schedule = scheduleFromConfig(model.schedulerConfig);
     assertTrainingFits(model, c.data.resolution, c.train.batch_size, c.train.gradient_checkpointing); // before any data is read
-    // 1. data
+    // 1. the method's recipe (registry.ts), then the data
+    const gen = new TorchGenerator(c.train.seed);
+    const recipe = await getMethod(method).create(model, c, gen);
+    cleanups.push(() => recipe.dispose());
     let warnings = 0;
     const items = await scanDataset(c.data.dir, {
       captionExtension: c.data.caption_extension,
       repeats: c.data.repeats,
       metadata: c.data.metadata,
-      uncaptioned: c.textual_inversion ? 'templates' : 'empty',
+      uncaptioned: recipe.uncaptioned ?? 'empty',
       onWarning: (m) => (warnings++ < 20 ? log(`warning: ${m}`) : undefined),
     });
     const tooLarge = resolutionWarning(c.data.resolution, items);
     if (tooLarge) log(`warning: ${tooLarge}`);
-    const gen = new TorchGenerator(c.train.seed);
-    const recipe = makeRecipe(method, model, c, gen);
-    cleanups.push(() => recipe.dispose());
     const encodePixels = (px: tf.Tensor4D) => {
       const d = vaeEncode(vae.params, vae.config, px);
       d.logvar.dispose();
@@ -241,6 +203,7 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
       loader = DataLoader.fromState(items, loaderOpts, r.state.loader);
       lossEma = r.state.lossEma;
       runId = r.state.runId ?? runId;
+      restoreRecipeState(recipe, dir, r.state.recipe, r.recipeTensors);
       if (ema && r.ema) {
         disposeEma(ema);
         ema = emaStateFromHost({ ...r.ema, opts: emaOpts! }, vars);
@@ -267,24 +230,34 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
       const bad = await unhealthyTrainable(vars);
       if (bad) throw divergedError(step, `${bad.name} has ${bad.what}`, lastGood(), c.output.dir);
     };
-    const save = async (at: { rng: GeneratorState; loader: LoaderState } = { rng: gen.getState(), loader: loader.getState() }) => {
+    const stateNow = (): StepState => ({ rng: gen.getState(), loader: loader.getState(), recipe: recipe.checkpoint?.json?.() });
+    const save = async (at: StepState = stateNow()) => {
       await assertHealthy();
       await tb!.flush(); // a kill after this save loses no logged step the checkpoint covers
-      return saveCheckpoint(ckRoot, vars, opt, { method, step, ...at, lossEma, runId }, configYaml, c.output.keep_last, ema);
+      return saveCheckpoint(ckRoot, vars, opt, { method, step, ...at, lossEma, runId }, configYaml, c.output.keep_last, ema, recipe.checkpoint?.tensors?.());
     };
-    /** Run `fn` with the weights that are exported and sampled: the EMA average when output.export_ema (as diffusers
-     *  does), the trained weights otherwise (and always restored after). */
-    const withExportWeights = async <T>(fn: () => Promise<T>): Promise<T> => {
-      if (!ema || !c.output.export_ema) return fn();
+    /** Run `fn` with the EMA average in the trainables' place (the trained weights are restored after); `fn` as is
+     *  when the average is in place already. */
+    let emaInPlace = false;
+    const withEma = async <T>(fn: () => Promise<T>): Promise<T> => {
+      if (!ema) throw new Error('withEma: no EMA');
+      if (emaInPlace) return fn();
       const kept = new Map([...vars].map(([k, v]) => [k, tf.keep(tf.clone(v))] as const));
       try {
         for (const [k, v] of vars) v.assign(ema.shadow.get(k)!);
+        emaInPlace = true;
         return await fn();
       } finally {
+        emaInPlace = false;
         for (const [k, v] of vars) v.assign(kept.get(k)!);
         tf.dispose([...kept.values()]);
       }
     };
+    /** Run `fn` with the weights that are exported and sampled: the EMA average when output.export_ema (as diffusers
+     *  does), the trained weights otherwise (and always restored after). */
+    const withExportWeights = <T>(fn: () => Promise<T>): Promise<T> => (ema && c.output.export_ema ? withEma(fn) : fn());
+    /** The recipe's export, with the weights of output.export_ema in place and the EMA at hand (output.ema_only). */
+    const exportAs = (name: string) => withExportWeights(() => recipe.export(c.output.dir, name, step, { withEma: ema ? withEma : undefined }));
     const losses: number[] = [];
     const files: string[] = [];
     let checkpoint = '';
@@ -297,13 +270,13 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
     cleanups.push(checkBeforeEveryKernel(() => armed && stopRequested()));
 
     /** Stop on request: save the last completed step (when this run completed one not yet saved) and return. */
-    const stop = async (inStep: boolean, at?: { rng: GeneratorState; loader: LoaderState }): Promise<TrainResult> => {
+    const stop = async (inStep: boolean, at?: StepState): Promise<TrainResult> => {
       bar?.done();
       const discarded = inStep ? ` (step ${step + 1} was stopped part-way and discarded)` : '';
       if (savedStep !== step) {
         checkpoint = await save(at);
         savedStep = step;
-        files.push(...(await withExportWeights(() => recipe.export(c.output.dir, `${c.output.name}-${checkpointName(step)}`, step))));
+        files.push(...(await exportAs(`${c.output.name}-${checkpointName(step)}`)));
         log(`interrupted at step ${step}: checkpoint ${checkpoint}; continue with --resume ${c.output.dir}${discarded}`);
       } else if (checkpoint || o.resume) {
         log(`interrupted at step ${step}: checkpoint ${checkpoint || o.resume} already holds it; continue with --resume ${c.output.dir}${discarded}`);
@@ -327,35 +300,46 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
         }
       });
 
-    /** One forward + backward pass on the next batch: adds its gradients (/ ga) into `acc`, returns its loss. Frees
-     *  everything it made when it throws (an interrupt), the tensors the gradient tape saved included. */
+    /** The loss function of a diffusion step on `bt`: its random draws (latents, noise, timesteps, captions) are made
+     *  here, outside the tape, into `own`; the UNet's per-item losses are reduced by the recipe (default: their mean). */
+    const diffusionStep = (bt: Batch, own: <T extends tf.Tensor>(t: T) => T): (() => tf.Scalar) => {
+      const b = bt.captions.length;
+      const latents = own(
+        bt.latents ? sampleLatents(bt.latents, gen, vae.config.scaling_factor) : tf.tidy(() => sampleLatents(encodePixels(bt.pixels!), gen, vae.config.scaling_factor)),
+      );
+      const [, h, w, ch] = latents.shape;
+      const noise = own(tf.tidy(() => {
+        const n = randnNHWC(gen, [b, ch, h, w]);
+        // noise offset (Crosslabs): a per-channel constant shift, diffusers noise += offset * randn(B, C, 1, 1)
+        return c.train.noise_offset ? tf.add(n, tf.mul(randnNHWC(gen, [b, ch, 1, 1]), c.train.noise_offset)) : n;
+      }) as tf.Tensor4D);
+      const timesteps = gen.randint(0, T, [b]);
+      const captions = bt.captions.map((cap) => recipe.captionFor(cap, pick));
+      const ids = own(captionIds(model, captions));
+      // a frozen text encoder gives the same embedding for the same caption: cache it
+      const frozenCtx = textCache ? own(tf.tidy(() => tf.stack(captions.map((cap) => textCache.get(cap))) as tf.Tensor3D)) : undefined;
+      const lossOpts = { predictionType: pred, minSnrGamma: c.train.min_snr_gamma, gradientCheckpointing: c.train.gradient_checkpointing };
+      return () =>
+        tf.tidy(() => {
+          const perItem = diffusionLossPerItem(unetP.params, unetP.config, schedule, { latents, noise, timesteps, context: frozenCtx ?? recipe.encodeIds(ids) }, lossOpts);
+          return recipe.reduceLoss ? recipe.reduceLoss(perItem, bt) : (tf.mean(perItem) as tf.Scalar);
+        });
+    };
+
+    /** One forward + backward pass on the next batch (the recipe's, default the loader's): adds its gradients (/ ga)
+     *  into `acc`, returns its loss. Frees everything it made when it throws (an interrupt), the tensors the gradient
+     *  tape saved included. */
     const microStep = async (acc: Map<string, tf.Tensor>): Promise<number> => {
       const owned: tf.Tensor[] = []; // freed when this pass ends, however it ends
       const own = <T extends tf.Tensor>(t: T) => (owned.push(t), t);
       let batch: Batch | undefined;
       let grads: tf.NamedTensorMap = {};
       try {
-        const bt = (batch = await loader.next());
-        const b = bt.captions.length;
-        const latents = own(
-          bt.latents ? sampleLatents(bt.latents, gen, vae.config.scaling_factor) : tf.tidy(() => sampleLatents(encodePixels(bt.pixels!), gen, vae.config.scaling_factor)),
-        );
-        const [, h, w, ch] = latents.shape;
-        const noise = own(tf.tidy(() => {
-          const n = randnNHWC(gen, [b, ch, h, w]);
-          // noise offset (Crosslabs): a per-channel constant shift, diffusers noise += offset * randn(B, C, 1, 1)
-          return c.train.noise_offset ? tf.add(n, tf.mul(randnNHWC(gen, [b, ch, 1, 1]), c.train.noise_offset)) : n;
-        }) as tf.Tensor4D);
-        const timesteps = gen.randint(0, T, [b]);
-        const captions = bt.captions.map((cap) => recipe.captionFor(cap, pick));
-        const ids = own(captionIds(model, captions));
-        // a frozen text encoder gives the same embedding for the same caption: cache it
-        const frozenCtx = textCache ? own(tf.tidy(() => tf.stack(captions.map((cap) => textCache.get(cap))) as tf.Tensor3D)) : undefined;
+        const bt = (batch = await (recipe.nextBatch ? recipe.nextBatch(loader) : loader.next()));
+        // the recipe's own loss (a method that is not diffusion training), else the diffusion loss
+        const lossOf = recipe.loss ? () => recipe.loss!(bt) : diffusionStep(bt, own);
         // the loss is owned from inside the tape: when the backward pass throws, engine.gradients loses it
-        const r = tf.variableGrads(
-          () => own(diffusionLoss(unetP.params, unetP.config, schedule, { latents, noise, timesteps, context: frozenCtx ?? recipe.encodeIds(ids) }, { predictionType: pred, minSnrGamma: c.train.min_snr_gamma, gradientCheckpointing: c.train.gradient_checkpointing })),
-          [...vars.values()],
-        );
+        const r = tf.variableGrads(() => own(lossOf()), [...vars.values()]);
         grads = r.grads;
         const loss = (await r.value.data())[0];
         for (const [name, v] of vars) {
@@ -381,7 +365,7 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
 
     // 4. the loop
     while (step < total) {
-      const before = { rng: gen.getState(), loader: loader.getState() };
+      const before = stateNow();
       if (stopRequested()) return await stop(false, before); // e.g. Ctrl-C while the model was loading
       const t0 = performance.now();
       let lossSum = 0;
@@ -419,7 +403,9 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
         lrFor: recipe.lrFor ? (name) => recipe.lrFor!(name, factor, c.train.lr) : undefined,
       });
       tf.dispose([...acc.values(), ...clipped.values()]);
+      // after the update: the average of the weights (any method's: EMA is a loop feature), then the recipe's own
       if (ema) emaStep(ema, vars);
+      recipe.afterStep?.(step + 1);
       step++;
       losses.push(loss);
       lossEma = lossEma === null ? loss : 0.9 * lossEma + 0.1 * loss;
@@ -432,13 +418,13 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
       if (c.output.save_every && step % c.output.save_every === 0 && step < total) {
         checkpoint = await save();
         savedStep = step;
-        files.push(...(await withExportWeights(() => recipe.export(c.output.dir, `${c.output.name}-${checkpointName(step)}`, step))));
+        files.push(...(await exportAs(`${c.output.name}-${checkpointName(step)}`)));
       }
     }
     bar?.done();
     // 5. final outputs
     checkpoint = await save();
-    files.push(...(await withExportWeights(() => recipe.export(c.output.dir, c.output.name, step))));
+    files.push(...(await exportAs(c.output.name)));
     if (c.output.sample_every || c.output.sample_prompts.length) await sampleInterruptibly();
     log(`done: ${step} steps; wrote ${files.join(', ')}`);
     return { steps: step, losses, files, checkpoint, stopped: 'done' };
@@ -454,7 +440,7 @@ async function sampleImages(model: LoadedModel, recipe: Recipe, c: ModelResolved
   const [w, h] = c.data.resolution;
   await recipe.withInference(async () => {
     for (const [i, prompt] of c.output.sample_prompts.entries()) {
-      const text = recipe.method === 'textual_inversion' ? recipe.captionFor(prompt, () => 0) : prompt;
+      const text = recipe.samplePrompt?.(prompt) ?? prompt;
       const r = await generate(model, {
         prompt: text,
         sampler: (c.output.sample_sampler as never) ?? samplerFromConfig(model.schedulerConfig),

@@ -1,7 +1,7 @@
 /**
  * The diffusion training objective shared by every recipe: DDPM forward noising with the same schedule module the
  * samplers use, epsilon or v target, per-sample MSE, optional min-SNR-gamma weighting (Hang et al. 2023, as
- * diffusers' train_text_to_image compute_snr), mean over the batch.
+ * diffusers' train_text_to_image compute_snr); per item, for the recipe to reduce (default: the mean over the batch).
  */
 import * as tf from '@tensorflow/tfjs';
 import type { UNetConfig } from '../models/configs.js';
@@ -44,15 +44,21 @@ export function minSnrWeights(schedule: Schedule, timesteps: Int32Array, gamma: 
   });
 }
 
-/** Scalar training loss of the UNet on a batch (runs inside the caller's gradient tape; returns only the scalar). */
-export function diffusionLoss(unetParams: ParamTree, cfg: UNetConfig, schedule: Schedule, b: DiffusionBatch, o: LossOptions): tf.Scalar {
+/** Per-item training losses [B] of the UNet on a batch: each item's MSE, times its min-SNR-gamma weight when set
+ *  (runs inside the caller's gradient tape; returns only the [B] tensor, for a recipe to reduce). */
+export function diffusionLossPerItem(unetParams: ParamTree, cfg: UNetConfig, schedule: Schedule, b: DiffusionBatch, o: LossOptions): tf.Tensor1D {
   return tf.tidy(() => {
     const t = Array.from(b.timesteps);
     const noisy = addNoise(schedule, b.latents, b.noise, t) as tf.Tensor4D;
     const pred = unet(unetParams, cfg, noisy, tf.tensor1d(b.timesteps, 'int32'), b.context, { ...o.forward, gradientCheckpointing: o.gradientCheckpointing });
     const target = o.predictionType === 'epsilon' ? b.noise : velocity(schedule, b.latents, b.noise, t);
-    const perItem = tf.mean(tf.square(tf.sub(pred, target)), [1, 2, 3]);
-    if (o.minSnrGamma == null) return tf.mean(perItem) as tf.Scalar;
-    return tf.mean(tf.mul(perItem, minSnrWeights(schedule, b.timesteps, o.minSnrGamma, o.predictionType))) as tf.Scalar;
+    const perItem = tf.mean(tf.square(tf.sub(pred, target)), [1, 2, 3]) as tf.Tensor1D;
+    if (o.minSnrGamma == null) return perItem;
+    return tf.mul(perItem, minSnrWeights(schedule, b.timesteps, o.minSnrGamma, o.predictionType)) as tf.Tensor1D;
   });
+}
+
+/** Scalar training loss of the UNet on a batch: the mean of diffusionLossPerItem (runs inside the caller's tape). */
+export function diffusionLoss(unetParams: ParamTree, cfg: UNetConfig, schedule: Schedule, b: DiffusionBatch, o: LossOptions): tf.Scalar {
+  return tf.tidy(() => tf.mean(diffusionLossPerItem(unetParams, cfg, schedule, b, o)) as tf.Scalar);
 }

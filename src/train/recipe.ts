@@ -1,9 +1,12 @@
 /**
  * What a training method declares (design principle 8): its trainable parameters, how captions become the text
- * conditioning (inside the gradient tape when the text encoder trains), and how its result is exported. The loop,
- * data, optimizer and checkpoints are shared by every recipe.
+ * conditioning (inside the gradient tape when the text encoder trains), and how its result is exported; and, where
+ * it differs from the loop's defaults, its batches, its loss, what happens after a step and what else its
+ * checkpoints hold. The loop, data, optimizer, EMA and checkpoints are shared by every recipe.
  */
 import * as tf from '@tensorflow/tfjs';
+import type { Batch, DataLoader } from '../data/loader.js';
+import { SdtuneError, fmtShape } from '../errors.js';
 import type { LoadedModel } from '../io/model.js';
 import { clipText } from '../models/clip-text.js';
 
@@ -17,14 +20,80 @@ export interface Recipe {
   readonly textEncoderTrainable: boolean;
   /** the caption actually trained on (TI: placeholder expansion / templates); `pick` draws in [0, n) */
   captionFor(caption: string, pick: (n: number) => number): string;
+  /** images without a caption: trained on an empty caption (default) or on the recipe's templates (TI) */
+  readonly uncaptioned?: 'empty' | 'templates';
+  /** the prompt a validation sample of `prompt` is drawn with (TI: the placeholder in; default: the prompt) */
+  samplePrompt?(prompt: string): string;
   /** text conditioning [B, 77, C] for token ids [B, 77] (called inside the tape) */
   encodeIds(ids: tf.Tensor2D): tf.Tensor3D;
   /** run `fn` with the trained state visible to the plain inference path (pipelines, sample) */
   withInference<T>(fn: () => Promise<T>): Promise<T>;
-  /** write the adapter files; returns their paths */
-  export(dir: string, name: string, step: number): Promise<string[]>;
+  /** write the result files (adapter, embedding, model); returns their paths. The trainables hold the weights of
+   *  output.export_ema; `withEma` (present with train.ema) runs a write with the EMA average in their place */
+  export(dir: string, name: string, step: number, ctx?: ExportContext): Promise<string[]>;
   /** undo every change to the model and free the recipe's tensors */
   dispose(): void;
+
+  // ---- optional: each replaces one default of the loop ----
+  /** the batch of one forward pass (default: `loader.next()`). A recipe may add data (DreamBooth: class images
+   *  from its own loader, appended); the loop disposes what it returns (disposeBatch) and passes that same object
+   *  to reduceLoss / loss. Random draws come from the generator `create` got, so a resume repeats them. */
+  nextBatch?(loader: DataLoader): Promise<Batch>;
+  /** the scalar trained on, from the diffusion loss of each item [B] (min-SNR weights applied): prior
+   *  preservation, masks, per-item weights (default: the mean). Called inside the gradient tape. */
+  reduceLoss?(perItem: tf.Tensor1D, batch: Batch): tf.Scalar;
+  /** the whole loss, for a method that is not diffusion training (a VAE: reconstruction + KL on batch.pixels): the
+   *  loop then draws no noise or timesteps and runs no UNet. Called inside the gradient tape. */
+  loss?(batch: Batch): tf.Scalar;
+  /** after every optimizer step, after the loop's EMA update; `step` counts the steps completed */
+  afterStep?(step: number): void;
+  /** what this recipe's checkpoints hold beyond the trainables and the optimizer, restored exactly on resume */
+  readonly checkpoint?: RecipeCheckpoint;
+}
+
+/** What the loop gives a recipe's export. */
+export interface ExportContext {
+  /** run `fn` with the EMA average in the trainables' place (restored after); absent without train.ema */
+  withEma?<T>(fn: () => Promise<T>): Promise<T>;
+}
+
+/** A recipe's own checkpoint state. */
+export interface RecipeCheckpoint {
+  /** small JSON state (e.g. its own data loader's `getState()`), taken before every step, so that a step cut short
+   *  saves the state from before it; return a fresh value */
+  json?(): unknown;
+  /** named float32 tensors (recipe.safetensors in the checkpoint folder), read when a checkpoint is written:
+   *  change them only in afterStep (between steps) */
+  tensors?(): Map<string, tf.Tensor>;
+  /** put the saved state back on resume: `json` as json() gave it, `tensors` with the names and shapes tensors()
+   *  gives (checked before the call; the loop disposes them after it) */
+  restore(saved: { json: unknown; tensors: Map<string, tf.Tensor> }): void;
+}
+
+/** Give a recipe the state its checkpoint saved (strictly: the same tensor names and shapes as it has now). */
+export function restoreRecipeState(recipe: Recipe, dir: string, json: unknown, saved: Map<string, { shape: number[]; data: Float32Array }> | undefined): void {
+  const got = saved ?? new Map<string, { shape: number[]; data: Float32Array }>();
+  const ck = recipe.checkpoint;
+  if (!ck) {
+    if (got.size) throw new SdtuneError('format', `${dir}: the checkpoint holds recipe state (${[...got.keys()].slice(0, 4).join(', ')}) that the ${recipe.method} recipe does not have`);
+    return;
+  }
+  const now = ck.tensors?.() ?? new Map<string, tf.Tensor>();
+  const missing = [...now.keys()].filter((k) => !got.has(k));
+  const extra = [...got.keys()].filter((k) => !now.has(k));
+  if (missing.length || extra.length) {
+    throw new SdtuneError('format', `${dir}: the recipe state does not match this training setup (missing: ${missing.slice(0, 4).join(', ') || '-'}; unexpected: ${extra.slice(0, 4).join(', ') || '-'})`);
+  }
+  for (const [k, t] of now) {
+    const s = got.get(k)!.shape;
+    if (fmtShape(s) !== fmtShape(t.shape)) throw new SdtuneError('format', `${dir}: recipe state ${k} is ${fmtShape(s)} in the checkpoint, ${fmtShape(t.shape)} now`);
+  }
+  const tensors = new Map([...got].map(([k, t]) => [k, tf.tensor(t.data, t.shape, 'float32')] as const));
+  try {
+    ck.restore({ json, tensors });
+  } finally {
+    tf.dispose([...tensors.values()]);
+  }
 }
 
 /** Plain text conditioning through the (possibly LoRA-injected) text encoder. */

@@ -297,7 +297,7 @@ describe('LoCon trained on the bundled tiny-sd-v1 (1x1 convs: proj_in/out, conv_
     const out = path.join(tmp, 'train');
     const cfg = resolveConfig('lora', null, {
       'model.path': MODEL, 'data.dir': path.join(ROOT, 'datasets/shapes'), 'data.resolution': 64, 'train.batch_size': 1, 'train.max_steps': 2,
-      'train.lr': 1e-2, 'train.seed': 3, 'lora.targets': 'attn+ff+conv', rank: 4, alpha: 2, 'conv-rank': 2, 'conv-alpha': 1,
+      'train.lr': 1e-2, 'train.seed': 3, 'lora.targets': 'attn+ff+conv', 'lora.rank': 4, 'lora.alpha': 2, 'lora.conv_rank': 2, 'lora.conv_alpha': 1,
       'lora.text_encoder': true, 'output.dir': out, 'output.name': 'locon',
     });
     const r = await train('lora', cfg, { quiet: true, log: () => {} });

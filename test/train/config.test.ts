@@ -4,18 +4,16 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { FLAG_KEYS, configOverrides, flagOverrides } from '../../src/cli/train-flags.js';
 import { SdtuneError } from '../../src/errors.js';
-import {
-  FLAG_KEYS,
-  type Method,
-  describeSteps,
-  dumpConfig,
-  flagOverrides,
-  loadConfigFile,
-  resolutionWarning,
-  resolveConfig,
-  withModelDefaults,
-} from '../../src/train/config.js';
+import { type Method, describeSteps, dumpConfig, loadConfigFile, resolutionWarning, resolveConfig as resolveDotted, withModelDefaults } from '../../src/train/config.js';
+
+/** resolveConfig as the training commands call it: overrides by flag name (or dotted key, as --set gives them)
+ *  through the CLI's flag table (src/cli/train-flags.ts), so messages name the flags. */
+const resolveConfig = (method: Method, yaml: string | null, flags: Record<string, unknown>, source?: string) => {
+  const { overrides, ...named } = configOverrides(method, flags);
+  return resolveDotted(method, yaml, overrides, { ...named, source });
+};
 
 const BASE = 'model:\n  path: models/sd15\ndata:\n  dir: data/dog\n';
 const TI = `${BASE}textual_inversion:\n  token: "<my-logo>"\n  init_word: logo\n`;
@@ -55,7 +53,7 @@ describe('defaults', () => {
     expect(c.textual_inversion).toBeUndefined();
     expect(c.output).toEqual({
       dir: 'output/lora', name: 'lora', save_every: null, keep_last: 3, save_precision: 'fp16', sample_every: null,
-      sample_prompts: [], sample_seed: 42, sample_steps: 20, sample_sampler: null, log_dir: 'output/lora/logs', logging_dir: null, save_as: 'diffusers', export_ema: true,
+      sample_prompts: [], sample_seed: 42, sample_steps: 20, sample_sampler: null, log_dir: 'output/lora/logs', logging_dir: null, save_as: 'diffusers', export_ema: true, ema_only: false,
       also_diffusers_format: false,
     });
     expect(c.data.cache_dir).toBe('output/lora');

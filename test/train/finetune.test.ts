@@ -6,6 +6,7 @@ import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { disposeModel, loadModel } from '../../src/io/model.js';
 import { flattenParams } from '../../src/models/params.js';
+import { configOverrides } from '../../src/cli/train-flags.js';
 import { loadConfigFile, resolveConfig } from '../../src/train/config.js';
 import { train } from '../../src/train/loop.js';
 import { exportTrainingCheckpoint } from '../../src/train/export-checkpoint.js';
@@ -97,7 +98,8 @@ describe('full fine-tuning (bundled tiny model)', () => {
     expect(c.output.save_as).toBe('both');
     expect(() => resolveConfig('lora', 'model:\n  path: m\ndata:\n  dir: d\noutput:\n  save_precision: bf16\n', {})).toThrow(/bf16 is for full fine-tunes/);
     expect(() => resolveConfig('lora', 'model:\n  path: m\ndata:\n  dir: d\noutput:\n  save_as: both\n', {})).toThrow(/output.save_as is for full fine-tunes/);
-    expect(resolveConfig('finetune', 'model:\n  path: m\ndata:\n  dir: d\n', { 'train-text-encoder': true }).finetune!.text_encoder).toBe(true);
+    // --train-text-encoder sets the trained method's own key
+    expect(resolveConfig('finetune', 'model:\n  path: m\ndata:\n  dir: d\n', configOverrides('finetune', { 'train-text-encoder': true }).overrides).finetune!.text_encoder).toBe(true);
     const counts: number[] = [];
     const before = tf.memory().numTensors;
     await train('finetune', config('finetune', path.join(tmp, 'leak'), { 'train.max_steps': 3, 'data.cache_latents': false, 'finetune.text_encoder': true, 'finetune.text_encoder_lr': 1e-5, 'output.save_as': 'single_file' }), {

@@ -45,7 +45,7 @@ describe('lrAt', () => {
   });
 
   it('accepts the resolved train section', () => {
-    const c = resolveConfig('lora', null, { model: 'm', data: 'd', 'lr-scheduler': 'linear', 'max-steps': 10 });
+    const c = resolveConfig('lora', null, { 'model.path': 'm', 'data.dir': 'd', 'train.lr_scheduler': 'linear', 'train.max_steps': 10 });
     expect(lrAt(c.train, 5, 10)).toBeCloseTo(0.5e-4, 15);
   });
 });

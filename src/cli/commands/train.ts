@@ -1,10 +1,12 @@
-/** `sdtune lora` and `sdtune textual-inversion`: flags + YAML -> a resolved config -> the training loop, in a worker
+/** `sdtune lora`, `sdtune textual-inversion`, `sdtune finetune` (one command per registered method): flags + YAML -> a resolved config -> the training loop, in a worker
  *  thread so that Ctrl-C is honoured within seconds even in the middle of a long step. */
 import { Worker } from 'node:worker_threads';
 import type { Argv } from 'yargs';
 import { SdtuneError } from '../../errors.js';
-import { type Method, type TrainConfig, FLAG_KEYS, flagOverrides, loadConfigFile } from '../../train/config.js';
+import { type Method, type TrainConfig, loadConfigFile } from '../../train/config.js';
+import { getMethod, methodNames } from '../../train/registry.js';
 import { runCommand } from '../run.js';
+import { SHARED_FLAGS, configOverrides, flagOverrides } from '../train-flags.js';
 import type { TrainWorkerData, TrainWorkerMessage } from '../train-worker.js';
 
 const DESCRIBE: Record<string, string> = {
@@ -16,38 +18,31 @@ const DESCRIBE: Record<string, string> = {
   lr: 'learning rate (train.lr)',
   seed: 'seed (train.seed)',
   resolution: "training size (data.resolution; default: the model's, its UNet sample_size x 8)",
-  rank: 'LoRA rank (lora.rank)',
-  alpha: 'LoRA alpha (lora.alpha)',
-  'conv-rank': 'LoCon rank of the 3x3 convs, with lora.targets attn+ff+conv (lora.conv_rank, kohya conv_dim; default: --rank)',
-  'conv-alpha': 'LoCon alpha of the 3x3 convs (lora.conv_alpha, kohya conv_alpha; default: --alpha)',
-  token: 'the new prompt word, e.g. "<my-logo>" (textual_inversion.token)',
-  'init-word': 'word whose embedding starts the token (textual_inversion.init_word)',
-  vectors: 'vectors per token (textual_inversion.vectors)',
   'gradient-checkpointing': 'recompute the UNet transformers in the backward pass: ~1/4 the activation memory, ~1.3x the time (train.gradient_checkpointing)',
 };
-const BOOLEAN_FLAGS = new Set(['train-text-encoder', 'gradient-checkpointing']);
+const BOOLEAN_FLAGS = new Set(['gradient-checkpointing']);
 
+/** The shared flags and the method's own (its registry entry's). */
 function options(a: Argv, method: Method): Argv {
   let y = a
     .option('config', { type: 'string', describe: 'YAML config (see configs/)' })
     .option('resume', { type: 'string', describe: 'continue from a checkpoint folder or an output folder' })
     .option('overwrite', { type: 'boolean', describe: 'replace an earlier run in the output folder (its checkpoints are deleted)' })
     .option('set', { type: 'string', array: true, describe: 'override any key: --set train.lr=2e-4' });
-  const skip =
-    method === 'lora' ? ['token', 'init-word', 'vectors']
-    : method === 'finetune' ? ['token', 'init-word', 'vectors', 'rank', 'alpha', 'conv-rank', 'conv-alpha']
-    : ['rank', 'alpha', 'conv-rank', 'conv-alpha', 'train-text-encoder'];
-  for (const flag of Object.keys(FLAG_KEYS)) {
-    if (skip.includes(flag)) continue;
-    // no yargs defaults: a default would override the YAML; the config supplies them
-    y = y.option(flag, { type: BOOLEAN_FLAGS.has(flag) ? 'boolean' : flag === 'sample-prompt' ? 'string' : undefined, describe: DESCRIBE[flag] ?? FLAG_KEYS[flag] });
+  // no yargs defaults: a default would override the YAML; the config supplies them
+  for (const [flag, key] of Object.entries(SHARED_FLAGS)) {
+    y = y.option(flag, { type: BOOLEAN_FLAGS.has(flag) ? 'boolean' : flag === 'sample-prompt' ? 'string' : undefined, describe: DESCRIBE[flag] ?? key });
+  }
+  for (const [flag, d] of Object.entries(getMethod(method).cli.flags ?? {})) {
+    y = y.option(flag, { type: d.boolean ? 'boolean' : undefined, describe: d.describe ?? d.key });
   }
   return y;
 }
 
 async function run(method: Method, argv: Record<string, unknown>): Promise<void> {
-  const { overrides, configPath, resume } = flagOverrides(argv);
-  const config = await loadConfigFile(method, configPath, overrides);
+  const { overrides: flags, configPath, resume } = flagOverrides(argv);
+  const { overrides, ...named } = configOverrides(method, flags);
+  const config = await loadConfigFile(method, configPath, overrides, named);
   const requested = (config.model.backend ?? process.env.SDTUNE_BACKEND ?? '').trim().toLowerCase();
   const run: RunRequest = { method, config, resume, overwrite: Boolean(argv.overwrite) };
   const r = await trainInWorker(run, requested === 'webgpu');
@@ -136,19 +131,13 @@ async function trainHere(run: RunRequest, workerError: string): Promise<{ files:
   }
 }
 
+/** The training commands, one per registered method (`sdtune lora`, `sdtune textual-inversion`, ...). */
+export const trainCommands = (): string[] => methodNames().map((m) => getMethod(m).cli.command);
+
 export function registerTrain(y: Argv): Argv {
-  return y
-    .command('lora', 'train a LoRA (kohya/A1111 .safetensors output)', (a) => options(a, 'lora'), (argv) => runCommand(() => run('lora', argv)))
-    .command(
-      'textual-inversion',
-      'train a textual-inversion embedding (A1111 + diffusers .safetensors output)',
-      (a) => options(a, 'textual_inversion'),
-      (argv) => runCommand(() => run('textual_inversion', argv)),
-    )
-    .command(
-      'finetune',
-      'fine-tune the whole UNet (or its attention layers), optionally the text encoder (diffusers folder / single-file output)',
-      (a) => options(a, 'finetune'),
-      (argv) => runCommand(() => run('finetune', argv)),
-    );
+  for (const name of methodNames()) {
+    const { command, describe } = getMethod(name).cli;
+    y = y.command(command, describe, (a) => options(a, name), (argv) => runCommand(() => run(name, argv)));
+  }
+  return y;
 }

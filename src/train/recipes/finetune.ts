@@ -20,6 +20,8 @@ export interface FinetuneRecipeOptions {
   textEncoderLr: number | null;
   savePrecision: SavePrecision;
   saveAs: 'diffusers' | 'single_file' | 'both';
+  /** the single file holds the EMA average (the "pruned-emaonly" file), whatever output.export_ema says */
+  emaOnly?: boolean;
 }
 
 /** attn1/attn2 of every transformer block (self- and cross-attention: to_q/k/v/out, their biases and norms stay out) */
@@ -45,12 +47,16 @@ export function createFinetuneRecipe(model: LoadedModel, o: FinetuneRecipeOption
     captionFor: (caption) => caption,
     encodeIds: (ids) => encodeWithTextEncoder(model, ids),
     withInference: (fn) => fn(), // the networks already run on the trained variables
-    async export(dir, name) {
+    async export(dir, name, _step, ctx) {
       const files: string[] = [];
       for (const f of formats) {
         const out = path.join(dir, f === 'diffusers' ? name : `${name}.safetensors`);
         // the run folder is this run's (lock, earlier-run check): a re-export replaces its own earlier one
-        await saveModel(model, out, { to: f === 'diffusers' ? 'diffusers' : 'single-file', precision: o.savePrecision, overwrite: true });
+        const write = () => saveModel(model, out, { to: f === 'diffusers' ? 'diffusers' : 'single-file', precision: o.savePrecision, overwrite: true });
+        if (f === 'single_file' && o.emaOnly) {
+          if (!ctx?.withEma) throw usageError('output.ema_only: there is no EMA average to export (set train.ema.enabled)');
+          await ctx.withEma(write);
+        } else await write();
         files.push(out);
       }
       return files;

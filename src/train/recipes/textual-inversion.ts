@@ -50,6 +50,11 @@ export function createTiRecipe(model: LoadedModel, o: TiRecipeOptions): Recipe &
   );
   const placeholder = tokens.join(' ');
   const vocab = base.shape[0]!;
+  /** A caption with the placeholder tokens: the token expanded where it is written, else in a template. */
+  const captionFor = (caption: string, pick: (n: number) => number): string => {
+    if (caption.includes(o.token)) return caption.split(o.token).join(placeholder);
+    return o.templates[pick(o.templates.length)].replace('{}', placeholder);
+  };
   /**
    * Token embeddings with the trainable rows: the frozen table is gathered as usual, the new ids pick their rows by
    * a one-hot matmul. (A gather from the grown table would route the gradient through a dense [vocab, dim]
@@ -72,10 +77,9 @@ export function createTiRecipe(model: LoadedModel, o: TiRecipeOptions): Recipe &
     tokens,
     trainables: new Map([[`embedding.${o.token}`, rows]]),
     textEncoderTrainable: true,
-    captionFor(caption, pick) {
-      if (caption.includes(o.token)) return caption.split(o.token).join(placeholder);
-      return o.templates[pick(o.templates.length)].replace('{}', placeholder);
-    },
+    uncaptioned: 'templates',
+    captionFor,
+    samplePrompt: (prompt) => captionFor(prompt, () => 0),
     encodeIds: (idsT) =>
       tf.tidy(() => clipText(model.textEncoder!.params, model.textEncoder!.config, idsT, { clipSkip: o.clipSkip, inputEmbeds: embeds(idsT) }).hidden),
     async withInference(fn) {

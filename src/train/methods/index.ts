@@ -1,0 +1,7 @@
+/** The methods sdtune ships, in the order the CLI lists them (a library user adds more with registerMethod). */
+import { finetune } from './finetune.js';
+import { lora } from './lora.js';
+import { textualInversion } from './textual-inversion.js';
+import type { MethodEntry } from '../registry.js';
+
+export const BUILT_IN_METHODS: readonly MethodEntry[] = [lora, textualInversion, finetune];
