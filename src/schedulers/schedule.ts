@@ -6,6 +6,7 @@
  * Scalar coefficients are rounded to float32 the way torch's 0-d float32 tensors round them (`f32`).
  */
 import * as tf from '@tensorflow/tfjs';
+import { z } from 'zod';
 import { SdtuneError, usageError } from '../errors.js';
 
 /** Round to float32 (torch float32 scalar arithmetic). */
@@ -64,63 +65,85 @@ const unsupported = (msg: string) => new SdtuneError('unsupported', `scheduler c
 const bad = (key: string, v: unknown, want: string) =>
   new SdtuneError('format', `scheduler config: ${key} = ${JSON.stringify(v)} (expected ${want})`);
 
+// ---- scheduler_config.json fields: one declaration each (type, range, default); unknown keys are ignored ----
+// `want` is the wording of the error; a field without a default takes its class's default below.
+const field = <T extends z.ZodType>(t: T, want: string) => t.meta({ want });
+const finite = () => z.number();
+const FIELDS = z.object({
+  num_train_timesteps: field(z.number().int().min(2).default(1000), 'an integer >= 2'),
+  beta_start: field(finite().default(0.0001), 'a number'),
+  beta_end: field(finite().default(0.02), 'a number'),
+  beta_schedule: field(z.enum(['linear', 'scaled_linear', 'squaredcos_cap_v2']).default('linear'), 'linear | scaled_linear | squaredcos_cap_v2'),
+  trained_betas: field(z.array(z.number()).nullable().default(null), 'a list of numbers or null'),
+  prediction_type: field(z.enum(['epsilon', 'v_prediction', 'sample']).default('epsilon'), 'epsilon | v_prediction | sample'),
+  steps_offset: field(z.number().int().min(0).default(0), 'an integer >= 0'),
+  timestep_spacing: field(z.enum(['leading', 'linspace', 'trailing']).optional(), 'leading | linspace | trailing'),
+  set_alpha_to_one: field(z.boolean().optional(), 'true or false'),
+  clip_sample: field(z.boolean().default(true), 'true or false'),
+  clip_sample_range: field(finite().default(1), 'a number'),
+  use_karras_sigmas: field(z.boolean().default(false), 'true or false'),
+  sigma_min: field(finite().nullable().default(null), 'a number'),
+  sigma_max: field(finite().nullable().default(null), 'a number'),
+  final_sigmas_type: field(z.enum(['zero', 'sigma_min']).default('zero'), 'zero | sigma_min'),
+  lower_order_final: field(z.boolean().default(true), 'true or false'),
+  euler_at_final: field(z.boolean().default(false), 'true or false'),
+  solver_type: field(z.enum(['midpoint', 'heun']).default('midpoint'), 'midpoint | heun'),
+  variance_type: field(z.enum(['fixed_small', 'fixed_small_log', 'fixed_large']).default('fixed_small'), 'fixed_small | fixed_small_log | fixed_large'),
+});
+/** Fields only some classes read (diffusers' configs carry other classes' keys: those are not checked). */
+const ONLY_FOR: Partial<Record<keyof z.infer<typeof FIELDS>, readonly SchedulerClass[]>> = {
+  clip_sample: ['DDIMScheduler', 'DDPMScheduler'],
+  sigma_min: ['EulerDiscreteScheduler'],
+  sigma_max: ['EulerDiscreteScheduler'],
+  variance_type: ['DDPMScheduler'],
+};
+/** Features diffusers offers that these samplers do not implement: refused instead of computing something else. */
+const NOT_IMPLEMENTED = ['thresholding', 'rescale_betas_zero_snr', 'use_exponential_sigmas', 'use_beta_sigmas', 'use_lu_lambdas', 'use_flow_sigmas', 'use_dynamic_shifting'];
+
 /** Parse a diffusers scheduler_config.json for class `cls` (unknown keys ignored; unimplemented features refused). */
 export function parseScheduleConfig(raw: Record<string, unknown>, cls: SchedulerClass): ScheduleConfig {
-  const num = (k: string, d: number): number => {
-    const v = raw[k] ?? d;
-    if (typeof v !== 'number' || !Number.isFinite(v)) throw bad(k, v, 'a number');
-    return v;
-  };
-  const int = (k: string, d: number, min: number): number => {
-    const v = num(k, d);
-    if (!Number.isInteger(v) || v < min) throw bad(k, v, `an integer >= ${min}`);
-    return v;
-  };
-  const bool = (k: string, d: boolean): boolean => {
-    const v = raw[k] ?? d;
-    if (typeof v !== 'boolean') throw bad(k, v, 'true or false');
-    return v;
-  };
-  const oneOf = <T extends string>(k: string, d: T, valid: readonly T[]): T => {
-    const v = raw[k] ?? d;
-    if (!valid.includes(v as T)) throw bad(k, v, valid.join(' | '));
-    return v as T;
-  };
-  const optNum = (k: string): number | null => (raw[k] == null ? null : num(k, 0));
-  const isDdimLike = cls === 'DDIMScheduler' || cls === 'DDPMScheduler';
-
-  // Features diffusers offers that these samplers do not implement: refuse instead of computing something else.
-  for (const k of ['thresholding', 'rescale_betas_zero_snr', 'use_exponential_sigmas', 'use_beta_sigmas', 'use_lu_lambdas', 'use_flow_sigmas', 'use_dynamic_shifting'])
-    if (raw[k] === true) throw unsupported(`${k} = true is not implemented`);
+  for (const k of NOT_IMPLEMENTED) if (raw[k] === true) throw unsupported(`${k} = true is not implemented`);
   if ((raw.interpolation_type ?? 'linear') !== 'linear') throw unsupported(`interpolation_type ${JSON.stringify(raw.interpolation_type)}`);
   if ((raw.timestep_type ?? 'discrete') !== 'discrete') throw unsupported(`timestep_type ${JSON.stringify(raw.timestep_type)}`);
   const lmc = raw.lambda_min_clipped;
   if (lmc != null && lmc !== '-inf' && lmc !== -Infinity) throw unsupported(`lambda_min_clipped ${JSON.stringify(lmc)}`);
 
-  const trained = raw.trained_betas;
-  if (trained != null && !(Array.isArray(trained) && trained.every((b) => typeof b === 'number')))
-    throw bad('trained_betas', trained, 'a list of numbers or null');
+  // the fields this class reads, as given (null = the default for the non-nullable ones, as diffusers reads them)
+  const given: Record<string, unknown> = {};
+  for (const [k, f] of Object.entries(FIELDS.shape)) {
+    const only = ONLY_FOR[k as keyof typeof ONLY_FOR];
+    if (only && !only.includes(cls)) continue;
+    if (raw[k] === undefined || (raw[k] === null && !f.safeParse(null).success)) continue;
+    given[k] = raw[k];
+  }
+  const r = FIELDS.safeParse(given);
+  if (!r.success) {
+    const key = String(r.error.issues[0]!.path[0]);
+    throw bad(key, raw[key], (FIELDS.shape[key as keyof typeof FIELDS.shape].meta()?.want as string) ?? 'a valid value');
+  }
+  const f = r.data;
+  const isDdimLike = cls === 'DDIMScheduler' || cls === 'DDPMScheduler';
   const cfg: ScheduleConfig = {
     cls,
-    numTrainTimesteps: int('num_train_timesteps', 1000, 2),
-    betaStart: num('beta_start', 0.0001),
-    betaEnd: num('beta_end', 0.02),
-    betaSchedule: oneOf('beta_schedule', 'linear', ['linear', 'scaled_linear', 'squaredcos_cap_v2'] as const),
-    trainedBetas: (trained as number[] | null | undefined) ?? null,
-    predictionType: oneOf('prediction_type', 'epsilon', ['epsilon', 'v_prediction', 'sample'] as const),
-    stepsOffset: int('steps_offset', 0, 0),
-    timestepSpacing: oneOf('timestep_spacing', CLASS_DEFAULT_SPACING[cls], ['leading', 'linspace', 'trailing'] as const),
-    setAlphaToOne: bool('set_alpha_to_one', cls === 'DDIMScheduler'),
-    clipSample: isDdimLike && bool('clip_sample', true),
-    clipSampleRange: num('clip_sample_range', 1),
-    useKarrasSigmas: bool('use_karras_sigmas', false),
-    sigmaMin: cls === 'EulerDiscreteScheduler' ? optNum('sigma_min') : null,
-    sigmaMax: cls === 'EulerDiscreteScheduler' ? optNum('sigma_max') : null,
-    finalSigmasType: oneOf('final_sigmas_type', 'zero', ['zero', 'sigma_min'] as const),
-    lowerOrderFinal: bool('lower_order_final', true),
-    eulerAtFinal: bool('euler_at_final', false),
-    solverType: oneOf('solver_type', 'midpoint', ['midpoint', 'heun'] as const),
-    varianceType: cls === 'DDPMScheduler' ? oneOf('variance_type', 'fixed_small', ['fixed_small', 'fixed_small_log', 'fixed_large'] as const) : 'fixed_small',
+    numTrainTimesteps: f.num_train_timesteps,
+    betaStart: f.beta_start,
+    betaEnd: f.beta_end,
+    betaSchedule: f.beta_schedule,
+    trainedBetas: f.trained_betas,
+    predictionType: f.prediction_type,
+    stepsOffset: f.steps_offset,
+    timestepSpacing: f.timestep_spacing ?? CLASS_DEFAULT_SPACING[cls],
+    setAlphaToOne: f.set_alpha_to_one ?? cls === 'DDIMScheduler',
+    clipSample: isDdimLike && f.clip_sample,
+    clipSampleRange: f.clip_sample_range,
+    useKarrasSigmas: f.use_karras_sigmas,
+    sigmaMin: cls === 'EulerDiscreteScheduler' ? f.sigma_min : null,
+    sigmaMax: cls === 'EulerDiscreteScheduler' ? f.sigma_max : null,
+    finalSigmasType: f.final_sigmas_type,
+    lowerOrderFinal: f.lower_order_final,
+    eulerAtFinal: f.euler_at_final,
+    solverType: f.solver_type,
+    varianceType: cls === 'DDPMScheduler' ? f.variance_type : 'fixed_small',
   };
   if (cfg.trainedBetas && cfg.trainedBetas.length !== cfg.numTrainTimesteps)
     throw bad('trained_betas', `${cfg.trainedBetas.length} values`, `num_train_timesteps = ${cfg.numTrainTimesteps} values`);

@@ -5,7 +5,7 @@ import { describe, expect, it } from 'vitest';
 import { SdtuneError } from '../../src/errors.js';
 import {
   SAMPLER_NAMES, SD_V1_SCHEDULER_CONFIG, addNoise, addNoiseForPlan, disposeState, initialState, planSampler,
-  resolveSampler, samplerFromConfig, scaleModelInput, scheduleFromConfig, snr, step, truncateForStrength, velocity,
+  parseScheduleConfig, resolveSampler, samplerFromConfig, scaleModelInput, scheduleFromConfig, snr, step, truncateForStrength, velocity,
   type SamplerName, type SamplerPlan,
 } from '../../src/schedulers/index.js';
 
@@ -251,5 +251,28 @@ describe('sampler steps', () => {
       x.dispose();
       expect(tf.memory().numTensors, name).toBe(start);
     }
+  });
+});
+
+describe('parseScheduleConfig (scheduler_config.json, one zod declaration per field)', () => {
+  it('fills each class\'s defaults; null reads as the default', () => {
+    const ddim = parseScheduleConfig({}, 'DDIMScheduler');
+    expect(ddim).toMatchObject({ numTrainTimesteps: 1000, betaSchedule: 'linear', timestepSpacing: 'leading', setAlphaToOne: true, clipSample: true, predictionType: 'epsilon' });
+    const euler = parseScheduleConfig({ num_train_timesteps: null, sigma_min: 0.1 }, 'EulerDiscreteScheduler');
+    expect(euler).toMatchObject({ numTrainTimesteps: 1000, timestepSpacing: 'linspace', setAlphaToOne: false, clipSample: false, sigmaMin: 0.1, sigmaMax: null });
+    expect(parseScheduleConfig({ ...SD_V1_SCHEDULER_CONFIG }, 'PNDMScheduler')).toMatchObject({ betaStart: 0.00085, betaEnd: 0.012, stepsOffset: 1, betaSchedule: 'scaled_linear' });
+  });
+  it('a wrong value is one line naming the key, what was found and what is expected', () => {
+    expect(() => parseScheduleConfig({ num_train_timesteps: 1.5 }, 'DDIMScheduler')).toThrow('scheduler config: num_train_timesteps = 1.5 (expected an integer >= 2)');
+    expect(() => parseScheduleConfig({ beta_schedule: 'cosine' }, 'DDIMScheduler')).toThrow('scheduler config: beta_schedule = "cosine" (expected linear | scaled_linear | squaredcos_cap_v2)');
+    expect(() => parseScheduleConfig({ clip_sample: 'yes' }, 'DDPMScheduler')).toThrow('scheduler config: clip_sample = "yes" (expected true or false)');
+    expect(() => parseScheduleConfig({ trained_betas: [0.1, 0.2] }, 'DDIMScheduler')).toThrow('trained_betas = "2 values" (expected num_train_timesteps = 1000 values)');
+  });
+  it('keys another class reads are not checked; unimplemented features are refused', () => {
+    // a PNDM config carrying a DDPM-only key of another type still loads for PNDM (diffusers ignores it too)
+    expect(parseScheduleConfig({ variance_type: 42, clip_sample: 'n/a' }, 'PNDMScheduler').varianceType).toBe('fixed_small');
+    expect(() => parseScheduleConfig({ variance_type: 42 }, 'DDPMScheduler')).toThrow(/variance_type = 42/);
+    expect(() => parseScheduleConfig({ thresholding: true }, 'DDIMScheduler')).toThrow('scheduler config: thresholding = true is not implemented');
+    expect(() => parseScheduleConfig({ timestep_type: 'continuous' }, 'EulerDiscreteScheduler')).toThrow(/timestep_type "continuous"/);
   });
 });
