@@ -405,11 +405,6 @@ function batchMatMul(args: KernelArgs): Info {
     const prod = xnnGemm(backend, a2, b2);
     out = reshape(backend, prod, [...outOuter, M, N]);
     free(backend, a2, b2, prod);
-  } else if (M * N * K <= SMALL_GEMM) {
-    // attention's per-head products: creating and packing an XNNPACK operator per item costs far more than the
-    // arithmetic (measured 3-50x slower than this loop at [256, 64, 8] x [256, 8, 64])
-    out = backend.makeOutput([...outOuter, M, N], 'float32');
-    smallBatchedGemm(f32(backend, at), batchA === 1 ? 0 : M * K, f32(backend, bt), K * N, f32(backend, out), batch, M, K, N);
   } else {
     out = backend.makeOutput([...outOuter, M, N], 'float32');
     for (let i = 0; i < batch; i++) {
@@ -424,27 +419,6 @@ function batchMatMul(args: KernelArgs): Info {
   if (transposeA) free(backend, at);
   if (transposeB) free(backend, bt);
   return out;
-}
-
-/** Per-item size (M*N*K) up to which a batched product runs in smallBatchedGemm rather than per-item XNNPACK. */
-const SMALL_GEMM = 1 << 18;
-
-/** out[p] = a[p] x b[p] for p < batch, row-major [M, K] x [K, N] (a's item stride 0 broadcasts one a). */
-function smallBatchedGemm(a: Float32Array, aStride: number, b: Float32Array, bStride: number, out: Float32Array, batch: number, M: number, K: number, N: number): void {
-  for (let p = 0; p < batch; p++) {
-    const ao = p * aStride;
-    const bo = p * bStride;
-    const oo = p * M * N;
-    for (let i = 0; i < M; i++) {
-      const orow = oo + i * N;
-      for (let j = 0; j < N; j++) out[orow + j] = 0;
-      for (let k = 0; k < K; k++) {
-        const av = a[ao + i * K + k];
-        const brow = bo + k * N;
-        for (let j = 0; j < N; j++) out[orow + j] += av * b[brow + j];
-      }
-    }
-  }
 }
 
 type Heap = Float32Array | Int32Array | Uint8Array;

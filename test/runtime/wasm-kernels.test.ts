@@ -205,7 +205,7 @@ describe('wasm BatchMatMul on XNNPACK', () => {
     [[4, 13, 8], [1, 11, 8], false, true],
     [[13, 8], [5, 8, 11], false, false], // a shared a against a batch of b
     [[1, 8, 13], [5, 11, 8], true, true],
-    // the cases above run in the small-product loop; per item above 2^18 multiply-adds each item is an XNNPACK GEMM
+    // larger batched products (one XNNPACK GEMM per item, and a batch against a shared b)
     [[2, 70, 64], [2, 64, 70], false, false],
     [[2, 64, 70], [1, 70, 64], true, true],
   ];
