@@ -2,13 +2,14 @@
  * `sdtune sample` as a library call: load a model, apply LoRAs and embeddings, generate with the pipeline and write
  * PNGs carrying A1111's `parameters` text. Everything the CLI does is here, with typed options.
  */
-import { existsSync, readdirSync, statSync } from 'node:fs';
+import { existsSync, readdirSync } from 'node:fs';
 import path from 'node:path';
+import { modelStem } from '../adapters/file-names.js';
 import { parseAdapterArg, mergeLora, readLora } from '../adapters/lora.js';
 import { applyEmbeddings, describeEmbeddingUse, readEmbedding } from '../adapters/embeddings.js';
 import { type HypernetworkUse, disposeHypernetwork, hypernetworkAdapter, hypernetworkName, readHypernetwork } from '../adapters/hypernetwork.js';
 import { usageError } from '../errors.js';
-import { embeddingHash, fileSha256, legacyModelHash, loraHash, modelHash } from '../io/hashes.js';
+import { embeddingHash, fileSha256, legacyModelHash, loraHash, modelPathHash } from '../io/hashes.js';
 import { type LoadedModel, type OpenModelOptions, disposeModel, loadModel } from '../io/model.js';
 import { formatInfotext, readImageRgb, writePng } from '../io/png.js';
 import { setAttentionChunkElements } from '../models/layers.js';
@@ -95,15 +96,6 @@ function nextIndex(dir: string): number {
   return n;
 }
 
-/** Hash of the model file(s) for the PNG text: the single file's, or the UNet weights' of a diffusers folder. */
-async function hashOf(model: string): Promise<string | undefined> {
-  if (statSync(model).isFile()) return modelHash(model);
-  for (const f of ['unet/diffusion_pytorch_model.safetensors', 'unet/diffusion_pytorch_model.fp16.safetensors']) {
-    if (existsSync(path.join(model, f))) return modelHash(path.join(model, f));
-  }
-  return undefined;
-}
-
 /** What applyAdapters did: the prompt rewrite for embeddings and the adapters' A1111 hashes (by name / token). */
 export interface AppliedAdapters {
   rewrite: (prompt: string) => string;
@@ -128,7 +120,7 @@ export async function applyAdapters(
     const { path: file, weight } = parseAdapterArg(arg);
     const lora = await readLora(file, { unet: m.unet.params, textEncoder: m.textEncoder.params });
     restores.push(mergeLora({ unet: m.unet.params, textEncoder: m.textEncoder.params }, lora, weight));
-    loraHashes[path.basename(file).replace(/\.safetensors$/i, '')] = await loraHash(file);
+    loraHashes[modelStem(file)] = await loraHash(file); // A1111 names a LoRA by its file's stem
   }
   // prompt tags: A1111's text-encoder and UNet multipliers; "Lora hashes" names them as the tag does
   for (const l of o.promptLoras ?? []) {
@@ -230,7 +222,7 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
     if (!Number.isInteger(baseSeed) || baseSeed < 0) throw usageError(`seed must be a non-negative integer or -1 (random), got ${o.seed}`);
     // the memory check before any work at this size (generate() checks again, with the prompt's real length)
     const check = o.memoryCheck === false ? undefined : assertSamplingFits(m, { width, height, batchSize: batch, cfg: cfg !== 1, encode: Boolean(init) });
-    const mh = await hashOf(o.model);
+    const mh = await modelPathHash(o.model);
     if (depthMap) {
       const note = depthAspectNote(depthMap, width, height, o.depthMap!);
       if (note) (o.log ?? ((l: string) => process.stderr.write(l + '\n')))(note);
@@ -291,7 +283,7 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
           width,
           height,
           modelHash: mh,
-          modelName: path.basename(o.model).replace(/\.safetensors$/i, ''),
+          modelName: modelStem(o.model),
           loraHashes: Object.keys(loraHashes).length ? loraHashes : undefined,
           tiHashes: Object.keys(tiHashes).length ? tiHashes : undefined,
           hypernet: hypernets[0] && { name: hypernets[0].name, hash: hypernetHash, strength: hypernets[0].strength ?? 1 },
