@@ -49,7 +49,7 @@ export { withModelDefaults, resolutionWarning, type ModelResolvedConfig } from '
 export { train, type TrainOptions, type TrainResult } from './train/loop.js';
 export { registerMethod, unregisterMethod, getMethod, methodNames, type MethodEntry, type MethodFlag } from './train/registry.js';
 export { str, bool, int, num, oneOf, strs, size, orNull, expected } from './train/schema.js';
-export type { Recipe, RecipeCheckpoint, ExportContext } from './train/recipe.js';
+export type { Recipe, RecipeCheckpoint, ExportContext, InferenceUse } from './train/recipe.js';
 export { diffusionLoss, diffusionLossPerItem } from './train/loss.js';
 export { createEma, emaStep, emaDecay, emaStateToHost, emaStateFromHost, disposeEma, EMA_DEFAULTS, type EmaOptions, type EmaState, type EmaHostState } from './train/ema.js';
 export {
