@@ -186,6 +186,17 @@ async function benchModel(model: string, m: Nets, latent: number): Promise<void>
     );
     disposeAdamW(opt2);
     row.dispose();
+    // an A1111 hypernetwork ([1, 2, 1], A1111's defaults) on every attention width: only its MLPs train
+    const hn = await import('../src/adapters/hypernetwork.js');
+    const net = hn.createHypernetwork({ widths: (await import('../src/train/recipes/hypernetwork.js')).modelAttentionWidths(un.config), gen: new TorchGenerator(0) });
+    const hnVars = new Map(hn.hypernetworkTensors(net).map((t, i) => [String(i), t as tf.Variable]));
+    const opt4 = createAdamW(hnVars);
+    const hnForward = { training: true, rng: new TorchGenerator(1), context: hn.hypernetworkAdapter([{ net }]) };
+    await measure(model, latent * 8, 1, 'train step: hypernetwork [1, 2, 1]', () =>
+      trainStep(hnVars, opt4, () => diffusionLoss(un.params, un.config, schedule, batch, { predictionType: 'epsilon', forward: hnForward })),
+    );
+    disposeAdamW(opt4);
+    hn.disposeHypernetwork(net);
     // full fine-tuning of the UNet: every weight trainable (weights + grads + 2 AdamW moments: tiny models only)
     if (un.config.block_out_channels[0] < 320) {
       const full = trainable(un.params, model);

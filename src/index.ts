@@ -28,7 +28,7 @@ export {
   type ExtraNetworkTag, type LoraTag, type ScheduledText, type ScheduleOptions,
 } from './tokenizer/prompt-schedule.js';
 export * from './schedulers/index.js';
-export { readLora, mergeLora, writeLoraKohya, writeLoraPeft, parseAdapterArg, type LoraFile, type LoraModule } from './adapters/lora.js';
+export { readLora, mergeLora, writeLoraKohya, writeLoraPeft, type LoraFile, type LoraModule } from './adapters/lora.js';
 export { injectLora, extractLora, removeLora, loraTargetModules, type LoraRanks, type LoraTargets } from './adapters/lora-inject.js';
 export { readEmbedding, applyEmbeddings, describeEmbeddingUse, embeddingFileStem, writeEmbeddingA1111, writeEmbeddingDiffusers } from './adapters/embeddings.js';
 export {
@@ -41,7 +41,7 @@ export { torchSaveBytes, pickleForTorch, pyFloat, pyTuple, PyFloat, PyTuple, PyO
 export { generate, resolveGenerateOptions, toUint8, DEFAULT_CFG, DEFAULT_STEPS, type GenerateOptions, type GenerateResult, type RgbImage } from './infer/pipeline.js';
 export { readDepthMap, depthCondition, resizeBicubicTorch, depthAspectNote, MAX_DEPTH_PIXELS, type DepthMap } from './infer/depth.js';
 export { estimateSampling, assertSamplingFits, assertTrainingFits, trainingFloorBytes, MAX_IMAGE_SIDE, type MemoryEstimate, type SamplingShape } from './infer/budget.js';
-export { sampleToFiles, type SampleOptions } from './infer/sample.js';
+export { sampleToFiles, type SampleOptions, type SampleLora, type SampleEmbedding, type SampleHypernetwork } from './infer/sample.js';
 export { PromptConditioning, encodeBatch, emphasizeBatch, type ConditioningOptions, type StepContext } from './infer/prompt-schedule.js';
 export { resolvePromptNetworks, type PromptNetworks, type PromptNetworkDirs } from './infer/prompt-networks.js';
 export { resolveConfig, loadConfigFile, dumpConfig, type TrainConfig, type Method, type MethodSections, type ResolveOptions } from './train/config.js';
@@ -49,7 +49,7 @@ export { withModelDefaults, resolutionWarning, type ModelResolvedConfig } from '
 export { train, type TrainOptions, type TrainResult } from './train/loop.js';
 export { registerMethod, unregisterMethod, getMethod, methodNames, type MethodEntry, type MethodFlag } from './train/registry.js';
 export { str, bool, int, num, oneOf, strs, size, orNull, expected } from './train/schema.js';
-export type { Recipe, RecipeCheckpoint, ExportContext } from './train/recipe.js';
+export type { Recipe, RecipeCheckpoint, ExportContext, InferenceUse } from './train/recipe.js';
 export { diffusionLoss, diffusionLossPerItem } from './train/loss.js';
 export { createEma, emaStep, emaDecay, emaStateToHost, emaStateFromHost, disposeEma, EMA_DEFAULTS, type EmaOptions, type EmaState, type EmaHostState } from './train/ema.js';
 export {

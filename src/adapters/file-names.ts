@@ -15,3 +15,9 @@ export function embeddingFileStem(token: string): string {
   if (!stem) return 'embedding';
   return WINDOWS_RESERVED.test(stem) ? `${stem}_` : stem;
 }
+
+/** A model or adapter file's name as A1111 writes it (PNG "Model", "Lora hashes", a hypernetwork's sd_checkpoint_name):
+ *  the file name without its weights extension (.safetensors, .ckpt, .pt, .pth, .bin); a folder's name as it is. */
+export function modelStem(file: string): string {
+  return file.replace(/[\\/]+$/, '').split(/[\\/]/).pop()!.replace(/\.(safetensors|ckpt|pt|pth|bin)$/i, '');
+}

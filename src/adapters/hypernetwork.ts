@@ -18,6 +18,7 @@ import { type ContextAdapter, type Forward, dropout, gelu, layerNorm, linear, si
 import { type ParamTree, flattenParams, sub } from '../models/params.js';
 import { writeFileAtomic } from '../runtime/atomic.js';
 import type { TorchGenerator } from '../runtime/rng.js';
+import { HYPERNETWORK_ACTIVATION_NAMES, HYPERNETWORK_INITS, type HypernetworkActivation } from './hypernetwork-names.js';
 import { ownedVariable } from './lora-inject.js';
 
 /** The non-tensor keys of an A1111 hypernetwork file, under A1111's names. */
@@ -63,7 +64,7 @@ export type HypernetworkEntry =
   | { kind: 'norm'; index: number; dim: number }
   | { kind: 'dropout'; index: number; p: number };
 
-const INITS = ['Normal', 'XavierUniform', 'XavierNormal', 'KaimingUniform', 'KaimingNormal'];
+const INITS: readonly string[] = HYPERNETWORK_INITS;
 
 /** softplus with torch's threshold 20 (beyond it, x) */
 const softplus = (x: tf.Tensor) => tf.where(tf.greater(x, 20), x, tf.softplus(x));
@@ -76,7 +77,7 @@ const RRELU = [1 / 8, 1 / 3] as const;
  * plus the lower-cased torch.nn activation classes it adds, with torch's default arguments. The classes that change
  * the width or need arguments (GLU, Softmax and kin, Threshold, MultiheadAttention) cannot sit in the MLP.
  */
-const ACTIVATIONS: Record<string, (x: tf.Tensor, node: ParamTree, f: Forward) => tf.Tensor> = {
+const ACTIVATIONS: Record<Exclude<HypernetworkActivation, 'linear'>, (x: tf.Tensor, node: ParamTree, f: Forward) => tf.Tensor> = {
   relu: (x) => tf.relu(x),
   leakyrelu: (x) => tf.leakyRelu(x, 0.01),
   elu: (x) => tf.elu(x),
@@ -108,7 +109,7 @@ const ACTIVATIONS: Record<string, (x: tf.Tensor, node: ParamTree, f: Forward) =>
 };
 
 /** Activation names this module runs (A1111's table + the usable torch.nn classes). */
-export const HYPERNETWORK_ACTIVATIONS = ['linear', ...Object.keys(ACTIVATIONS)];
+export const HYPERNETWORK_ACTIVATIONS: readonly string[] = HYPERNETWORK_ACTIVATION_NAMES;
 
 /** A1111 parse_dropout_structure: zeros without dropout, else [0, 0.3 x (L-3), 0.3 if last_layer_dropout else 0, 0]. */
 export function defaultDropoutStructure(layers: number[], useDropout: boolean, lastLayerDropout: boolean): number[] {
@@ -281,7 +282,7 @@ export function hypernetworkModule(tree: ParamTree, entries: HypernetworkEntry[]
       if (e.kind === 'linear') h = linear(sub(tree, 'linear', e.index), h);
       else if (e.kind === 'norm') h = layerNorm(sub(tree, 'linear', e.index), h, 1e-5);
       else if (e.kind === 'dropout') h = dropout(h, e.p, f);
-      else h = ACTIVATIONS[e.name](h, e.name === 'prelu' ? sub(tree, 'linear', e.index) : {}, f);
+      else h = ACTIVATIONS[e.name as keyof typeof ACTIVATIONS](h, e.name === 'prelu' ? sub(tree, 'linear', e.index) : {}, f);
     }
     return tf.add(x, tf.mul(h, f.training ? 1 : strength)) as tf.Tensor3D;
   });

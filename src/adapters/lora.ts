@@ -451,19 +451,3 @@ export async function writeLoraPeft(file: string, modules: LoraModule[], opts: {
   });
   await writeSafetensors(file, tensors, { metadata: { format: 'pt' }, floatDtype: opts.half ? 'F16' : 'F32' });
 }
-
-const NUMBER = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/;
-
-/**
- * Parse "file.safetensors:0.7" (sd-scripts `--network_weights` + `--network_mul`, A1111 `<lora:name:0.7>` in flag
- * form); the weight defaults to `defaultWeight`; a Windows drive letter (`C:\x.safetensors`) is not a separator.
- */
-export function parseAdapterArg(arg: string, defaultWeight = 1.0): { path: string; weight: number } {
-  const i = arg.lastIndexOf(':');
-  const tail = arg.slice(i + 1);
-  const split = i >= 0 && !(i === 1 && /^[A-Za-z]$/.test(arg[0])) && (tail === '' || NUMBER.test(tail));
-  const file = split ? arg.slice(0, i) : arg;
-  if (!file) throw usageError(`adapter "${arg}": missing file name`);
-  if (split && tail === '') throw usageError(`adapter "${arg}": missing weight after ":" (use file.safetensors:0.8)`);
-  return { path: file, weight: split ? Number(tail) : defaultWeight };
-}

@@ -19,7 +19,7 @@ import { writeFileAtomic } from '../runtime/atomic.js';
 import { progress } from '../runtime/progress.js';
 import { SAMPLER_LABELS, resolveSampler } from '../schedulers/index.js';
 import { generate, toUint8 } from '../infer/pipeline.js';
-import { applyAdapters } from '../infer/sample.js';
+import { type SampleEmbedding, type SampleLora, applyAdapters } from '../infer/sample.js';
 import { judgeToyImage } from './judges.js';
 
 export interface EvaluateOptions {
@@ -40,8 +40,9 @@ export interface EvaluateOptions {
   /** default ddim */
   sampler?: string;
   negativePrompt?: string;
-  lora?: string[];
-  embedding?: string[];
+  /** LoRAs and embeddings applied as sampleToFiles applies them */
+  lora?: SampleLora[];
+  embedding?: SampleEmbedding[];
   /** folder for eval.json and contact-sheet.png (default: nothing written) */
   out?: string;
   /** replace eval.json / contact-sheet.png in `out` (default: refuse) */

@@ -2,13 +2,14 @@
  * `sdtune sample` as a library call: load a model, apply LoRAs and embeddings, generate with the pipeline and write
  * PNGs carrying A1111's `parameters` text. Everything the CLI does is here, with typed options.
  */
-import { existsSync, readdirSync, statSync } from 'node:fs';
+import { existsSync, readdirSync } from 'node:fs';
 import path from 'node:path';
-import { parseAdapterArg, mergeLora, readLora } from '../adapters/lora.js';
+import { modelStem } from '../adapters/file-names.js';
+import { mergeLora, readLora } from '../adapters/lora.js';
 import { applyEmbeddings, describeEmbeddingUse, readEmbedding } from '../adapters/embeddings.js';
 import { type HypernetworkUse, disposeHypernetwork, hypernetworkAdapter, hypernetworkName, readHypernetwork } from '../adapters/hypernetwork.js';
 import { usageError } from '../errors.js';
-import { embeddingHash, fileSha256, legacyModelHash, loraHash, modelHash } from '../io/hashes.js';
+import { embeddingHash, fileSha256, legacyModelHash, loraHash, modelPathHash } from '../io/hashes.js';
 import { type LoadedModel, type OpenModelOptions, disposeModel, loadModel } from '../io/model.js';
 import { formatInfotext, readImageRgb, writePng } from '../io/png.js';
 import { setAttentionChunkElements } from '../models/layers.js';
@@ -22,6 +23,22 @@ import { parseExtraNetworks } from '../tokenizer/prompt-schedule.js';
 import { type PromptNetworks, resolvePromptNetworks } from './prompt-networks.js';
 
 export const SDTUNE_VERSION = '0.1.0';
+
+/** A LoRA file and its multiplier (sd-scripts `--network_mul`, A1111 `<lora:name:weight>`). */
+export interface SampleLora {
+  path: string;
+  weight: number;
+}
+/** An embedding file and the prompt word it is used under (default: its own token). */
+export interface SampleEmbedding {
+  path: string;
+  token?: string;
+}
+/** A hypernetwork file and its strength (A1111's multiplier). */
+export interface SampleHypernetwork {
+  path: string;
+  strength: number;
+}
 
 export interface SampleOptions {
   model: string;
@@ -45,17 +62,17 @@ export interface SampleOptions {
   depthMap?: string;
   /** the depth map has near = dark (e.g. metric depth): flip it */
   depthInvert?: boolean;
-  /** "file.safetensors[:weight]" */
-  lora?: string[];
+  /** LoRA files merged into the weights at their weights (the CLI's `--lora FILE[:WEIGHT]`) */
+  lora?: SampleLora[];
   /** folder of LoRA files for the prompt's A1111 `<lora:name:weight>` / `<lora:name:te:unet>` tags (found by file name stem) */
   loraDir?: string;
   /** folder of hypernetwork files for the prompt's `<hypernet:name:multiplier>` tags */
   hypernetworkDir?: string;
-  /** "file.safetensors[:token]" */
-  embedding?: string[];
-  /** "file.safetensors[:strength]" (our form, or A1111's .pt, read as data), default strength 1; the prompt's
+  /** textual-inversion embeddings, each under its token (default: the file's own, A1111: the file name) */
+  embedding?: SampleEmbedding[];
+  /** hypernetwork files (our form, or A1111's .pt, read as data) at their strengths; the prompt's
    *  `<hypernet:name:strength>` tags (from hypernetworkDir) are added to these */
-  hypernetwork?: string[];
+  hypernetwork?: SampleHypernetwork[];
   /** a .png file (one image) or a directory */
   out?: string;
   eta?: number;
@@ -95,15 +112,6 @@ function nextIndex(dir: string): number {
   return n;
 }
 
-/** Hash of the model file(s) for the PNG text: the single file's, or the UNet weights' of a diffusers folder. */
-async function hashOf(model: string): Promise<string | undefined> {
-  if (statSync(model).isFile()) return modelHash(model);
-  for (const f of ['unet/diffusion_pytorch_model.safetensors', 'unet/diffusion_pytorch_model.fp16.safetensors']) {
-    if (existsSync(path.join(model, f))) return modelHash(path.join(model, f));
-  }
-  return undefined;
-}
-
 /** What applyAdapters did: the prompt rewrite for embeddings and the adapters' A1111 hashes (by name / token). */
 export interface AppliedAdapters {
   rewrite: (prompt: string) => string;
@@ -124,11 +132,10 @@ export async function applyAdapters(
   if (!m.unet || !m.textEncoder) throw usageError(`${m.path}: adapters need a unet and a text_encoder`);
   // LoRAs merged into the weights, embeddings added to the tokenizer and token table
   const loraHashes: Record<string, string> = {};
-  for (const arg of o.lora ?? []) {
-    const { path: file, weight } = parseAdapterArg(arg);
+  for (const { path: file, weight } of o.lora ?? []) {
     const lora = await readLora(file, { unet: m.unet.params, textEncoder: m.textEncoder.params });
     restores.push(mergeLora({ unet: m.unet.params, textEncoder: m.textEncoder.params }, lora, weight));
-    loraHashes[path.basename(file).replace(/\.safetensors$/i, '')] = await loraHash(file);
+    loraHashes[modelStem(file)] = await loraHash(file); // A1111 names a LoRA by its file's stem
   }
   // prompt tags: A1111's text-encoder and UNet multipliers; "Lora hashes" names them as the tag does
   for (const l of o.promptLoras ?? []) {
@@ -140,11 +147,7 @@ export async function applyAdapters(
   const tiHashes: Record<string, string> = {};
   if (o.embedding?.length) {
     const embs = await Promise.all(
-      o.embedding.map((arg) => {
-        const sep = arg.lastIndexOf(':');
-        const hasToken = sep > 1 && !/^[\\/]/.test(arg.slice(sep + 1)); // "C:\x" is a drive letter, not a token
-        return readEmbedding(hasToken ? arg.slice(0, sep) : arg, { token: hasToken ? arg.slice(sep + 1) : undefined, expectedDim: m.textEncoder!.config.hidden_size });
-      }),
+      o.embedding.map((e) => readEmbedding(e.path, { token: e.token, expectedDim: m.textEncoder!.config.hidden_size })),
     );
     const applied = applyEmbeddings(m.textEncoder.params, m.tokenizer!, embs);
     restores.push(applied.restore);
@@ -206,10 +209,9 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
     // hypernetworks: context adapters of every attention (A1111), chained in order
     const hypernets: (HypernetworkUse & { name: string; file: string })[] = [];
     restores.push(() => hypernets.forEach((h) => disposeHypernetwork(h.net)));
-    const hypernetArgs = [...(o.hypernetwork ?? []).map((arg) => parseAdapterArg(arg)), ...nets.hypernetworks.map((h) => ({ path: h.path, weight: h.strength }))];
-    for (const { path: file, weight } of hypernetArgs) {
+    for (const { path: file, strength } of [...(o.hypernetwork ?? []), ...nets.hypernetworks]) {
       const net = await readHypernetwork(file);
-      hypernets.push({ net, strength: weight, name: hypernetworkName(file), file });
+      hypernets.push({ net, strength, name: hypernetworkName(file), file });
       // a width no attention has changes nothing (A1111 applies it silently): say so
       const uc = m.unet.config;
       const widths = new Set([uc.cross_attention_dim, ...uc.block_out_channels]);
@@ -230,7 +232,7 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
     if (!Number.isInteger(baseSeed) || baseSeed < 0) throw usageError(`seed must be a non-negative integer or -1 (random), got ${o.seed}`);
     // the memory check before any work at this size (generate() checks again, with the prompt's real length)
     const check = o.memoryCheck === false ? undefined : assertSamplingFits(m, { width, height, batchSize: batch, cfg: cfg !== 1, encode: Boolean(init) });
-    const mh = await hashOf(o.model);
+    const mh = await modelPathHash(o.model);
     if (depthMap) {
       const note = depthAspectNote(depthMap, width, height, o.depthMap!);
       if (note) (o.log ?? ((l: string) => process.stderr.write(l + '\n')))(note);
@@ -291,7 +293,7 @@ export async function sampleToFiles(o: SampleOptions): Promise<SampleResult> {
           width,
           height,
           modelHash: mh,
-          modelName: path.basename(o.model).replace(/\.safetensors$/i, ''),
+          modelName: modelStem(o.model),
           loraHashes: Object.keys(loraHashes).length ? loraHashes : undefined,
           tiHashes: Object.keys(tiHashes).length ? tiHashes : undefined,
           hypernet: hypernets[0] && { name: hypernets[0].name, hash: hypernetHash, strength: hypernets[0].strength ?? 1 },

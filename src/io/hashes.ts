@@ -8,8 +8,9 @@
  *  - "Lora hashes" / "TI hashes": first 12 hex.
  */
 import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
+import { createReadStream, existsSync, statSync } from 'node:fs';
 import { open } from 'node:fs/promises';
+import nodePath from 'node:path';
 import { SdtuneError } from '../errors.js';
 import { SafetensorsFile } from './safetensors.js';
 
@@ -35,6 +36,15 @@ export async function fileSha256(path: string, start = 0, end = Infinity): Promi
 /** A1111 "Model hash": first 10 hex chars of the whole file's SHA-256. */
 export async function modelHash(path: string): Promise<string> {
   return (await fileSha256(path)).slice(0, 10);
+}
+
+/** A1111 "Model hash" of a model path: the single file's, or the UNet weights' of a diffusers folder (none without one). */
+export async function modelPathHash(model: string): Promise<string | undefined> {
+  if (statSync(model).isFile()) return modelHash(model);
+  for (const f of ['unet/diffusion_pytorch_model.safetensors', 'unet/diffusion_pytorch_model.fp16.safetensors']) {
+    if (existsSync(nodePath.join(model, f))) return modelHash(nodePath.join(model, f));
+  }
+  return undefined;
 }
 
 /** A1111 legacy 8-hex hash (sd_models.model_hash): SHA-256 of [0x100000, 0x110000); a file under 1 MiB hashes no bytes. */

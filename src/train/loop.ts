@@ -318,7 +318,7 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
       const ids = own(captionIds(model, captions));
       // a frozen text encoder gives the same embedding for the same caption: cache it
       const frozenCtx = textCache ? own(tf.tidy(() => tf.stack(captions.map((cap) => textCache.get(cap))) as tf.Tensor3D)) : undefined;
-      const lossOpts = { predictionType: pred, minSnrGamma: c.train.min_snr_gamma, gradientCheckpointing: c.train.gradient_checkpointing };
+      const lossOpts = { predictionType: pred, minSnrGamma: c.train.min_snr_gamma, gradientCheckpointing: c.train.gradient_checkpointing, forward: recipe.forward };
       return () =>
         tf.tidy(() => {
           const perItem = diffusionLossPerItem(unetP.params, unetP.config, schedule, { latents, noise, timesteps, context: frozenCtx ?? recipe.encodeIds(ids) }, lossOpts);
@@ -438,7 +438,7 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
 async function sampleImages(model: LoadedModel, recipe: Recipe, c: ModelResolvedConfig, step: number, tb: TensorBoardWriter): Promise<void> {
   if (!c.output.sample_prompts.length) return;
   const [w, h] = c.data.resolution;
-  await recipe.withInference(async () => {
+  await recipe.withInference(async (use) => {
     for (const [i, prompt] of c.output.sample_prompts.entries()) {
       const text = recipe.samplePrompt?.(prompt) ?? prompt;
       const r = await generate(model, {
@@ -449,6 +449,7 @@ async function sampleImages(model: LoadedModel, recipe: Recipe, c: ModelResolved
         width: w,
         height: h,
         seed: c.output.sample_seed,
+        context: use?.context,
       });
       const rgb = toUint8(r.images[0]);
       await writePng(path.join(c.output.dir, 'samples', `${checkpointName(step)}-${i}.png`), rgb, w, h, `${prompt}\nSteps: ${c.output.sample_steps}, Seed: ${c.output.sample_seed}, Size: ${w}x${h}`);

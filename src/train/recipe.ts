@@ -9,6 +9,7 @@ import type { Batch, DataLoader } from '../data/loader.js';
 import { SdtuneError, fmtShape } from '../errors.js';
 import type { LoadedModel } from '../io/model.js';
 import { clipText } from '../models/clip-text.js';
+import type { ContextAdapter, Forward } from '../models/layers.js';
 
 export interface Recipe {
   readonly method: string;
@@ -26,8 +27,9 @@ export interface Recipe {
   samplePrompt?(prompt: string): string;
   /** text conditioning [B, 77, C] for token ids [B, 77] (called inside the tape) */
   encodeIds(ids: tf.Tensor2D): tf.Tensor3D;
-  /** run `fn` with the trained state visible to the plain inference path (pipelines, sample) */
-  withInference<T>(fn: () => Promise<T>): Promise<T>;
+  /** run `fn` with the trained state visible to the plain inference path (pipelines, sample); `use` holds what
+   *  the pipeline must be given besides the model (a hypernetwork's context adapter) */
+  withInference<T>(fn: (use?: InferenceUse) => Promise<T>): Promise<T>;
   /** write the result files (adapter, embedding, model); returns their paths. The trainables hold the weights of
    *  output.export_ema; `withEma` (present with train.ema) runs a write with the EMA average in their place */
   export(dir: string, name: string, step: number, ctx?: ExportContext): Promise<string[]>;
@@ -45,10 +47,20 @@ export interface Recipe {
   /** the whole loss, for a method that is not diffusion training (a VAE: reconstruction + KL on batch.pixels): the
    *  loop then draws no noise or timesteps and runs no UNet. Called inside the gradient tape. */
   loss?(batch: Batch): tf.Scalar;
+  /** the UNet forward's options in the training step (LossOptions.forward): `training` + `rng` for dropout (LoRA
+   *  dropout, a hypernetwork's), `context` for a hypernetwork. The rng must be the generator `create` got, so that a
+   *  resume repeats the masks */
+  readonly forward?: Forward;
   /** after every optimizer step, after the loop's EMA update; `step` counts the steps completed */
   afterStep?(step: number): void;
   /** what this recipe's checkpoints hold beyond the trainables and the optimizer, restored exactly on resume */
   readonly checkpoint?: RecipeCheckpoint;
+}
+
+/** What inference needs from a recipe besides the model (generate()'s options of the same names). */
+export interface InferenceUse {
+  /** adapts every attention's context (a hypernetwork: adapters/hypernetwork.ts hypernetworkAdapter) */
+  context?: ContextAdapter;
 }
 
 /** What the loop gives a recipe's export. */
@@ -96,11 +108,11 @@ export function restoreRecipeState(recipe: Recipe, dir: string, json: unknown, s
   }
 }
 
-/** Plain text conditioning through the (possibly LoRA-injected) text encoder. */
-export function encodeWithTextEncoder(model: LoadedModel, ids: tf.Tensor2D, clipSkip = 1): tf.Tensor3D {
+/** Plain text conditioning through the (possibly LoRA-injected) text encoder; `f` carries LoRA dropout in training. */
+export function encodeWithTextEncoder(model: LoadedModel, ids: tf.Tensor2D, clipSkip = 1, f: Pick<Forward, 'training' | 'rng' | 'loraDropout'> = {}): tf.Tensor3D {
   const te = model.textEncoder!;
   return tf.tidy(() => {
-    const o = clipText(te.params, te.config, ids, { clipSkip });
+    const o = clipText(te.params, te.config, ids, { ...f, clipSkip });
     return o.hidden;
   });
 }

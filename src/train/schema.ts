@@ -8,13 +8,14 @@ import { z } from 'zod';
 
 /** What a leaf accepts, for messages. */
 export interface LeafSpec {
-  t: 'str' | 'int' | 'num' | 'bool' | 'enum' | 'strs' | 'size';
+  t: 'str' | 'int' | 'num' | 'bool' | 'enum' | 'strs' | 'nums' | 'size';
   min?: number; // inclusive unless minOpen
   max?: number; // inclusive unless maxOpen
   minOpen?: boolean;
   maxOpen?: boolean;
   mult?: number; // integers: multiple of
   values?: readonly string[]; // enum
+  int?: boolean; // nums: integers
 }
 
 const SPECS = new WeakMap<z.ZodType, LeafSpec>();
@@ -47,6 +48,13 @@ export function num(min: number, o: Range = {}) {
 export const oneOf = <const T extends readonly string[]>(values: T) => tag(z.enum(values), { t: 'enum', values });
 /** A list of strings (a single command-line value is a list of one). */
 export const strs = () => tag(z.array(z.string()), { t: 'strs' });
+/** A list of numbers, each >= min (> with minOpen; optionally <= / < max; integers with `int`). */
+export function nums(min: number, o: Range & { int?: boolean } = {}) {
+  let e = o.int ? z.number().int() : z.number();
+  e = o.minOpen ? e.gt(min) : e.gte(min);
+  if (o.max !== undefined) e = o.maxOpen ? e.lt(o.max) : e.lte(o.max);
+  return tag(z.array(e), { t: 'nums', min, ...o });
+}
 /** A size in pixels, multiple of 8: 512 (square) or [width, height]; always read as [width, height]. */
 export function size() {
   const side = z.number().int().gte(8).multipleOf(8);
@@ -82,6 +90,7 @@ export function expected(s: z.ZodType): string {
     bool: 'true or false',
     enum: `one of ${(p.values ?? []).map((v) => JSON.stringify(v)).join(', ')}`,
     strs: 'a list of strings',
+    nums: `a list of ${range(p.int ? 'integers' : 'numbers')}`, // "a list of numbers > 0"
     size: 'a size in pixels, multiple of 8: 512 or [width, height]',
   }[p.t];
   if (!nullable) return base;

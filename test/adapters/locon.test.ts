@@ -315,7 +315,7 @@ describe('LoCon trained on the bundled tiny-sd-v1 (1x1 convs: proj_in/out, conv_
     // sample with the file (read + merge) == the pipeline on the model with the file's factors injected
     const base = { prompt: 'a red circle, outlined style', seed: 1, steps: 4, cfg: 7.5, width: 64, height: 64 };
     const png = path.join(tmp, 'locon.png');
-    await sampleToFiles({ ...base, model: MODEL, sampler: 'euler', lora: [file], out: png, quiet: true });
+    await sampleToFiles({ ...base, model: MODEL, sampler: 'euler', lora: [{ path: file, weight: 1 }], out: png, quiet: true });
     const sampled = (await readImageRgb(png)).data;
     const m = await loadModel(MODEL);
     try {

@@ -5,7 +5,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { type LoraFile, type LoraModel, type LoraModule, mergeLora, parseAdapterArg, readLora, writeLoraKohya, writeLoraPeft } from '../../src/adapters/lora.js';
+import { type LoraFile, type LoraModel, type LoraModule, mergeLora, readLora, writeLoraKohya, writeLoraPeft } from '../../src/adapters/lora.js';
 import { SdtuneError } from '../../src/errors.js';
 import { addnetHash } from '../../src/io/hashes.js';
 import { type LoadedModel, disposeModel, loadModel } from '../../src/io/model.js';
@@ -335,24 +335,5 @@ describe('LoRA on a tiny random model', () => {
     const before = tf.memory().numTensors;
     expect(() => mergeLora({ unet: model.unet }, lora([tinyModules()[0], te]), 1)).toThrow(/text encoder/);
     expect(tf.memory().numTensors).toBe(before); // the partial merge was undone
-  });
-});
-
-describe('parseAdapterArg', () => {
-  it.each([
-    ['style.safetensors', { path: 'style.safetensors', weight: 1 }],
-    ['style.safetensors:0.7', { path: 'style.safetensors', weight: 0.7 }],
-    ['dir/a:b.safetensors:-.5', { path: 'dir/a:b.safetensors', weight: -0.5 }],
-    ['x.safetensors:1e-1', { path: 'x.safetensors', weight: 0.1 }],
-    ['C:\\loras\\style.safetensors', { path: 'C:\\loras\\style.safetensors', weight: 1 }],
-    ['C:\\loras\\style.safetensors:0.5', { path: 'C:\\loras\\style.safetensors', weight: 0.5 }],
-    ['C:0.5', { path: 'C:0.5', weight: 1 }],
-    ['odd:name.safetensors', { path: 'odd:name.safetensors', weight: 1 }],
-  ])('%s', (arg, expected) => expect(parseAdapterArg(arg)).toEqual(expected));
-  it('default weight and errors', () => {
-    expect(parseAdapterArg('a.safetensors', 0.25).weight).toBe(0.25);
-    expect(() => parseAdapterArg('a.safetensors:')).toThrow(/missing weight/);
-    expect(() => parseAdapterArg(':0.5')).toThrow(/missing file/);
-    expect(() => parseAdapterArg('')).toThrow(SdtuneError);
   });
 });

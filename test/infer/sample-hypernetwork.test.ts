@@ -33,9 +33,9 @@ describe('sample with a hypernetwork (bundled tiny model)', () => {
   it('strength 0 = the plain model exactly; 0.5 and 1 change the image; A1111 "Hypernet" keys in the PNG', async () => {
     const [plain, zero, half, one] = ['plain', 'zero', 'half', 'one'].map((n) => path.join(tmp, `${n}.png`));
     await sampleToFiles({ ...BASE, out: plain });
-    await sampleToFiles({ ...BASE, hypernetwork: [`${file}:0`], out: zero });
-    await sampleToFiles({ ...BASE, hypernetwork: [`${file}:0.5`], out: half });
-    await sampleToFiles({ ...BASE, hypernetwork: [file], out: one });
+    await sampleToFiles({ ...BASE, hypernetwork: [{ path: file, strength: 0 }], out: zero });
+    await sampleToFiles({ ...BASE, hypernetwork: [{ path: file, strength: 0.5 }], out: half });
+    await sampleToFiles({ ...BASE, hypernetwork: [{ path: file, strength: 1 }], out: one });
     expect(maxAbsDiff(await image(zero), await image(plain))).toBe(0);
     expect(maxAbsDiff(await image(half), await image(plain))).toBeGreaterThan(2);
     expect(maxAbsDiff(await image(one), await image(half))).toBeGreaterThan(2);
@@ -54,12 +54,12 @@ describe('sample with a hypernetwork (bundled tiny model)', () => {
     await writeHypernetworkPt(pt, await hypernetworkData(net));
     disposeHypernetwork(net);
     const [a, b] = [path.join(tmp, 'st.png'), path.join(tmp, 'pt.png')];
-    await sampleToFiles({ ...BASE, hypernetwork: [`${file}:0.7`], out: a });
-    await sampleToFiles({ ...BASE, hypernetwork: [`${pt}:0.7`], out: b });
+    await sampleToFiles({ ...BASE, hypernetwork: [{ path: file, strength: 0.7 }], out: a });
+    await sampleToFiles({ ...BASE, hypernetwork: [{ path: pt, strength: 0.7 }], out: b });
     expect(maxAbsDiff(await image(a), await image(b))).toBe(0);
     expect((await readPngText(b)).parameters).toContain('Hypernet: my-hn,');
-    await expect(sampleToFiles({ ...BASE, hypernetwork: [path.join(tmp, 'missing.pt')], out: path.join(tmp, 'missing.png') })).rejects.toThrow(/missing\.pt/);
-    await expect(sampleToFiles({ ...BASE, hypernetwork: [file, `${file}:0.5`], out: path.join(tmp, 'two.png') })).rejects.toThrow(/2 hypernetworks given/);
+    await expect(sampleToFiles({ ...BASE, hypernetwork: [{ path: path.join(tmp, 'missing.pt'), strength: 1 }], out: path.join(tmp, 'missing.png') })).rejects.toThrow(/missing\.pt/);
+    await expect(sampleToFiles({ ...BASE, hypernetwork: [{ path: file, strength: 1 }, { path: file, strength: 0.5 }], out: path.join(tmp, 'two.png') })).rejects.toThrow(/2 hypernetworks given/);
   });
 
   it('warns when no attention of the model has the hypernetwork\'s widths', async () => {
@@ -68,7 +68,7 @@ describe('sample with a hypernetwork (bundled tiny model)', () => {
     await writeHypernetworkSafetensors(other, await hypernetworkData(net));
     disposeHypernetwork(net);
     const lines: string[] = [];
-    await sampleToFiles({ ...BASE, steps: 1, hypernetwork: [other], out: path.join(tmp, 'wide.png'), log: (l) => lines.push(l) });
+    await sampleToFiles({ ...BASE, steps: 1, hypernetwork: [{ path: other, strength: 1 }], out: path.join(tmp, 'wide.png'), log: (l) => lines.push(l) });
     expect(lines).toEqual([expect.stringMatching(/^warning: hypernetwork .*wide\.safetensors has modules for context widths 768, but this model's attentions read widths 32, 64: it changes nothing$/)]);
   });
 

@@ -58,7 +58,7 @@ describe('sample: hypernetworks and the PNG text (bundled tiny model)', () => {
     disposeHypernetwork(net);
     const [tag, flag, plain] = ['tag', 'flag', 'plain'].map((n) => path.join(tmp, `hn-${n}.png`));
     await sampleToFiles({ ...BASE, model: TINY, prompt: 'a cat <hypernet:anime:0.6>', hypernetworkDir: dir, out: tag });
-    await sampleToFiles({ ...BASE, model: TINY, prompt: 'a cat', hypernetwork: [`${file}:0.6`], out: flag });
+    await sampleToFiles({ ...BASE, model: TINY, prompt: 'a cat', hypernetwork: [{ path: file, strength: 0.6 }], out: flag });
     await sampleToFiles({ ...BASE, model: TINY, prompt: 'a cat', out: plain });
     const px = async (f: string) => (await readImageRgb(f)).data;
     expect(maxAbsDiff(await px(tag), await px(flag))).toBe(0);
@@ -93,7 +93,7 @@ describeGolden('sample: <lora:...> tags from --lora-dir (golden tiny-sd and its 
 
   it('<lora:name:0.5> is --lora file:0.5 (image bit for bit, Lora hashes by the tag name), also from the command line', async () => {
     const viaFlag = path.join(tmp, 'flag.png');
-    await sampleToFiles({ ...BASE, model, prompt: 'a photo of a cat ', lora: [`${golden('lora', 'tiny_lora_kohya.safetensors')}:0.5`], out: viaFlag });
+    await sampleToFiles({ ...BASE, model, prompt: 'a photo of a cat ', lora: [{ path: golden('lora', 'tiny_lora_kohya.safetensors'), weight: 0.5 }], out: viaFlag });
     const viaTag = path.join(tmp, 'tag.png');
     const prompt = 'a photo of a cat <lora:tiny_lora_kohya:0.5>';
     const r = spawnSync(process.execPath, [BIN, 'sample', '--model', model, '--prompt', prompt, '--negative-prompt', 'blurry', '--lora-dir', loraDir, '--seed', '4', '--steps', '2', '--cfg', '3', '--sampler', 'euler', '--width', '64', '--height', '64', '--out', viaTag], { encoding: 'utf8', env: { ...process.env, SDTUNE_BACKEND: 'wasm' } });

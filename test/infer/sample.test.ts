@@ -34,7 +34,7 @@ describe('embeddings at sample time (bundled tiny model)', () => {
     const out = path.join(tmp, 'ti-used.png');
     await sampleToFiles({
       model: TINY, prompt: 'a photo of my-logo, (my-logo:1.2)', negativePrompt: '<bad-hands>, blurry', seed: 1, steps: 1, cfg: 2, sampler: 'euler',
-      width: 64, height: 64, embedding: [logo, neg, unused], out, quiet: true, log: (l) => lines.push(l),
+      width: 64, height: 64, embedding: [{ path: logo }, { path: neg }, { path: unused }], out, quiet: true, log: (l) => lines.push(l),
     });
     expect(lines).toEqual([
       'embeddings used: my-logo (2 vectors), <bad-hands> (1 vector)',
@@ -48,7 +48,7 @@ describe('embeddings at sample time (bundled tiny model)', () => {
     // no embedding in the prompts: no "used" line, no TI hashes
     lines.length = 0;
     const none = path.join(tmp, 'ti-none.png');
-    await sampleToFiles({ model: TINY, prompt: 'a star', seed: 1, steps: 1, cfg: 1, width: 64, height: 64, embedding: [logo], out: none, quiet: true, log: (l) => lines.push(l) });
+    await sampleToFiles({ model: TINY, prompt: 'a star', seed: 1, steps: 1, cfg: 1, width: 64, height: 64, embedding: [{ path: logo }], out: none, quiet: true, log: (l) => lines.push(l) });
     expect(lines).toEqual([expect.stringMatching(/^warning: embedding .*my-logo\.safetensors is loaded as "my-logo"/)]);
     expect(parseInfotext((await readPngText(none)).parameters).tiHashes).toBeUndefined();
   });
@@ -61,7 +61,7 @@ describeGolden('sample with adapters vs diffusers', () => {
     for (const file of ['lora/tiny_lora_kohya.safetensors', 'lora/diffusers_format/pytorch_lora_weights.safetensors']) {
       it(`LoRA ${path.basename(file)} at ${label}: image and PNG`, async () => {
         const out = path.join(tmp, `lora-${label}-${path.basename(file)}.png`);
-        await sampleToFiles({ ...BASE, model: golden('tiny-sd'), lora: [`${golden(file)}:${scale}`], out });
+        await sampleToFiles({ ...BASE, model: golden('tiny-sd'), lora: [{ path: golden(file), weight: scale }], out });
         const ref = await readImageRgb(golden('cases', `${png}.png`));
         const ours = await readImageRgb(out);
         expect(maxAbsDiff(ours.data, ref.data)).toBeLessThanOrEqual(1);
@@ -76,7 +76,7 @@ describeGolden('sample with adapters vs diffusers', () => {
       const c = goldenCase(`textual_inversion_${kind}`);
       const ref = await caseTensors(`textual_inversion_${kind}`);
       const out = path.join(tmp, `ti-${kind}.png`);
-      await sampleToFiles({ ...BASE, model: golden('tiny-sd'), prompt: c.prompt as string, embedding: [token ? `${golden(file)}:${token}` : golden(file)], out });
+      await sampleToFiles({ ...BASE, model: golden('tiny-sd'), prompt: c.prompt as string, embedding: [{ path: golden(file), token }], out });
       const ours = await readImageRgb(out);
       const refPng = await readImageRgb(golden('cases', `ti_${kind}.png`));
       expect(maxAbsDiff(ours.data, refPng.data)).toBeLessThanOrEqual(1);

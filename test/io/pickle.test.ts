@@ -13,7 +13,7 @@ import { readEmbedding } from '../../src/adapters/embeddings.js';
 import { readLora } from '../../src/adapters/lora.js';
 import { SdtuneError } from '../../src/errors.js';
 import { convertCheckpoint } from '../../src/io/convert.js';
-import { readImageRgb } from '../../src/io/png.js';
+import { readImageRgb, readPngText } from '../../src/io/png.js';
 import { sampleToFiles } from '../../src/infer/sample.js';
 import { type LoadedModel, disposeModel, loadModel } from '../../src/io/model.js';
 import { TorchFile, isTensor, readHypernetworkPt, unpickle } from '../../src/io/pickle.js';
@@ -108,14 +108,18 @@ describeGolden('golden pickles (../shared/golden/pickle)', () => {
   });
 
   it('a short sample with the .ckpt model, the .pt LoRA and the .pt embedding is the image of their safetensors', async () => {
-    const run = async (model: string, lora: string, embedding: string, out: string) => {
-      await sampleToFiles({ model, load: { configDir: golden('tiny-sd') }, prompt: 'a embedding-a1111 cat', steps: 2, seed: 1, lora: [`${lora}:0.8`], embedding: [embedding], out, quiet: true, log: () => {} });
+    const run = async (model: string, lora: string, embedding: { path: string; token?: string }, out: string) => {
+      await sampleToFiles({ model, load: { configDir: golden('tiny-sd') }, prompt: 'a embedding-a1111 cat', steps: 2, seed: 1, lora: [{ path: lora, weight: 0.8 }], embedding: [embedding], out, quiet: true, log: () => {} });
       return readImageRgb(out);
     };
-    const a = await run(G('tiny-sd.ckpt'), G('lora-kohya.pt'), G('embedding-a1111.pt'), path.join(tmp, 'from-pickles.png'));
-    const b = await run(golden('tiny-sd.safetensors'), golden('lora', 'tiny_lora_kohya.safetensors'), `${golden('textual_inversion', 'my-token-a1111.safetensors')}:embedding-a1111`, path.join(tmp, 'from-safetensors.png'));
+    const a = await run(G('tiny-sd.ckpt'), G('lora-kohya.pt'), { path: G('embedding-a1111.pt') }, path.join(tmp, 'from-pickles.png'));
+    const b = await run(golden('tiny-sd.safetensors'), golden('lora', 'tiny_lora_kohya.safetensors'), { path: golden('textual_inversion', 'my-token-a1111.safetensors'), token: 'embedding-a1111' }, path.join(tmp, 'from-safetensors.png'));
     expect([a.width, a.height]).toEqual([64, 64]);
     expect(Buffer.from(a.data).equals(Buffer.from(b.data))).toBe(true);
+    // A1111 names the model and the LoRA by their files' stems, whatever the extension
+    const text = (await readPngText(path.join(tmp, 'from-pickles.png'))).parameters;
+    expect(text).toMatch(/, Model: tiny-sd,/);
+    expect(text).toMatch(/Lora hashes: "lora-kohya: [0-9a-f]{12}"/);
   });
 
   it('embedding-a1111.pt: string_to_param["*"] is the A1111 safetensors embedding; its fields as the README lists', async () => {

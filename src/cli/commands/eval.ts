@@ -1,6 +1,7 @@
 /** `sdtune eval --model M --prompts ... | --grid "colours x shapes"`: sample, judge with the toy world's judges, report accuracy. */
 import type { Argv } from 'yargs';
 import type { EvaluateOptions } from '../../eval/evaluate.js';
+import { adapterArgs, embeddingArg, loraArg } from '../adapter-args.js';
 import { runCommand } from '../run.js';
 
 export function registerEval(y: Argv): Argv {
@@ -36,8 +37,8 @@ export function registerEval(y: Argv): Argv {
           steps: argv.steps,
           sampler: argv.sampler,
           negativePrompt: argv['negative-prompt'],
-          lora: argv.lora,
-          embedding: argv.embedding,
+          lora: adapterArgs(argv.lora, loraArg),
+          embedding: adapterArgs(argv.embedding, embeddingArg),
           out: argv.out,
           overwrite: argv.overwrite,
           load: { tokenizerDir: argv.tokenizer },

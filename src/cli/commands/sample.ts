@@ -2,6 +2,7 @@
 import type { Argv } from 'yargs';
 import type { SampleOptions } from '../../infer/sample.js';
 import { SAMPLER_NAMES } from '../../schedulers/names.js';
+import { adapterArgs, embeddingArg, hypernetworkArg, loraArg } from '../adapter-args.js';
 import { runCommand } from '../run.js';
 
 export function registerSample(y: Argv): Argv {
@@ -31,7 +32,7 @@ export function registerSample(y: Argv): Argv {
         .option('lora-dir', { type: 'string', describe: 'folder of LoRA files for the prompt\'s <lora:NAME:WEIGHT> / <lora:NAME:TE:UNET> tags (NAME = file name stem)' })
         .option('hypernetwork-dir', { type: 'string', describe: 'folder of hypernetwork files for the prompt\'s <hypernet:NAME:WEIGHT> tags' })
         .option('embedding', { type: 'string', array: true, describe: 'FILE[:TOKEN], repeatable (token defaults to the file name)' })
-        .option('hypernetwork', { type: 'string', array: true, describe: 'FILE[:STRENGTH]: an A1111 hypernetwork (.safetensors; .pt needs the pickle reader)' })
+        .option('hypernetwork', { type: 'string', array: true, describe: 'FILE[:STRENGTH]: an A1111 hypernetwork (.pt, read as data, or our .safetensors)' })
         .option('overwrite', { type: 'boolean', default: false, describe: 'replace an existing --out PNG' })
         .option('out', { type: 'string', default: 'outputs', describe: 'a .png file (one image) or a directory (NNNNN-SEED.png)' })
         .option('eta', { type: 'number', describe: 'DDIM eta' })
@@ -64,11 +65,11 @@ export function registerSample(y: Argv): Argv {
           mask: argv.mask,
           depthMap: argv['depth-map'],
           depthInvert: argv['depth-invert'],
-          lora: argv.lora,
+          lora: adapterArgs(argv.lora, loraArg),
           loraDir: argv['lora-dir'],
           hypernetworkDir: argv['hypernetwork-dir'],
-          embedding: argv.embedding,
-          hypernetwork: argv.hypernetwork,
+          embedding: adapterArgs(argv.embedding, embeddingArg),
+          hypernetwork: adapterArgs(argv.hypernetwork, hypernetworkArg),
           out: argv.out,
           overwrite: argv.overwrite,
           eta: argv.eta,

@@ -1,7 +1,6 @@
 /** `method: lora` (and `sdtune lora`): LoRA / LoCon on the UNet, optionally on the text encoder (recipes/lora.ts). */
 import path from 'node:path';
 import { z } from 'zod';
-import { SdtuneError } from '../../errors.js';
 import type { MethodEntry } from '../registry.js';
 import { bool, int, num, oneOf, orNull, show } from '../schema.js';
 import { refuseModelOutputs } from './common.js';
@@ -56,7 +55,6 @@ export const lora: MethodEntry = {
   },
   async create(model, c, gen) {
     const l = c.lora!;
-    if (l.dropout) throw new SdtuneError('unsupported', `lora.dropout = ${l.dropout}: LoRA dropout is not implemented yet; set it to 0`);
     const { createLoraRecipe } = await import('../recipes/lora.js');
     return createLoraRecipe(model, {
       rank: l.rank,
@@ -66,6 +64,7 @@ export const lora: MethodEntry = {
       targets: l.targets,
       textEncoder: l.text_encoder,
       textEncoderLr: l.text_encoder_lr,
+      dropout: l.dropout,
       savePrecision: c.output.save_precision as 'fp16' | 'fp32', // bf16 is refused for LoRA by check()
       alsoDiffusers: c.output.also_diffusers_format,
       gen,

@@ -21,6 +21,8 @@ export interface LoraRecipeOptions {
   textEncoder: boolean;
   /** text-encoder lr; null = the base lr */
   textEncoderLr?: number | null;
+  /** kohya network_dropout: dropout on each LoRA down projection's output while training (default 0) */
+  dropout?: number;
   savePrecision: 'fp16' | 'fp32';
   alsoDiffusers: boolean;
   /** kohya ss_* metadata to embed (training settings) */
@@ -60,13 +62,16 @@ export function createLoraRecipe(model: LoadedModel, o: LoraRecipeOptions): Reci
       trainables.set(`text_encoder.${k}`, v);
     }
   }
+  // the training forward: LoRA dropout with masks from the run's generator (a resume repeats them); p = 0 draws nothing
+  const train = { training: true, rng: o.gen, loraDropout: o.dropout ?? 0 };
   return {
     method: 'lora',
     trainables,
     textEncoderTrainable: o.textEncoder,
     lrFor: (name, factor, baseLr) => (name.startsWith('text_encoder.') && o.textEncoderLr != null ? o.textEncoderLr : baseLr) * factor,
     captionFor: (c) => c,
-    encodeIds: (ids) => encodeWithTextEncoder(model, ids, o.clipSkip),
+    encodeIds: (ids) => encodeWithTextEncoder(model, ids, o.clipSkip, o.textEncoder ? train : {}),
+    forward: train,
     withInference: (fn) => fn(), // injected factors are applied by linear()/conv2d() in every forward
     async export(dir, name, step) {
       const modules = [...(await extractLora(unetP, 'unet', ranks)), ...(o.textEncoder ? await extractLora(teP, 'text_encoder', ranks) : [])];
