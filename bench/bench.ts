@@ -3,13 +3,14 @@
  *   - the networks: text encoder, UNet forward at batch 2 (one CFG step), VAE decode;
  *   - sampling: seconds per sampler step (CFG UNet + scheduler) and per image (encode + steps + decode);
  *   - training: one step (loss, gradients, AdamW) of LoRA rank 4 (attention; with and without gradient checkpointing),
- *     LoCon (attn+ff+conv), textual inversion and full fine-tuning of the UNet (tiny models only);
+ *     LoCon (attn+ff+conv), textual inversion and full fine-tuning of the UNet (plain, gradient checkpointing, + EMA;
+ *     SD v1 shapes with --full-ft only);
  *   - the toy world (../shared/toyworld.md): its UNet's full training step at batch 64 on 8x8 latents and its VAE's
  *     at batch 32 on 32x32 images, with the PyTorch figures measured on this machine kind for the ratio;
  * on the bundled tiny model, the golden tiny model when ../shared is there, and SD v1 shapes with random weights.
  * Peak MB counts unique tensor buffers above what was live before (runtime/memory.ts measurePeak).
  *   npm run bench -- [--backend webgpu|tensorflow|wasm|cpu] [--latent 8] [--steps 10] [--no-random-weights]
- *     [--only nets,sample,train,toy]
+ *     [--only nets,sample,train,toy] [--full-ft]
  */
 import * as tf from '@tensorflow/tfjs';
 import { existsSync } from 'node:fs';
@@ -30,6 +31,7 @@ import { TorchGenerator } from '../src/runtime/rng.js';
 import { disposeState, initialState, planSampler, scaleModelInput, scheduleFromConfig, step } from '../src/schedulers/index.js';
 import { measurePeak } from '../src/runtime/memory.js';
 import { diffusionLoss } from '../src/train/loss.js';
+import { createEma, disposeEma, emaStep } from '../src/train/ema.js';
 import { adamwStep, createAdamW, disposeAdamW } from '../src/train/optim.js';
 
 const here = import.meta.dirname;
@@ -39,7 +41,8 @@ const argv = await yargs(hideBin(process.argv))
   .option('steps', { type: 'number', default: 10, describe: 'sampler steps for the per-image figure' })
   .option('random-weights', { type: 'boolean', default: true, describe: 'also SD v1 shapes with random weights (--no-random-weights: only the tiny models)' })
   .option('skip-sd', { type: 'boolean', default: false, describe: 'same as --no-random-weights' })
-  .option('only', { type: 'string', default: 'nets,sample,train,toy' })
+  .option('only', { type: 'string', default: 'nets,sample,train,toy', describe: 'parts: nets, sample, train, toy, fullft (only the full fine-tuning rows of train)' })
+  .option('full-ft', { type: 'boolean', default: false, describe: 'also full UNet fine-tuning on SD v1 shapes (weights, gradients, AdamW and an EMA: ~17 GB; off by default)' })
   .strict()
   .parse();
 const parts = new Set(argv.only.split(','));
@@ -152,7 +155,7 @@ async function benchModel(model: string, m: Nets, latent: number): Promise<void>
     }
     tf.dispose([x2, ctx2, z]);
   }
-  if (parts.has('train')) {
+  if (parts.has('train') || parts.has('fullft')) {
     const schedule = scheduleFromConfig(m.schedulerConfig);
     const batch = { latents: x1, noise: tf.randomNormal(x1.shape, 0, 1, 'float32', 4) as tf.Tensor4D, timesteps: Int32Array.from([500]), context: ctx1 };
     const { removeLora } = await import('../src/adapters/lora-inject.js');
@@ -162,7 +165,7 @@ async function benchModel(model: string, m: Nets, latent: number): Promise<void>
       ['train step: LoRA r4, grad ckpt', 'attn', true],
       ['train step: LoCon r4 (attn+ff+conv)', 'attn+ff+conv', false],
     ];
-    for (const [what, targets, ckpt] of loraRuns) {
+    for (const [what, targets, ckpt] of parts.has('train') ? loraRuns : []) {
       const vars = injectLora(un.params, loraTargetModules(un.params, 'unet', targets), { rank: 4, alpha: 4, gen: new TorchGenerator(0) });
       const opt = createAdamW(vars);
       await measure(model, latent * 8, 1, what, () =>
@@ -172,38 +175,49 @@ async function benchModel(model: string, m: Nets, latent: number): Promise<void>
       removeLora(un.params);
     }
     // textual inversion: one trainable row through the text encoder and the UNet
-    const table = leaf(sub(te.params, 'text_model', 'embeddings', 'token_embedding'), 'weight');
-    const row = ownedVariable(table.slice([320, 0], [1, -1]).clone(), `bench/ti#${model}`);
-    const rowVars = new Map([['row', row]]);
-    const opt2 = createAdamW(rowVars);
-    await measure(model, latent * 8, 1, 'train step: TI', () =>
-      trainStep(rowVars, opt2, () => {
-        const tok = tf.gather(table, ids);
-        const emb = tf.concat([tok.slice([0, 0, 0], [1, 5, -1]), row.reshape([1, 1, -1]), tok.slice([0, 6, 0], [1, -1, -1])], 1) as tf.Tensor3D;
-        const context = clipText(te.params, te.config, ids, { inputEmbeds: emb }).hidden;
-        return diffusionLoss(un.params, un.config, schedule, { ...batch, context }, { predictionType: 'epsilon' });
-      }),
-    );
-    disposeAdamW(opt2);
-    row.dispose();
-    // an A1111 hypernetwork ([1, 2, 1], A1111's defaults) on every attention width: only its MLPs train
-    const hn = await import('../src/adapters/hypernetwork.js');
-    const net = hn.createHypernetwork({ widths: (await import('../src/train/recipes/hypernetwork.js')).modelAttentionWidths(un.config), gen: new TorchGenerator(0) });
-    const hnVars = new Map(hn.hypernetworkTensors(net).map((t, i) => [String(i), t as tf.Variable]));
-    const opt4 = createAdamW(hnVars);
-    const hnForward = { training: true, rng: new TorchGenerator(1), context: hn.hypernetworkAdapter([{ net }]) };
-    await measure(model, latent * 8, 1, 'train step: hypernetwork [1, 2, 1]', () =>
-      trainStep(hnVars, opt4, () => diffusionLoss(un.params, un.config, schedule, batch, { predictionType: 'epsilon', forward: hnForward })),
-    );
-    disposeAdamW(opt4);
-    hn.disposeHypernetwork(net);
-    // full fine-tuning of the UNet: every weight trainable (weights + grads + 2 AdamW moments: tiny models only)
-    if (un.config.block_out_channels[0] < 320) {
+    if (parts.has('train')) {
+      const table = leaf(sub(te.params, 'text_model', 'embeddings', 'token_embedding'), 'weight');
+      const row = ownedVariable(table.slice([320, 0], [1, -1]).clone(), `bench/ti#${model}`);
+      const rowVars = new Map([['row', row]]);
+      const opt2 = createAdamW(rowVars);
+      await measure(model, latent * 8, 1, 'train step: TI', () =>
+        trainStep(rowVars, opt2, () => {
+          const tok = tf.gather(table, ids);
+          const emb = tf.concat([tok.slice([0, 0, 0], [1, 5, -1]), row.reshape([1, 1, -1]), tok.slice([0, 6, 0], [1, -1, -1])], 1) as tf.Tensor3D;
+          const context = clipText(te.params, te.config, ids, { inputEmbeds: emb }).hidden;
+          return diffusionLoss(un.params, un.config, schedule, { ...batch, context }, { predictionType: 'epsilon' });
+        }),
+      );
+      disposeAdamW(opt2);
+      row.dispose();
+      // an A1111 hypernetwork ([1, 2, 1], A1111's defaults) on every attention width: only its MLPs train
+      const hn = await import('../src/adapters/hypernetwork.js');
+      const net = hn.createHypernetwork({ widths: (await import('../src/train/recipes/hypernetwork.js')).modelAttentionWidths(un.config), gen: new TorchGenerator(0) });
+      const hnVars = new Map(hn.hypernetworkTensors(net).map((t, i) => [String(i), t as tf.Variable]));
+      const opt4 = createAdamW(hnVars);
+      const hnForward = { training: true, rng: new TorchGenerator(1), context: hn.hypernetworkAdapter([{ net }]) };
+      await measure(model, latent * 8, 1, 'train step: hypernetwork [1, 2, 1]', () =>
+        trainStep(hnVars, opt4, () => diffusionLoss(un.params, un.config, schedule, batch, { predictionType: 'epsilon', forward: hnForward })),
+      );
+      disposeAdamW(opt4);
+      hn.disposeHypernetwork(net);
+    }
+    // full fine-tuning of the UNet: every weight trainable (weights + grads + 2 AdamW moments; SD v1 shapes only with
+    // --full-ft: ~14 GB before activations, ~17 GB with the EMA). Peak MB is above the weights, moments and EMA (all
+    // live before the step): the step's activations under the tape plus the gradients.
+    if (un.config.block_out_channels[0] < 320 || argv['full-ft']) {
       const full = trainable(un.params, model);
       const opt3 = createAdamW(full.vars);
-      await measure(model, latent * 8, 1, 'train step: full fine-tune (UNet)', () =>
-        trainStep(full.vars, opt3, () => diffusionLoss(full.tree, un.config, schedule, batch, { predictionType: 'epsilon' })),
-      );
+      const loss = (ckpt: boolean) => () => diffusionLoss(full.tree, un.config, schedule, batch, { predictionType: 'epsilon', gradientCheckpointing: ckpt });
+      await measure(model, latent * 8, 1, 'train step: full fine-tune (UNet)', () => trainStep(full.vars, opt3, loss(false)));
+      await measure(model, latent * 8, 1, 'train step: full FT, grad ckpt', () => trainStep(full.vars, opt3, loss(true)));
+      const ema = createEma(full.vars, { decay: 0.9999 });
+      await measure(model, latent * 8, 1, 'train step: full FT + EMA', () => {
+        const l = trainStep(full.vars, opt3, loss(false));
+        emaStep(ema, full.vars);
+        return l;
+      });
+      disposeEma(ema);
       disposeAdamW(opt3);
       un.params = full.tree; // the variables now hold the weights (disposed with the model)
     }
