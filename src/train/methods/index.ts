@@ -2,6 +2,7 @@
 import { finetune } from './finetune.js';
 import { lora } from './lora.js';
 import { textualInversion } from './textual-inversion.js';
+import { vae } from './vae.js';
 import type { MethodEntry } from '../registry.js';
 
-export const BUILT_IN_METHODS: readonly MethodEntry[] = [lora, textualInversion, finetune];
+export const BUILT_IN_METHODS: readonly MethodEntry[] = [lora, textualInversion, finetune, vae];
