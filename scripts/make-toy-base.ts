@@ -248,7 +248,8 @@ function modelCard(o: typeof TOY_BASE_DEFAULTS & ToyBaseOptions, r: Omit<ToyBase
   const rows = r.evals.map((e) => `| ${e.cfg} | ${e.correct}/${e.total} | **${pct(e.accuracy)}** | ${pct(e.colourAccuracy)} | ${pct(e.shapeAccuracy)} |`);
   const args = [
     `--vae-steps ${r.steps.vae}`, `--unet-steps ${r.steps.unet}`, `--vae-batch ${o.vaeBatch}`, `--unet-batch ${o.unetBatch}`,
-    `--vae-images ${o.vaeImages}`, `--unet-images ${o.unetImages}`, `--seed ${o.seed}`, `--precision ${o.precision}`,
+    `--vae-images ${o.vaeImages}`, `--unet-images ${o.unetImages}`, `--scaling-images ${o.scalingImages}`, `--warmup ${o.warmup}`, `--seed ${o.seed}`, `--precision ${o.precision}`,
+    `--cfg ${r.evals.map((e) => e.cfg).join(',')}`, `--eval-seeds ${o.evalSeeds}`, `--eval-steps ${o.evalSteps}`,
   ].join(' ');
   return `# toy-sd: a tiny SD v1 trained by sdtune on the toy world
 
@@ -279,7 +280,7 @@ Tokenizer: CLIP byte-level BPE built by the project (every world word one token)
 |---|---|---|---|
 | worlds | ${o.vaeImages} superset images (VAE), ${o.unetImages} base images (UNet) | | ${fmtTime(r.seconds.world)} |
 | VAE (\`method: vae\`) | MSE + 1e-6 x KL (summed per sample), Adam lr 1e-3, batch ${o.vaeBatch}; scaling_factor = 1 / std of the latents of ${o.scalingImages} training images | ${r.steps.vae} | ${fmtTime(r.seconds.vae)} |
-| UNet (\`method: finetune\`, from random init) | epsilon, AdamW lr 1e-3 (decay 1e-2), 100 warmup steps, grad clip 1, batch ${o.unetBatch}, 10% caption dropout, latents cached as distributions and sampled each step | ${r.steps.unet} | ${fmtTime(r.seconds.unet)} |
+| UNet (\`method: finetune\`, from random init) | epsilon, AdamW lr 1e-3 (decay 1e-2), ${Math.min(o.warmup, r.steps.unet)} warmup steps, grad clip 1, batch ${o.unetBatch}, 10% caption dropout, latents cached as distributions and sampled each step | ${r.steps.unet} | ${fmtTime(r.seconds.unet)} |
 | judges | ${r.evals.length} CFG scales x 16 prompts x ${o.evalSeeds} seeds, DDIM ${o.evalSteps} | | ${fmtTime(r.seconds.eval)} |
 
 Total ${fmtTime(r.seconds.total)} on ${r.backend.replace(/^backend: /, '')}.
