@@ -347,7 +347,8 @@ function parseCli(argv: string[]): ToyBaseOptions {
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(path.resolve(process.argv[1])).href) {
-  makeToyBase(parseCli(process.argv.slice(2)))
+  Promise.resolve()
+    .then(() => makeToyBase(parseCli(process.argv.slice(2))))
     .then((r) => process.stdout.write(`${r.out}\n`))
     .catch((e: unknown) => {
       process.stderr.write(`error: ${(e as Error).message}\n`);
