@@ -151,7 +151,7 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
     // 1. the method's recipe (registry.ts), then the data
     const gen = new TorchGenerator(c.train.seed);
     const recipe = await entry.create(model, c, gen);
-    if (!diffusion && !recipe.loss) throw new Error(`the ${method} recipe needs no UNet, so it must give its own loss`);
+    if (!diffusion && !recipe.loss) throw usageError(`the ${method} method needs no unet, so its recipe must give the whole loss (Recipe.loss)`);
     cleanups.push(() => recipe.dispose());
     let warnings = 0;
     const items = await scanDataset(c.data.dir, {

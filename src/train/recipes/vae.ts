@@ -35,7 +35,7 @@ export interface VaeRecipeOptions {
   emaOnly?: boolean;
 }
 
-/** Where the scaling factor is measured: the first `images` image files of `dataDir` (file-name order), at `resolution`. */
+/** Where the scaling factor is measured: the first `images` image files directly in `dataDir` (file-name order), resized and center-cropped to `resolution` as the loader does. */
 export interface ScalingSample {
   dataDir: string;
   images: number;
