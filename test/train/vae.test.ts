@@ -2,7 +2,7 @@
 // of world images, that only the VAE's weights move, that a resume continues the same curve, and that the export
 // loads with the measured scaling factor (the scaled latents have unit std). Config rules: no latent cache.
 import * as tf from '@tensorflow/tfjs';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { cpSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -125,5 +125,22 @@ describe('vae method', () => {
 
     const kept = await train('vae', cfg(path.join(tmp, 'kept'), { 'train.max_steps': 1, 'vae.measure_scaling_factor': false }), quiet);
     expect(JSON.parse(readFileSync(path.join(kept.files[0], 'vae', 'config.json'), 'utf8')).scaling_factor).toBe(1);
+  });
+
+  it('needs only the vae: a folder without unet, text encoder and tokenizer trains (and finetune says what it lacks)', async () => {
+    const only = path.join(tmp, 'vae-only');
+    cpSync(TOY, only, { recursive: true });
+    for (const part of ['unet', 'text_encoder', 'tokenizer']) rmSync(path.join(only, part), { recursive: true });
+    const r = await train('vae', resolveConfig('vae', null, { 'model.path': only, 'data.dir': WORLD, 'train.batch_size': 2, 'train.max_steps': 1, 'output.dir': path.join(tmp, 'only-run'), 'output.name': 'model' }), quiet);
+    expect(r.steps).toBe(1);
+    const m = await loadModel(r.files[0]);
+    try {
+      expect([Boolean(m.unet), Boolean(m.vae), Boolean(m.textEncoder)]).toEqual([false, true, false]);
+      expect(m.vae!.config.scaling_factor).not.toBe(1);
+    } finally {
+      disposeModel(m);
+    }
+    const ft = resolveConfig('finetune', null, { 'model.path': only, 'data.dir': WORLD, 'train.max_steps': 1, 'output.dir': path.join(tmp, 'only-ft'), 'output.name': 'x' });
+    await expect(train('finetune', ft, quiet)).rejects.toThrow(`${only}: finetune training needs unet, vae, text_encoder, tokenizer; the model has no unet, text_encoder, tokenizer`);
   });
 });
