@@ -51,6 +51,7 @@ export { registerMethod, unregisterMethod, getMethod, methodNames, type MethodEn
 export { str, bool, int, num, oneOf, strs, size, orNull, expected } from './train/schema.js';
 export type { Recipe, RecipeCheckpoint, ExportContext, InferenceUse } from './train/recipe.js';
 export { diffusionLoss, diffusionLossPerItem } from './train/loss.js';
+export { vaeLoss, measureScalingFactor, type ScalingSample } from './train/recipes/vae.js';
 export { createEma, emaStep, emaDecay, emaStateToHost, emaStateFromHost, disposeEma, EMA_DEFAULTS, type EmaOptions, type EmaState, type EmaHostState } from './train/ema.js';
 export {
   toyWorldStream, toyWorldImages, writeToyWorld, renderToyImage, shapeCoverage, toyPalette, toyCaption, parseToyPrompt,

@@ -15,7 +15,7 @@ import { makeBuckets } from '../data/buckets.js';
 import { LatentCache, TextCache, sampleLatents } from '../data/cache.js';
 import { type Batch, DataLoader, type LoaderState, disposeBatch } from '../data/loader.js';
 import { scanDataset } from '../data/dataset.js';
-import { SdtuneError } from '../errors.js';
+import { SdtuneError, usageError } from '../errors.js';
 import { type LoadedModel, disposeModel, loadModel } from '../io/model.js';
 import { writePng } from '../io/png.js';
 import { TensorBoardWriter } from '../io/tensorboard.js';
@@ -37,7 +37,7 @@ import { type EmaState, createEma, disposeEma, emaStateFromHost, emaStep } from 
 import { acquireRunLock, divergedError, newRunId, prepareRunFolder, unhealthyTrainable } from './guards.js';
 import { type AdamWState, adamwStep, clipGradNorm, createAdamW, disposeAdamW } from './optim.js';
 import { type Recipe, captionIds, restoreRecipeState } from './recipe.js';
-import { getMethod } from './registry.js';
+import { DIFFUSION_PARTS, type ModelPart, getMethod } from './registry.js';
 
 export interface TrainOptions {
   /** checkpoint folder (or output folder) to continue from */
@@ -128,17 +128,30 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
   const cleanups: (() => void)[] = [() => disposeModel(model)];
   let tb: TensorBoardWriter | undefined;
   try {
-    if (!model.unet || !model.vae || !model.textEncoder || !model.tokenizer) throw new SdtuneError('usage', `${config.model.path}: training needs unet, vae, text_encoder and tokenizer`);
-    const unetP = model.unet;
-    const c = withModelDefaults(config, unetP.config.sample_size, vaeScaleFactor(model.vae.config));
-    const vae = model.vae;
+    // the parts of the model the method needs (diffusion training: all four; the VAE method: the vae alone)
+    const entry = getMethod(method);
+    const parts = entry.components ?? DIFFUSION_PARTS;
+    const have: Record<ModelPart, boolean> = { unet: Boolean(model.unet), vae: Boolean(model.vae), text_encoder: Boolean(model.textEncoder), tokenizer: Boolean(model.tokenizer) };
+    const lacking = parts.filter((p) => !have[p]);
+    if (lacking.length) throw new SdtuneError('usage', `${config.model.path}: ${method} training needs ${parts.join(', ')}; the model has no ${lacking.join(', ')}`);
+    const diffusion = parts.includes('unet');
+    const usesText = parts.includes('text_encoder') && parts.includes('tokenizer');
+    // the default resolution: the UNet's latent size x the VAE's pixels per latent, else the VAE's own sample_size
+    const side = diffusion ? model.unet!.config.sample_size : model.vae?.config.sample_size;
+    if (side === undefined && !config.data.resolution) throw usageError(`${method} training on ${config.model.path}: set data.resolution (the model has no unet or vae to take it from)`);
+    const c = withModelDefaults(config, side ?? 0, diffusion ? vaeScaleFactor(model.vae!.config) : 1);
+    const vae = () => {
+      if (!model.vae) throw usageError(`${config.model.path}: ${method} training encodes images, but the model has no vae`);
+      return model.vae;
+    };
     const pred = (c.model.prediction_type ?? (model.schedulerConfig.prediction_type as string | undefined) ?? 'epsilon') as PredictionType;
-    if (pred !== 'epsilon' && pred !== 'v_prediction') throw new SdtuneError('unsupported', `prediction type ${pred}`);
+    if (diffusion && pred !== 'epsilon' && pred !== 'v_prediction') throw new SdtuneError('unsupported', `prediction type ${pred}`);
     const schedule: Schedule = scheduleFromConfig(model.schedulerConfig);
-    assertTrainingFits(model, c.data.resolution, c.train.batch_size, c.train.gradient_checkpointing); // before any data is read
+    if (diffusion) assertTrainingFits(model, c.data.resolution, c.train.batch_size, c.train.gradient_checkpointing); // before any data is read
     // 1. the method's recipe (registry.ts), then the data
     const gen = new TorchGenerator(c.train.seed);
-    const recipe = await getMethod(method).create(model, c, gen);
+    const recipe = await entry.create(model, c, gen);
+    if (!diffusion && !recipe.loss) throw usageError(`the ${method} method needs no unet, so its recipe must give the whole loss (Recipe.loss)`);
     cleanups.push(() => recipe.dispose());
     let warnings = 0;
     const items = await scanDataset(c.data.dir, {
@@ -151,13 +164,13 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
     const tooLarge = resolutionWarning(c.data.resolution, items);
     if (tooLarge) log(`warning: ${tooLarge}`);
     const encodePixels = (px: tf.Tensor4D) => {
-      const d = vaeEncode(vae.params, vae.config, px);
+      const d = vaeEncode(vae().params, vae().config, px);
       d.logvar.dispose();
       return { mean: d.mean, std: d.std };
     };
     const cache = c.data.cache_latents ? new LatentCache(encodePixels, { dir: path.join(c.data.cache_dir, 'latents'), encoderId: path.resolve(c.model.path) }) : undefined;
     if (cache) cleanups.push(() => cache.dispose());
-    const textCache = recipe.textEncoderTrainable
+    const textCache = recipe.textEncoderTrainable || !usesText
       ? undefined
       : new TextCache((caption) => tf.tidy(() => recipe.encodeIds(captionIds(model, [caption])).squeeze([0])));
     if (textCache) cleanups.push(() => textCache.dispose());
@@ -303,9 +316,10 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
     /** The loss function of a diffusion step on `bt`: its random draws (latents, noise, timesteps, captions) are made
      *  here, outside the tape, into `own`; the UNet's per-item losses are reduced by the recipe (default: their mean). */
     const diffusionStep = (bt: Batch, own: <T extends tf.Tensor>(t: T) => T): (() => tf.Scalar) => {
+      const unetP = model.unet!;
       const b = bt.captions.length;
       const latents = own(
-        bt.latents ? sampleLatents(bt.latents, gen, vae.config.scaling_factor) : tf.tidy(() => sampleLatents(encodePixels(bt.pixels!), gen, vae.config.scaling_factor)),
+        bt.latents ? sampleLatents(bt.latents, gen, vae().config.scaling_factor) : tf.tidy(() => sampleLatents(encodePixels(bt.pixels!), gen, vae().config.scaling_factor)),
       );
       const [, h, w, ch] = latents.shape;
       const noise = own(tf.tidy(() => {

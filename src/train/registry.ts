@@ -12,6 +12,11 @@ import type { ModelResolvedConfig, TrainConfig } from './config.js';
 import type { Recipe } from './recipe.js';
 import { BUILT_IN_METHODS } from './methods/index.js';
 
+/** A part of a model a method can need. */
+export type ModelPart = 'unet' | 'vae' | 'text_encoder' | 'tokenizer';
+/** What diffusion training needs (the default of MethodEntry.components). */
+export const DIFFUSION_PARTS: readonly ModelPart[] = ['unet', 'vae', 'text_encoder', 'tokenizer'];
+
 /** A command-line flag of a method: the dotted config key it sets. */
 export interface MethodFlag {
   key: string;
@@ -34,6 +39,9 @@ export interface MethodEntry {
   defaultName?(c: TrainConfig): string | undefined;
   /** the command line: `sdtune <command>`, its help line and its own flags (flag name -> key) */
   readonly cli: { command: string; describe: string; flags?: Readonly<Record<string, MethodFlag>> };
+  /** the parts of the model the method needs (default: all four, as diffusion training does). Without 'unet' the
+   *  loop runs no diffusion (the recipe gives the whole `loss`); without 'text_encoder' it encodes no captions. */
+  readonly components?: readonly ModelPart[];
   /** the recipe on a loaded model (called once per run, after the data is scanned) */
   create(model: LoadedModel, c: ModelResolvedConfig, gen: TorchGenerator): Recipe | Promise<Recipe>;
 }

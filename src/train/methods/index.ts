@@ -3,6 +3,7 @@ import { finetune } from './finetune.js';
 import { hypernetwork } from './hypernetwork.js';
 import { lora } from './lora.js';
 import { textualInversion } from './textual-inversion.js';
+import { vae } from './vae.js';
 import type { MethodEntry } from '../registry.js';
 
-export const BUILT_IN_METHODS: readonly MethodEntry[] = [lora, textualInversion, finetune, hypernetwork];
+export const BUILT_IN_METHODS: readonly MethodEntry[] = [lora, textualInversion, finetune, hypernetwork, vae];

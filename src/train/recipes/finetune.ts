@@ -11,7 +11,7 @@ import { type SavePrecision, saveModel } from '../../io/convert.js';
 import type { LoadedModel } from '../../io/model.js';
 import { makeTrainable } from '../../models/params.js';
 import type { FinetuneFilter } from '../config.js';
-import { type Recipe, encodeWithTextEncoder } from '../recipe.js';
+import { type ExportContext, type Recipe, encodeWithTextEncoder } from '../recipe.js';
 
 export interface FinetuneRecipeOptions {
   unet: FinetuneFilter;
@@ -38,7 +38,6 @@ export function createFinetuneRecipe(model: LoadedModel, o: FinetuneRecipeOption
   const teVars = o.textEncoder ? makeTrainable(model.textEncoder!.params, () => true, 'finetune/text_encoder') : new Map();
   // checkpoint / optimizer keys name the component: unet.<diffusers key>, text_encoder.<key>
   const trainables = new Map([...[...unetVars].map(([k, v]) => [`unet.${k}`, v] as const), ...[...teVars].map(([k, v]) => [`text_encoder.${k}`, v] as const)]);
-  const formats = o.saveAs === 'both' ? (['diffusers', 'single_file'] as const) : [o.saveAs];
   return {
     method: 'finetune',
     trainables,
@@ -47,22 +46,36 @@ export function createFinetuneRecipe(model: LoadedModel, o: FinetuneRecipeOption
     captionFor: (caption) => caption,
     encodeIds: (ids) => encodeWithTextEncoder(model, ids),
     withInference: (fn) => fn(), // the networks already run on the trained variables
-    async export(dir, name, _step, ctx) {
-      const files: string[] = [];
-      for (const f of formats) {
-        const out = path.join(dir, f === 'diffusers' ? name : `${name}.safetensors`);
-        // the run folder is this run's (lock, earlier-run check): a re-export replaces its own earlier one
-        const write = () => saveModel(model, out, { to: f === 'diffusers' ? 'diffusers' : 'single-file', precision: o.savePrecision, overwrite: true });
-        if (f === 'single_file' && o.emaOnly) {
-          if (!ctx?.withEma) throw usageError('output.ema_only: there is no EMA average to export (set train.ema.enabled)');
-          await ctx.withEma(write);
-        } else await write();
-        files.push(out);
-      }
-      return files;
-    },
+    export: (dir, name, _step, ctx) => exportWholeModel(model, dir, name, o, ctx),
     dispose() {
       // the variables are the model's parameters now: disposeModel frees them
     },
   };
+}
+
+/**
+ * A whole-model method's export (full fine-tuning, the VAE): the model as it is in memory (its networks run on the
+ * trained variables) as a diffusers folder `<dir>/<name>` and/or a single file `<dir>/<name>.safetensors`, with its
+ * configs, scheduler and tokenizer (saveModel). The single file holds the EMA average with `emaOnly`.
+ */
+export async function exportWholeModel(
+  model: LoadedModel,
+  dir: string,
+  name: string,
+  o: Pick<FinetuneRecipeOptions, 'savePrecision' | 'saveAs' | 'emaOnly'>,
+  ctx?: ExportContext,
+): Promise<string[]> {
+  const formats = o.saveAs === 'both' ? (['diffusers', 'single_file'] as const) : [o.saveAs];
+  const files: string[] = [];
+  for (const f of formats) {
+    const out = path.join(dir, f === 'diffusers' ? name : `${name}.safetensors`);
+    // the run folder is this run's (lock, earlier-run check): a re-export replaces its own earlier one
+    const write = () => saveModel(model, out, { to: f === 'diffusers' ? 'diffusers' : 'single-file', precision: o.savePrecision, overwrite: true });
+    if (f === 'single_file' && o.emaOnly) {
+      if (!ctx?.withEma) throw usageError('output.ema_only: there is no EMA average to export (set train.ema.enabled)');
+      await ctx.withEma(write);
+    } else await write();
+    files.push(out);
+  }
+  return files;
 }
