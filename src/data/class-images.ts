@@ -11,7 +11,7 @@
  * `balanceRegItems`.
  */
 import { createHash } from 'node:crypto';
-import { access, constants, mkdir, readdir } from 'node:fs/promises';
+import { access, constants, mkdir, readFile, readdir } from 'node:fs/promises';
 import path from 'node:path';
 import sharp from 'sharp';
 import { SdtuneError, usageError } from '../errors.js';
@@ -195,6 +195,28 @@ export function balanceRegItems(trainItems: readonly DataItem[], regItems: reado
       if (n >= numTrain) break;
     }
     first = false;
+  }
+  return out;
+}
+
+/**
+ * The class images as training items, all with `caption` (diffusers trains every class image on the class prompt),
+ * hashed for the latent cache; a file that cannot be decoded is an error naming it.
+ */
+export async function classItems(files: readonly string[], caption: string): Promise<DataItem[]> {
+  const out: DataItem[] = [];
+  for (const f of files) {
+    let buf: Buffer;
+    let w = 0;
+    let h = 0;
+    try {
+      buf = await readFile(f);
+      const meta = await sharp(buf).metadata();
+      [w, h] = [meta.autoOrient.width, meta.autoOrient.height];
+    } catch (e) {
+      throw new SdtuneError('format', `class image ${f} cannot be read as an image: ${(e as Error).message.split('\n')[0]}`);
+    }
+    out.push({ path: f, caption, width: w, height: h, repeats: 1, hash: createHash('sha256').update(buf).digest('hex') });
   }
   return out;
 }

@@ -1,7 +1,8 @@
 /** The methods sdtune ships, in the order the CLI lists them (a library user adds more with registerMethod). */
+import { dreambooth } from './dreambooth.js';
 import { finetune } from './finetune.js';
 import { lora } from './lora.js';
 import { textualInversion } from './textual-inversion.js';
 import type { MethodEntry } from '../registry.js';
 
-export const BUILT_IN_METHODS: readonly MethodEntry[] = [lora, textualInversion, finetune];
+export const BUILT_IN_METHODS: readonly MethodEntry[] = [lora, textualInversion, finetune, dreambooth];
