@@ -51,6 +51,10 @@ export { registerMethod, unregisterMethod, getMethod, methodNames, type MethodEn
 export { str, bool, int, num, oneOf, strs, size, orNull, expected } from './train/schema.js';
 export type { Recipe, RecipeCheckpoint, ExportContext } from './train/recipe.js';
 export { diffusionLoss, diffusionLossPerItem } from './train/loss.js';
+export { createDreamboothRecipe, createDreamboothFromConfig, pairedPriorLoss, weightedPriorLoss, priorLossTerms, type DreamboothRecipeOptions, type PriorOptions } from './train/recipes/dreambooth.js';
+export { prepareClassImages, classItems, listImages, missingIndices, balanceRegItems, type ClassImageOptions, type ClassImageReport } from './data/class-images.js';
+export { loaderOptions, latentCacheFor, latentEncoder } from './train/data-options.js';
+export type { MethodContext } from './train/registry.js';
 export { createEma, emaStep, emaDecay, emaStateToHost, emaStateFromHost, disposeEma, EMA_DEFAULTS, type EmaOptions, type EmaState, type EmaHostState } from './train/ema.js';
 export {
   toyWorldStream, toyWorldImages, writeToyWorld, renderToyImage, shapeCoverage, toyPalette, toyCaption, parseToyPrompt,
