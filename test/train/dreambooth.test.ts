@@ -14,7 +14,7 @@ import { sampleToFiles } from '../../src/infer/sample.js';
 import { type LoadedModel, disposeModel, loadModel } from '../../src/io/model.js';
 import { SafetensorsFile } from '../../src/io/safetensors.js';
 import { TorchGenerator } from '../../src/runtime/rng.js';
-import { type ModelResolvedConfig, loadConfigFile, resolveConfig } from '../../src/train/config.js';
+import { type ModelResolvedConfig, dumpConfig, loadConfigFile, resolveConfig } from '../../src/train/config.js';
 import { loaderOptions } from '../../src/train/data-options.js';
 import { train } from '../../src/train/loop.js';
 import { getMethod } from '../../src/train/registry.js';
@@ -63,6 +63,27 @@ const tensors = async (file: string) => {
 };
 const bytesOf = (t: { data: ArrayLike<number> }) => Buffer.from(new Float32Array(t.data as ArrayLike<number>).buffer);
 const pixels = async (png: string) => sharp(png).raw().toBuffer();
+
+describe('dreambooth config', () => {
+  const YAML = 'model:\n  path: m\ndata:\n  dir: d\ndreambooth:\n  class_prompt: a photo of dog\n';
+  it('defaults follow what trains; kohya/diffusers spellings point to the keys; the resolved config reads back the same', () => {
+    const full = resolveConfig('dreambooth', YAML, {});
+    expect(full.dreambooth).toMatchObject({ instance_prompt: null, with_prior_preservation: true, prior_loss_weight: 1, num_class_images: 100, batching: 'paired', trains: 'full', train_text_encoder: false });
+    expect([full.train.lr, full.output.save_precision]).toEqual([5e-6, 'fp32']); // diffusers train_dreambooth.py
+    const lora = resolveConfig('dreambooth', YAML, { 'dreambooth.trains': 'lora', 'dreambooth.class_images.sampler': 'Euler a' });
+    expect([lora.train.lr, lora.output.save_precision, lora.dreambooth!.lora.rank]).toEqual([1e-4, 'fp16', 16]);
+    expect(lora.dreambooth!.class_images.sampler).toBe('euler_a');
+    expect(resolveConfig('dreambooth', dumpConfig(lora), {})).toEqual(lora);
+    expect(() => resolveConfig('dreambooth', YAML, { 'dreambooth.trains': 'lora', 'output.save_as': 'both' })).toThrow(/output.save_as is for full fine-tunes/);
+    const unknown = (key: string) => () => resolveConfig('dreambooth', `${YAML}${key}: 1\n`, {}, 'db.yaml');
+    expect(unknown('instance_prompt')).toThrow('db.yaml:7: unknown key instance_prompt (did you mean dreambooth.instance_prompt?)');
+    expect(unknown('train_text_encoder')).toThrow('(did you mean dreambooth.train_text_encoder?)');
+    expect(unknown('reg_data_dir')).toThrow('(did you mean dreambooth.reg_data_dir?)');
+    expect(unknown('sample_batch_size')).toThrow('(did you mean dreambooth.class_images.batch_size?)');
+    expect(unknown('learning_rate_te')).toThrow('(did you mean dreambooth.text_encoder_lr?)');
+    expect(() => resolveConfig('dreambooth', YAML, { 'dreambooth.class_images.sampler': 'nope' })).toThrow(/dreambooth.class_images.sampler: unknown sampler "nope"/);
+  });
+});
 
 describe('dreambooth recipe: data and loss', () => {
   let model: LoadedModel;
@@ -216,7 +237,10 @@ describe('dreambooth training runs', () => {
     const straight = path.join(tmp, 'straight');
     const resumed = path.join(tmp, 'resumed');
     const one = path.join(tmp, 'one');
-    await train('dreambooth', cfg(straight, { ...extra, 'train.max_steps': 3 }), q);
+    const counts: number[] = []; // no cache here: a leak-free step keeps the tensor count constant
+    await train('dreambooth', cfg(straight, { ...extra, 'train.max_steps': 3 }), { ...q, onStep: () => counts.push(tf.memory().numTensors) });
+    expect(counts.length).toBe(3);
+    expect(new Set(counts).size).toBe(1);
     await train('dreambooth', cfg(resumed, { ...extra, 'train.max_steps': 2 }), q);
     await train('dreambooth', cfg(resumed, { ...extra, 'train.max_steps': 3 }), { ...q, resume: resumed });
     await train('dreambooth', cfg(one, { ...extra, 'train.max_steps': 1 }), q);
@@ -242,12 +266,15 @@ describe('dreambooth training runs', () => {
     const lora = path.join(tmp, 'lora');
     const r = await train('dreambooth', cfg(full, { 'dreambooth.trains': 'full', 'train.max_steps': 2, 'train.lr': 1e-3, 'output.save_as': 'both' }), q);
     expect(r.files).toEqual([path.join(full, 'run'), path.join(full, 'run.safetensors')]);
-    const l = await train('dreambooth', cfg(lora, { 'train.max_steps': 2, 'train.lr': 1e-2 }), q);
+    // (both latent caches, the class loader's included, are freed with the run)
+    const before = tf.memory().numTensors;
+    const l = await train('dreambooth', cfg(lora, { 'train.max_steps': 3, 'train.lr': 1e-2 }), q);
+    expect(tf.memory().numTensors).toBe(before);
     expect(l.files).toEqual([path.join(lora, 'run.safetensors')]);
     const sf = await SafetensorsFile.open(l.files[0]!);
     const meta = sf.metadata;
     await sf.close();
-    expect(meta).toMatchObject({ ss_network_dim: '4', ss_prior_loss_weight: '1', ss_num_reg_images: '2', ss_steps: '2' });
+    expect(meta).toMatchObject({ ss_network_dim: '4', ss_prior_loss_weight: '1', ss_num_reg_images: '2', ss_steps: '3' });
     const s = { prompt: 'a photo of sks logo', steps: 2, width: 64, height: 64, seed: 3, quiet: true, log: () => {} };
     const png = (n: string) => path.join(tmp, 'samples', `${n}.png`);
     await sampleToFiles({ ...s, model: MODEL, out: png('base') });
