@@ -192,6 +192,14 @@ describe('dreambooth training runs', () => {
     expect(c.lines.some((l) => l.startsWith('prior preservation (paired, as diffusers): every batch = 2 instance + 2 class images (3 class images'))).toBe(true);
   });
 
+  it('shuffled batching trains through the loop: the class images count in the steps (kohya), with buckets allowed', async () => {
+    const a = logged();
+    const r = await train('dreambooth', cfg(path.join(tmp, 'shuffled-run'), { 'dreambooth.batching': 'shuffled', 'train.max_steps': 2, 'data.buckets.enabled': true, 'data.buckets.min_side': 64, 'data.buckets.max_side': 128 }), a);
+    expect(r.steps).toBe(2);
+    expect(r.losses.every(Number.isFinite)).toBe(true);
+    expect(a.lines).toContain('steps: 10 images x repeats = 16 samples / batch 2 = 8 batches = 8 steps per epoch; max_steps decides: 2 steps (1 epochs)');
+  });
+
   it('bad input is refused before any step (and before any class image is generated)', async () => {
     const steps: number[] = [];
     const o = { quiet: true, log: () => {}, onStep: (s: number) => steps.push(s) };
