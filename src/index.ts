@@ -52,6 +52,10 @@ export { str, bool, int, num, oneOf, strs, size, orNull, expected } from './trai
 export type { Recipe, RecipeCheckpoint, ExportContext, InferenceUse } from './train/recipe.js';
 export { diffusionLoss, diffusionLossPerItem } from './train/loss.js';
 export { vaeLoss, measureScalingFactor, type ScalingSample } from './train/recipes/vae.js';
+export { createDreamboothRecipe, createDreamboothFromConfig, pairedPriorLoss, weightedPriorLoss, priorLossTerms, type DreamboothRecipeOptions, type PriorOptions } from './train/recipes/dreambooth.js';
+export { prepareClassImages, classItems, listImages, missingIndices, balanceRegItems, type ClassImageOptions, type ClassImageReport } from './data/class-images.js';
+export { loaderOptions, latentCacheFor, latentEncoder } from './train/data-options.js';
+export type { MethodContext } from './train/registry.js';
 export { createEma, emaStep, emaDecay, emaStateToHost, emaStateFromHost, disposeEma, EMA_DEFAULTS, type EmaOptions, type EmaState, type EmaHostState } from './train/ema.js';
 export {
   toyWorldStream, toyWorldImages, writeToyWorld, renderToyImage, shapeCoverage, toyPalette, toyCaption, parseToyPrompt,

@@ -11,7 +11,7 @@
  * `balanceRegItems`.
  */
 import { createHash } from 'node:crypto';
-import { access, constants, mkdir, readdir } from 'node:fs/promises';
+import { access, constants, mkdir, readFile, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import sharp from 'sharp';
 import { SdtuneError, usageError } from '../errors.js';
@@ -115,6 +115,7 @@ export async function prepareClassImages(model: LoadedModel, o: ClassImageOption
   } catch (e) {
     throw new SdtuneError('file', `the class image folder ${o.dir} is not writable (${(e as NodeJS.ErrnoException).code}): ${todo.length} class images must be generated into it`);
   }
+  await removeOrphans(o.dir);
   const bar = o.quiet ? undefined : progress({ total: todo.length, label: 'class images', logEvery: Math.max(1, Math.round(todo.length / 10)) });
   const written: string[] = [];
   let complete = true;
@@ -151,6 +152,24 @@ export async function prepareClassImages(model: LoadedModel, o: ClassImageOption
   }
   const files = [...existing, ...written].sort(byName).slice(0, o.count);
   return { found: existing.length, generated: written.length, files, complete };
+}
+
+/** A write of ours (runtime/atomic.ts: `.<name>.<pid>.<random>.tmp`) that a killed process left behind. */
+const ORPHAN = /^\.\d+-[0-9a-f]{40}\.png\.(\d+)\.[0-9a-f]+\.tmp$/;
+
+/** Remove the temp files of class images whose writer is gone (a run killed mid-write); another live run's stay. */
+async function removeOrphans(dir: string): Promise<void> {
+  for (const n of await readdir(dir)) {
+    const pid = Number(ORPHAN.exec(n)?.[1] ?? NaN);
+    if (!Number.isInteger(pid)) continue;
+    let alive = pid === process.pid;
+    try {
+      if (!alive) alive = process.kill(pid, 0);
+    } catch (e) {
+      alive = (e as NodeJS.ErrnoException).code === 'EPERM';
+    }
+    if (!alive) await rm(path.join(dir, n), { force: true });
+  }
 }
 
 /** Every class image must be at least the training size (a smaller one would be upscaled: refused, named). */
@@ -195,6 +214,28 @@ export function balanceRegItems(trainItems: readonly DataItem[], regItems: reado
       if (n >= numTrain) break;
     }
     first = false;
+  }
+  return out;
+}
+
+/**
+ * The class images as training items, all with `caption` (diffusers trains every class image on the class prompt),
+ * hashed for the latent cache; a file that cannot be decoded is an error naming it.
+ */
+export async function classItems(files: readonly string[], caption: string): Promise<DataItem[]> {
+  const out: DataItem[] = [];
+  for (const f of files) {
+    let buf: Buffer;
+    let w = 0;
+    let h = 0;
+    try {
+      buf = await readFile(f);
+      const meta = await sharp(buf).metadata();
+      [w, h] = [meta.autoOrient.width, meta.autoOrient.height];
+    } catch (e) {
+      throw new SdtuneError('format', `class image ${f} cannot be read as an image: ${(e as Error).message.split('\n')[0]}`);
+    }
+    out.push({ path: f, caption, width: w, height: h, repeats: 1, hash: createHash('sha256').update(buf).digest('hex') });
   }
   return out;
 }

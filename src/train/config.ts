@@ -20,6 +20,7 @@ import { bool, expected, int, isMap, leafKind, levenshtein, num, oneOf, orNull, 
 export { TI_TEMPLATES } from './methods/textual-inversion.js';
 export { FINETUNE_FILTERS } from './methods/finetune.js';
 export { LORA_TARGETS } from './methods/lora.js';
+export { DREAMBOOTH_BATCHING, DREAMBOOTH_TRAINS } from './methods/dreambooth.js';
 
 /** A registered training method's name ('lora', 'textual_inversion', 'finetune', or one added with registerMethod). */
 export type Method = string;
@@ -177,6 +178,7 @@ const ALIASES: Record<string, string> = {
   output_dir: 'output.dir', output_name: 'output.name', logging_dir: 'output.logging_dir', save_every_n_steps: 'output.save_every',
   checkpointing_steps: 'output.save_every', checkpoints_total_limit: 'output.keep_last', sample_every_n_steps: 'output.sample_every',
   validation_steps: 'output.sample_every', validation_prompt: 'output.sample_prompts',
+  sample_batch_size: 'dreambooth.class_images.batch_size', learning_rate_te: 'dreambooth.text_encoder_lr',
 };
 const NOTES: Record<string, string> = {
   optimizer_type: 'sdtune always uses AdamW (train.adam_*, train.weight_decay)',
@@ -435,9 +437,10 @@ export function resolveConfig(method: Method, yamlText: string | null, overrides
 
   // 3. defaults (the schema's, or the method's own for shared keys), required keys, types and ranges
   const cfg: Record<string, unknown> = {};
+  const defaults = typeof m.defaults === 'function' ? m.defaults((key) => flat.get(key)) : m.defaults;
   for (const [key, schema] of idx.leaves) {
     if (isMethod(sectionOf(key)) && sectionOf(key) !== method) continue;
-    const v = flat.has(key) ? flat.get(key) : m.defaults?.[key];
+    const v = flat.has(key) ? flat.get(key) : defaults?.[key];
     const r = parseLeaf(schema, v);
     if (r.ok) {
       setPath(cfg, key, r.value);

@@ -11,8 +11,7 @@ import * as tf from '@tensorflow/tfjs';
 import { lstatSync } from 'node:fs';
 import { mkdir, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
-import { makeBuckets } from '../data/buckets.js';
-import { LatentCache, TextCache, sampleLatents } from '../data/cache.js';
+import { TextCache, sampleLatents } from '../data/cache.js';
 import { type Batch, DataLoader, type LoaderState, disposeBatch } from '../data/loader.js';
 import { scanDataset } from '../data/dataset.js';
 import { SdtuneError, usageError } from '../errors.js';
@@ -21,7 +20,6 @@ import { writePng } from '../io/png.js';
 import { TensorBoardWriter } from '../io/tensorboard.js';
 import { assertTrainingFits } from '../infer/budget.js';
 import { generate, toUint8 } from '../infer/pipeline.js';
-import { vaeEncode } from '../models/vae.js';
 import { writeFileAtomic } from '../runtime/atomic.js';
 import { Interrupted, checkBeforeEveryKernel } from '../runtime/interrupt.js';
 import { disposeTape } from '../runtime/memory.js';
@@ -30,6 +28,7 @@ import { type GeneratorState, TorchGenerator, randnNHWC } from '../runtime/rng.j
 import { type Schedule, samplerFromConfig, scheduleFromConfig } from '../schedulers/index.js';
 import { vaeScaleFactor } from '../models/configs.js';
 import { type Method, type ModelResolvedConfig, type TrainConfig, describeSteps, dumpConfig, resolutionWarning, withModelDefaults } from './config.js';
+import { latentCacheFor, latentEncoder, loaderOptions } from './data-options.js';
 import { checkpointName, loadCheckpoint, resolveResume, saveCheckpoint } from './checkpoint.js';
 import { type PredictionType, diffusionLossPerItem } from './loss.js';
 import { lrFactor } from './lr.js';
@@ -150,11 +149,11 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
     if (diffusion) assertTrainingFits(model, c.data.resolution, c.train.batch_size, c.train.gradient_checkpointing); // before any data is read
     // 1. the method's recipe (registry.ts), then the data
     const gen = new TorchGenerator(c.train.seed);
-    const recipe = await entry.create(model, c, gen);
+    const recipe = await entry.create(model, c, gen, { log, quiet: o.quiet ?? false, stopRequested });
     if (!diffusion && !recipe.loss) throw usageError(`the ${method} method needs no unet, so its recipe must give the whole loss (Recipe.loss)`);
     cleanups.push(() => recipe.dispose());
     let warnings = 0;
-    const items = await scanDataset(c.data.dir, {
+    const items = recipe.items ? [...recipe.items] : await scanDataset(c.data.dir, {
       captionExtension: c.data.caption_extension,
       repeats: c.data.repeats,
       metadata: c.data.metadata,
@@ -163,27 +162,14 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
     });
     const tooLarge = resolutionWarning(c.data.resolution, items);
     if (tooLarge) log(`warning: ${tooLarge}`);
-    const encodePixels = (px: tf.Tensor4D) => {
-      const d = vaeEncode(vae().params, vae().config, px);
-      d.logvar.dispose();
-      return { mean: d.mean, std: d.std };
-    };
-    const cache = c.data.cache_latents ? new LatentCache(encodePixels, { dir: path.join(c.data.cache_dir, 'latents'), encoderId: path.resolve(c.model.path) }) : undefined;
+    const encodePixels = latentEncoder(model);
+    const cache = latentCacheFor(model, c);
     if (cache) cleanups.push(() => cache.dispose());
     const textCache = recipe.textEncoderTrainable || !usesText
       ? undefined
       : new TextCache((caption) => tf.tidy(() => recipe.encodeIds(captionIds(model, [caption])).squeeze([0])));
     if (textCache) cleanups.push(() => textCache.dispose());
-    const loaderOpts = {
-      batchSize: c.train.batch_size,
-      resolution: c.data.resolution,
-      buckets: c.data.buckets.enabled ? makeBuckets(c.data.resolution, c.data.buckets.min_side, c.data.buckets.max_side, c.data.buckets.step) : undefined,
-      randomCrop: !c.data.center_crop,
-      flip: c.data.flip,
-      caption: { dropout: c.data.caption_dropout, shuffle: c.data.shuffle_captions, keepTokens: c.data.keep_tokens },
-      seed: c.train.seed + 1,
-      latentCache: cache,
-    };
+    const loaderOpts = loaderOptions(c, c.train.seed + 1, cache);
     // 2. steps: samples per bucket come from the loader (aspect buckets and per-folder repeats included)
     let loader = new DataLoader(items, loaderOpts);
     const steps = describeSteps(c, items.length, loader.bucketSummary().map((b) => b.samples));

@@ -5,6 +5,7 @@
  * checkpoints hold. The loop, data, optimizer, EMA and checkpoints are shared by every recipe.
  */
 import * as tf from '@tensorflow/tfjs';
+import type { DataItem } from '../data/dataset.js';
 import type { Batch, DataLoader } from '../data/loader.js';
 import { SdtuneError, fmtShape } from '../errors.js';
 import type { LoadedModel } from '../io/model.js';
@@ -37,6 +38,9 @@ export interface Recipe {
   dispose(): void;
 
   // ---- optional: each replaces one default of the loop ----
+  /** the training images when the recipe read them itself (DreamBooth: the instance images with their prompt, plus
+   *  the class images when they are shuffled in); the loop then does not scan data.dir (default: it does) */
+  readonly items?: readonly DataItem[];
   /** the batch of one forward pass (default: `loader.next()`). A recipe may add data (DreamBooth: class images
    *  from its own loader, appended); the loop disposes what it returns (disposeBatch) and passes that same object
    *  to reduceLoss / loss. Random draws come from the generator `create` got, so a resume repeats them. */

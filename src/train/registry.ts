@@ -31,8 +31,9 @@ export interface MethodEntry {
   readonly name: string;
   /** its config section's keys, types, defaults and ranges (a z.object built with train/schema.ts) */
   readonly section: z.ZodObject;
-  /** defaults of shared keys that differ for this method, by dotted key (e.g. 'train.lr': 5e-3) */
-  readonly defaults?: Readonly<Record<string, unknown>>;
+  /** defaults of shared keys that differ for this method, by dotted key (e.g. 'train.lr': 5e-3); a function of the
+   *  keys as given (undefined where not given) when they depend on the method's own settings (DreamBooth: full or LoRA) */
+  readonly defaults?: Readonly<Record<string, unknown>> | ((given: (key: string) => unknown) => Readonly<Record<string, unknown>>);
   /** rules between keys beyond their types; `fail(key, message)` reports one (with the key's file line) */
   check?(c: TrainConfig, fail: (key: string, message: string) => never): void;
   /** output.name when the config gives none (default: the config file's name, else the method's) */
@@ -42,8 +43,17 @@ export interface MethodEntry {
   /** the parts of the model the method needs (default: all four, as diffusion training does). Without 'unet' the
    *  loop runs no diffusion (the recipe gives the whole `loss`); without 'text_encoder' it encodes no captions. */
   readonly components?: readonly ModelPart[];
-  /** the recipe on a loaded model (called once per run, after the data is scanned) */
-  create(model: LoadedModel, c: ModelResolvedConfig, gen: TorchGenerator): Recipe | Promise<Recipe>;
+  /** the recipe on a loaded model (called once per run, before the data is scanned: a recipe may read the data
+   *  itself, Recipe.items, and prepare more, e.g. DreamBooth's class images, logging through `ctx`) */
+  create(model: LoadedModel, c: ModelResolvedConfig, gen: TorchGenerator, ctx?: MethodContext): Recipe | Promise<Recipe>;
+}
+
+/** What the loop gives a method's `create`: its log, whether progress bars are off, and its stop request. */
+export interface MethodContext {
+  log: (line: string) => void;
+  quiet: boolean;
+  /** a stop request (Ctrl-C): long preparation stops at the next safe point and the loop then stops before step 1 */
+  stopRequested: () => boolean;
 }
 
 const registry = new Map<string, MethodEntry>();

@@ -79,10 +79,14 @@ describe('prepareClassImages on the bundled tiny model', () => {
     const dir = path.join(tmp.dir, 'stopped');
     let calls = 0;
     const part = await prepareClassImages(model, opts(dir, { stopRequested: () => calls++ > 0 }));
+    // a write cut short by a kill leaves only its temp file: not an image, and removed by the next call
+    const orphan = path.join(dir, `.2-${'e'.repeat(40)}.png.99999999.0123456789ab.tmp`);
+    await writeFile(orphan, 'partial');
     expect(part).toMatchObject({ generated: 2, complete: false });
     expect(await listImages(dir)).toHaveLength(2);
     const rest = await prepareClassImages(model, opts(dir));
     expect(rest).toMatchObject({ found: 2, generated: 1, complete: true });
+    await expect(readFile(orphan)).rejects.toThrow(/ENOENT/);
     const uninterrupted = await listImages(path.join(tmp.dir, 'class'));
     expect(rest.files.map((f) => path.basename(f))).toEqual(uninterrupted.map((f) => path.basename(f)));
   });

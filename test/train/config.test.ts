@@ -245,7 +245,7 @@ describe('overrides', () => {
   });
 
   it('every FLAG_KEYS target is a real key; bad flags and keys are named', () => {
-    for (const key of Object.values(FLAG_KEYS)) expect(key).toMatch(/^(model|data|train|lora|textual_inversion|hypernetwork|vae|output)\.\w+$/);
+    for (const key of Object.values(FLAG_KEYS)) expect(key).toMatch(/^(model|data|train|lora|textual_inversion|finetune|dreambooth|hypernetwork|vae|output)\.\w+$/);
     expect(usage('lora', BASE, { 'max-step': 5 })).toMatch(/unknown option --max-step \(did you mean --max-steps\?\)/);
     expect(usage('lora', BASE, { 'train.learning_rate': 5 })).toBe('override train.learning_rate: unknown key train.learning_rate (did you mean train.lr?)');
     expect(usage('lora', BASE, { 'max-steps': 'many' })).toBe('--max-steps: train.max_steps: expected an integer >= 1 or null, found "many"');

@@ -1,5 +1,6 @@
 // Training steps against diffusers/PEFT on PyTorch: LoRA (epsilon and v-prediction with min-SNR), textual inversion
-// (8x8 and the well-conditioned 32x32 latents) and full fine-tuning (every UNet parameter): loss, gradients, weights.
+// (8x8 and the well-conditioned 32x32 latents), full fine-tuning (every UNet parameter) and DreamBooth with prior
+// preservation (UNet + text encoder): loss, gradients, weights.
 import * as tf from '@tensorflow/tfjs';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { injectLora, loraTargetModules } from '../../src/adapters/lora-inject.js';
@@ -7,7 +8,10 @@ import { torchToTfLayout, tfToTorchLayout } from '../../src/io/layout.js';
 import { type LoadedModel, disposeModel, loadModel } from '../../src/io/model.js';
 import { TorchGenerator } from '../../src/runtime/rng.js';
 import { scheduleFromConfig, snr, velocity } from '../../src/schedulers/index.js';
-import { diffusionLoss, minSnrWeights } from '../../src/train/loss.js';
+import type { DataItem } from '../../src/data/dataset.js';
+import type { Batch } from '../../src/data/loader.js';
+import { diffusionLoss, diffusionLossPerItem, minSnrWeights } from '../../src/train/loss.js';
+import { createDreamboothRecipe, priorLossTerms } from '../../src/train/recipes/dreambooth.js';
 import { captionIds } from '../../src/train/recipe.js';
 import { TI_TEMPLATES, createTiRecipe } from '../../src/train/recipes/textual-inversion.js';
 import { caseTensors, describeGolden, golden, goldenCase } from '../golden.js';
@@ -283,6 +287,81 @@ describeGolden('training step vs diffusers (full fine-tuning, every UNet paramet
       const g0 = names.find((n) => n === 'conv_out.bias')!;
       expect(maxAbsDiff(await clipped.get(g0)!.data(), (await all.get(g0)!.data()).map((x) => Math.fround(x * clipCoefficient(totalNorm, 1))))).toBeLessThanOrEqual(1e-9);
       tf.dispose([value, ...grads, ...clipped.values(), batch.latents, batch.noise, batch.context]);
+    } finally {
+      disposeModel(m);
+    }
+  });
+});
+
+describeGolden('training step vs diffusers (DreamBooth with prior preservation, UNet + text encoder)', () => {
+  it("the dreambooth recipe's own loss (reduceLoss on the per-item losses): loss, instance and prior loss, UNet and text-encoder gradients, global norm", async () => {
+    const m = await loadModel(golden('tiny-sd'), { components: ['unet', 'text_encoder'] });
+    try {
+      const c = goldenCase('train_dreambooth_prior_step');
+      const tol = c.tolerance as { atol_loss: number; grad: string };
+      const RTOL_GRAD = 3e-3; // tolerance.grad: "per tensor max|diff| <= 3e-3 * max|grad|"
+      expect(tol.grad).toMatch(/3e-3 \* max\|grad\|/);
+      const ref = await caseTensors('train_dreambooth_prior_step');
+      // the batch as the paired loader makes it: the instance item first, then the class item
+      const item = (caption: string, hash: string): DataItem => ({ path: `${hash}.png`, caption, width: 64, height: 64, repeats: 1, hash });
+      const inst = item(c.instance_prompt as string, 'instance');
+      const cls = item(c.class_prompt as string, 'class');
+      const r = createDreamboothRecipe(m, {
+        trains: { kind: 'full', options: { unet: 'all', textEncoder: true, textEncoderLr: null, savePrecision: 'fp32', saveAs: 'diffusers' } },
+        instanceItems: [inst],
+        prior: { weight: c.prior_loss_weight as number, batching: 'paired', classItems: [cls], loader: { batchSize: 1, resolution: 64, seed: 0 } },
+      });
+      try {
+        const batch: Batch = { items: [inst, cls], captions: [inst.caption, cls.caption], bucket: [64, 64], epoch: 0, position: 0 };
+        const ids = captionIds(m, batch.captions);
+        expect(Array.from(await ids.data())).toEqual(Array.from(ref.get('input_ids')!.data));
+        const schedule = scheduleFromConfig(m.schedulerConfig);
+        const db = caseBatch(ref);
+        const perItemOf = () => diffusionLossPerItem(m.unet!.params, m.unet!.config, schedule, { ...db, context: r.encodeIds(ids) }, { predictionType: 'epsilon' });
+        const names = [...r.trainables.keys()];
+        const { value, grads } = tf.variableGrads(() => tf.tidy(() => r.reduceLoss!(perItemOf(), batch)), [...r.trainables.values()]);
+        const loss = (await value.data())[0];
+        const perItem = perItemOf();
+        const terms = priorLossTerms(perItem, [false, true]);
+        const [il, pl] = [(await terms.instance.data())[0], (await terms.prior!.data())[0]];
+        const refOf = (k: string) => ref.get(k)!.data[0];
+        console.log(`dreambooth step: loss ${loss} (ref ${refOf('loss')}, err ${Math.abs(loss - refOf('loss')).toExponential(2)}); instance ${il} (ref ${refOf('instance_loss')}, err ${Math.abs(il - refOf('instance_loss')).toExponential(2)}); prior ${pl} (ref ${refOf('prior_loss')}, err ${Math.abs(pl - refOf('prior_loss')).toExponential(2)}); tol ${tol.atol_loss}`);
+        expect(Math.abs(loss - refOf('loss'))).toBeLessThanOrEqual(tol.atol_loss);
+        expect(Math.abs(il - refOf('instance_loss'))).toBeLessThanOrEqual(tol.atol_loss);
+        expect(Math.abs(pl - refOf('prior_loss'))).toBeLessThanOrEqual(tol.atol_loss);
+        const all = new Map(names.map((n) => [n, grads[r.trainables.get(n)!.name]]));
+        expect(all.size).toBe(names.length);
+        // the token-embedding rows the prompts use (every other row's gradient is zero)
+        const used = Array.from(ref.get('token_ids_used')!.data);
+        expect(used).toEqual(c.token_ids_used);
+        const table = all.get('text_encoder.text_model.embeddings.token_embedding.weight')!;
+        const rows = tf.gather(table, tf.tensor1d(used, 'int32'));
+        const rowErr = relMaxErr(await rows.data(), ref.get('token_embedding_grad_rows')!.data);
+        const others = tf.tidy(() => tf.sum(tf.abs(table)).sub(tf.sum(tf.abs(rows))));
+        console.log(`dreambooth step: token-embedding grad rows max|err|/max|ref| = ${rowErr.toExponential(2)} (tol ${RTOL_GRAD})`);
+        expect(rowErr).toBeLessThanOrEqual(RTOL_GRAD);
+        expect(Math.abs((await others.data())[0])).toBeLessThanOrEqual(1e-6 * Math.abs((await tf.sum(tf.abs(rows)).data())[0]));
+        const checked = [...ref.keys()].filter((k) => /^(te|unet)_grad\//.test(k));
+        expect(checked.length).toBe(4);
+        for (const k of checked) {
+          const [comp, name] = k.split('/') as [string, string];
+          const g = all.get(`${comp === 'te_grad' ? 'text_encoder' : 'unet'}.${name}`)!;
+          const torch = tfToTorchLayout(name, { shape: [...g.shape], data: (await g.data()) as Float32Array });
+          expect(torch.shape).toEqual(ref.get(k)!.shape);
+          const e = relMaxErr(torch.data, ref.get(k)!.data);
+          console.log(`dreambooth step: ${k}: max|err|/max|ref| = ${e.toExponential(2)} (tol ${RTOL_GRAD})`);
+          expect(e).toBeLessThanOrEqual(RTOL_GRAD);
+        }
+        // clip_grad_norm_(chain(unet, text_encoder)) sees the 2-norm over every trainable's gradient
+        const { grads: clipped, totalNorm } = await clipGradNorm(all, 1);
+        const refNorm = refOf('global_grad_norm_unet_and_te');
+        const normErr = Math.abs(totalNorm - refNorm) / refNorm;
+        console.log(`dreambooth step: global grad norm ${totalNorm} (ref ${refNorm}, rel err ${normErr.toExponential(2)}, tol ${RTOL_GRAD})`);
+        expect(normErr).toBeLessThanOrEqual(RTOL_GRAD);
+        tf.dispose([value, ...Object.values(grads), ...clipped.values(), perItem, terms.instance, terms.prior!, rows, others, ids, db.latents, db.noise, db.context]);
+      } finally {
+        r.dispose();
+      }
     } finally {
       disposeModel(m);
     }

@@ -102,14 +102,14 @@ describe('method registry', () => {
   it('an unknown method is a usage error listing the registered ones', () => {
     let e: unknown;
     try {
-      resolveConfig('dreambooth', null, {});
+      resolveConfig('hypernetwork_xl', null, {});
     } catch (x) {
       e = x;
     }
     expect(e).toBeInstanceOf(SdtuneError);
     expect((e as SdtuneError).kind).toBe('usage');
-    expect((e as SdtuneError).message).toBe('unknown training method "dreambooth"; registered: lora, textual_inversion, finetune, hypernetwork, vae, bias_only');
-    expect(() => getMethod('nope')).toThrow(/registered: lora, textual_inversion, finetune, hypernetwork, vae/);
+    expect((e as SdtuneError).message).toBe('unknown training method "hypernetwork_xl"; registered: lora, textual_inversion, finetune, dreambooth, hypernetwork, vae, bias_only');
+    expect(() => getMethod('nope')).toThrow(/registered: lora, textual_inversion, finetune, dreambooth, hypernetwork, vae/);
     expect(() => registerMethod(biasMethod)).toThrow(/registered already/);
     expect(() => registerMethod({ ...biasMethod, name: 'train' })).toThrow(/shared config section/);
   });
@@ -135,7 +135,7 @@ describe('method registry', () => {
     // its section belongs to it alone
     expect(() => resolveConfig('lora', 'bias_only:\n  scale: 2\n', base(path.join(tmp, 'cfg')))).toThrow(/has a bias_only section, but this command trains lora/);
     expect(() => resolveConfig('bias_only', 'lora:\n  rank: 2\n', base(path.join(tmp, 'cfg')))).toThrow(/has a lora section, but this command trains bias_only/);
-    expect(methodNames()).toEqual(['lora', 'textual_inversion', 'finetune', 'hypernetwork', 'vae', 'bias_only']);
+    expect(methodNames()).toEqual(['lora', 'textual_inversion', 'finetune', 'dreambooth', 'hypernetwork', 'vae', 'bias_only']);
   });
 
   it('trains end to end through resolveConfig + train (the loop and config unchanged)', async () => {

@@ -1,6 +1,8 @@
 /** `method: lora` (and `sdtune lora`): LoRA / LoCon on the UNet, optionally on the text encoder (recipes/lora.ts). */
 import path from 'node:path';
 import { z } from 'zod';
+import { SdtuneError } from '../../errors.js';
+import type { ModelResolvedConfig } from '../config.js';
 import type { MethodEntry } from '../registry.js';
 import { bool, int, num, oneOf, orNull, show } from '../schema.js';
 import { refuseModelOutputs } from './common.js';
@@ -68,20 +70,25 @@ export const lora: MethodEntry = {
       savePrecision: c.output.save_precision as 'fp16' | 'fp32', // bf16 is refused for LoRA by check()
       alsoDiffusers: c.output.also_diffusers_format,
       gen,
-      metadata: {
-        ss_output_name: c.output.name,
-        ss_learning_rate: String(c.train.lr),
-        ss_lr_scheduler: c.train.lr_scheduler,
-        ss_max_train_steps: String(c.train.max_steps ?? ''),
-        ss_resolution: `(${c.data.resolution.join(', ')})`,
-        ss_seed: String(c.train.seed),
-        ss_noise_offset: String(c.train.noise_offset),
-        ss_min_snr_gamma: String(c.train.min_snr_gamma ?? ''),
-        ss_gradient_checkpointing: c.train.gradient_checkpointing ? 'True' : 'False',
-        ss_sd_model_name: path.basename(c.model.path),
-        ss_base_model_version: 'sd_v1',
-        ss_training_comment: 'trained with sdtune',
-      },
+      metadata: loraTrainingMetadata(c),
     });
   },
 };
+
+/** kohya's ss_* training metadata of a LoRA file (the network's own keys come from the recipe). */
+export function loraTrainingMetadata(c: ModelResolvedConfig): Record<string, string> {
+  return {
+    ss_output_name: c.output.name,
+    ss_learning_rate: String(c.train.lr),
+    ss_lr_scheduler: c.train.lr_scheduler,
+    ss_max_train_steps: String(c.train.max_steps ?? ''),
+    ss_resolution: `(${c.data.resolution.join(', ')})`,
+    ss_seed: String(c.train.seed),
+    ss_noise_offset: String(c.train.noise_offset),
+    ss_min_snr_gamma: String(c.train.min_snr_gamma ?? ''),
+    ss_gradient_checkpointing: c.train.gradient_checkpointing ? 'True' : 'False',
+    ss_sd_model_name: path.basename(c.model.path),
+    ss_base_model_version: 'sd_v1',
+    ss_training_comment: 'trained with sdtune',
+  };
+}
