@@ -93,7 +93,7 @@ function pick(found: Map<string, string[]>, name: string, tag: string, flag: str
   if (!files?.length) {
     if (aliased.length === 1) return aliased[0]!;
     if (aliased.length > 1) throw usageError(`prompt tag ${tag}: several files under ${flag} ${dir} have the alias (ss_output_name) "${name}": ${aliased.join(', ')}; use a file name`);
-    throw new SdtuneError('file', `prompt tag ${tag}: no ${exts.map((e) => name + e).join(' / ')} under ${flag} ${dir}${flag === '--lora-dir' ? ', and no LoRA there has the alias (ss_output_name)' : ''} "${name}"`);
+    throw new SdtuneError('file', `prompt tag ${tag}: no ${exts.map((e) => name + e).join(' / ')} under ${flag} ${dir}${flag === 'loraDir' ? ', and no LoRA there has the alias (ss_output_name)' : ''} "${name}"`);
   }
   // one folder may hold name.safetensors and name.pt: the safetensors wins; the same stem in two folders is ambiguous
   const byDir = new Map<string, string[]>();
@@ -113,15 +113,15 @@ export async function resolvePromptNetworks(prompt: string, dirs: PromptNetworkD
   for (const t of tags) {
     if (t.kind === 'lora' || t.kind === 'lyco') {
       const l = loraFromTag(t);
-      if (!dirs.loraDir) throw usageError(`prompt tag ${t.text} needs a LoRA folder (--lora-dir) holding ${l.name}.safetensors`);
-      loraFiles ??= listByStem(dirs.loraDir, LORA_EXT, '--lora-dir');
+      if (!dirs.loraDir) throw usageError(`prompt tag ${t.text} needs a LoRA folder (loraDir, --lora-dir on the command line) holding ${l.name}.safetensors`);
+      loraFiles ??= listByStem(dirs.loraDir, LORA_EXT, 'loraDir');
       const aliased = loraFiles.has(l.name) ? [] : await byAlias(loraFiles, aliases, l.name);
-      out.loras.push({ ...l, path: pick(loraFiles, l.name, t.text, '--lora-dir', dirs.loraDir, LORA_EXT, aliased) });
+      out.loras.push({ ...l, path: pick(loraFiles, l.name, t.text, 'loraDir', dirs.loraDir, LORA_EXT, aliased) });
     } else if (t.kind === 'hypernet') {
       const h = hypernetFromTag(t);
-      if (!dirs.hypernetworkDir) throw usageError(`prompt tag ${t.text} needs a hypernetwork folder (--hypernetwork-dir) holding ${h.name}.pt or ${h.name}.safetensors`);
-      hyperFiles ??= listByStem(dirs.hypernetworkDir, HYPERNET_EXT, '--hypernetwork-dir');
-      out.hypernetworks.push({ ...h, path: pick(hyperFiles, h.name, t.text, '--hypernetwork-dir', dirs.hypernetworkDir, HYPERNET_EXT) });
+      if (!dirs.hypernetworkDir) throw usageError(`prompt tag ${t.text} needs a hypernetwork folder (hypernetworkDir, --hypernetwork-dir on the command line) holding ${h.name}.pt or ${h.name}.safetensors`);
+      hyperFiles ??= listByStem(dirs.hypernetworkDir, HYPERNET_EXT, 'hypernetworkDir');
+      out.hypernetworks.push({ ...h, path: pick(hyperFiles, h.name, t.text, 'hypernetworkDir', dirs.hypernetworkDir, HYPERNET_EXT) });
     } else out.unknown.push(t.text);
   }
   return out;

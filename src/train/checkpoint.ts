@@ -132,7 +132,7 @@ export async function checkpointProblem(dir: string): Promise<string | undefined
 export async function resolveResume(dir: string, log: (line: string) => void = () => {}): Promise<string> {
   if (existsSync(path.join(dir, STATE))) {
     const bad = await checkpointProblem(dir);
-    if (bad) throw new SdtuneError('format', `--resume ${dir}: this checkpoint cannot be resumed from: ${bad}`);
+    if (bad) throw new SdtuneError('format', `resume ${dir}: this checkpoint cannot be resumed from: ${bad}`);
     return dir;
   }
   for (const root of [dir, path.join(dir, 'checkpoints')]) {
@@ -142,9 +142,9 @@ export async function resolveResume(dir: string, log: (line: string) => void = (
       if (!bad) return ck;
       log(`note: skipping checkpoint ${ck}: ${bad}`);
     }
-    if (all.length) throw new SdtuneError('format', `--resume ${dir}: none of its ${all.length} checkpoints can be resumed from (see the notes above)`);
+    if (all.length) throw new SdtuneError('format', `resume ${dir}: none of its ${all.length} checkpoints can be resumed from (see the notes above)`);
   }
-  throw new SdtuneError('file', `--resume ${dir}: no checkpoint found (expected ${STATE} in it, or step-NNNNNN folders under it or its checkpoints/)`);
+  throw new SdtuneError('file', `resume ${dir}: no checkpoint found (expected ${STATE} in it, or step-NNNNNN folders under it or its checkpoints/)`);
 }
 
 /** Restore variables (strictly: same names and shapes) and return the optimizer and loop state, the EMA state and

@@ -118,7 +118,7 @@ export function prepareRunFolder(dir: string, name: string, o: { overwrite?: boo
       `${dir} holds an earlier run (${found.join(', ')}); continue it with --resume ${dir}, replace it with --overwrite, or choose another --output`,
     );
   }
-  log(`--overwrite: removing the earlier run's checkpoints and state in ${dir}`);
+  log(`overwrite: removing the earlier run's checkpoints and state in ${dir}`);
   rmSync(path.join(dir, 'checkpoints'), { recursive: true, force: true });
   rmSync(path.join(dir, 'config.resolved.yaml'), { force: true });
 }

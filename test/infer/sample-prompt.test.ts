@@ -40,8 +40,8 @@ describe('resolvePromptNetworks', () => {
     await writeSafetensors(path.join(dir, 'sub', 'file-v2.safetensors'), { x: { data: new Float32Array(1), shape: [1] } }, { metadata: { ss_output_name: 'MyStyle' } });
     const al = await resolvePromptNetworks('<lora:MyStyle:0.8>', { loraDir: dir });
     expect(al.loras.map((l) => [path.relative(dir, l.path), l.te])).toEqual([[path.join('sub', 'file-v2.safetensors'), 0.8]]);
-    await expect(resolvePromptNetworks('<lora:zz:1>', { loraDir: dir })).rejects.toThrow(/<lora:zz:1>: no zz\.safetensors \/ zz\.pt \/ zz\.ckpt under --lora-dir .*, and no LoRA there has the alias/);
-    await expect(resolvePromptNetworks('<lora:a:1>')).rejects.toThrow(/needs a LoRA folder \(--lora-dir\)/);
+    await expect(resolvePromptNetworks('<lora:zz:1>', { loraDir: dir })).rejects.toThrow(/<lora:zz:1>: no zz\.safetensors \/ zz\.pt \/ zz\.ckpt under loraDir .*, and no LoRA there has the alias/);
+    await expect(resolvePromptNetworks('<lora:a:1>')).rejects.toThrow(/needs a LoRA folder \(loraDir, --lora-dir/);
     await expect(resolvePromptNetworks('<lora:c:1>', { loraDir: dir })).rejects.toThrow(/"c" names several files/);
     await expect(resolvePromptNetworks('<hypernet:h>')).rejects.toThrow(/--hypernetwork-dir/);
     expect(await resolvePromptNetworks('no tags [a:b:0.5]')).toEqual({ prompt: 'no tags [a:b:0.5]', loras: [], hypernetworks: [], unknown: [] });
