@@ -87,7 +87,7 @@ async function measure(
   const { peakBytes } = await measurePeak(run);
   const seconds = (performance.now() - t0) / 1000;
   rows.push({ model, resolution: `${px}x${px}`, batch, what, seconds, peakMB: peakBytes / 1e6, torch: o.torch });
-  console.error(`  ${model} ${what}: ${seconds.toFixed(3)} s`);
+  console.error(`  ${model} ${what}: ${seconds.toFixed(3)} s, peak ${(peakBytes / 1e6).toFixed(1)} MB`); // each row as it is measured: a long run stopped early keeps its rows
   return seconds;
 }
 
