@@ -3,7 +3,7 @@ import { defineConfig } from 'vitest/config';
 
 // The parity suites: every component, pipeline and training step against ../shared/golden. They run on every
 // backend; the rest of the suite runs on wasm (10-30x faster than cpu), cpu stays the reference for parity.
-const PARITY = ['test/models/parity.test.ts', 'test/infer/txt2img.test.ts', 'test/infer/img2img-inpaint.test.ts', 'test/infer/depth2img.test.ts', 'test/train/grad-parity.test.ts', 'test/adapters/hypernetwork-parity.test.ts'];
+const PARITY = ['test/models/parity.test.ts', 'test/infer/txt2img.test.ts', 'test/infer/img2img-inpaint.test.ts', 'test/infer/depth2img.test.ts', 'test/train/grad-parity.test.ts'];
 
 /** Whether a WebGPU adapter exists (asked in a child process, so Dawn never lives in the test runner). */
 function webgpuAdapter(): string | undefined {

@@ -74,6 +74,18 @@ describeGolden('hypernetwork vs the A1111 reference (cases/hypernetwork)', () =>
       const eAll = maxAbsDiff(yAll, ref);
       const eCross = maxAbsDiff(yCross, c.get(`noise_pred_attn2_only_mult${tag}`)!.data);
       console.log(`hypernetwork strength ${s}: all matching attentions max abs err ${eAll.toExponential(2)}, cross-attention only ${eCross.toExponential(2)} (tol ${tol()})`);
+      if (s === 0.5) {
+        // at strength 0.5 this case is ill-conditioned in float32: a 1e-7 relative change of the sample (float32
+        // rounding) moves the output by ~1.2e-4 (measured on wasm), above the case's atol 1e-4, so another summation
+        // order can miss the tolerance by chance (software WebGPU: 2.9e-4). That is why this file is not in PARITY (cpu,
+        // webgpu); on wasm it is held to the case's tolerance, and the sensitivity is printed next to the error.
+        const x1 = tf.mul(x, 1 + 1e-7) as tf.Tensor4D;
+        const y1 = unet(params, config, x1, ts, ctx, { context: all });
+        const y0 = unet(params, config, x, ts, ctx, { context: all });
+        const moved = maxAbsDiff(await toNchw(y1), await toNchw(y0));
+        tf.dispose([x1, y1, y0]);
+        console.log(`hypernetwork strength 0.5: a 1e-7 relative change of the sample moves the output by ${moved.toExponential(2)}`);
+      }
       expect(eAll).toBeLessThanOrEqual(tol());
       // The "attn2 only" outputs are the case's diagnostic of what a cross-attention-only rule would give (not
       // A1111's rule, and the case's checks give no f32 noise figure for them). This network amplifies float
