@@ -242,24 +242,10 @@ for (const [name, dir] of [['tiny-sd-v1 (bundled)', path.resolve(here, '../check
  * images (MSE + 1e-6 KL). PyTorch 2 CPU on this machine kind: 0.26 s and 0.35 s per step.
  */
 async function benchToy(): Promise<void> {
-  const ucfg = unetConfig({
-    block_out_channels: [32, 64, 64],
-    down_block_types: ['CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'],
-    up_block_types: ['UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'],
-    layers_per_block: 1,
-    attention_head_dim: 4,
-    cross_attention_dim: 64,
-    norm_num_groups: 8,
-    sample_size: 8,
-  });
-  const vcfg = vaeConfig({
-    block_out_channels: [32, 64, 64],
-    down_block_types: ['DownEncoderBlock2D', 'DownEncoderBlock2D', 'DownEncoderBlock2D'],
-    up_block_types: ['UpDecoderBlock2D', 'UpDecoderBlock2D', 'UpDecoderBlock2D'],
-    layers_per_block: 1,
-    norm_num_groups: 8,
-    sample_size: 32,
-  });
+  // the configs the toy model builder writes (src/data/toy-model.ts)
+  const toy = (await import('../src/data/toy-model.js')).toyModelConfigs();
+  const ucfg = unetConfig(toy.unet);
+  const vcfg = vaeConfig(toy.vae);
   const schedule = scheduleFromConfig({ ...SD15_SCHEDULER_CONFIG });
   const u = trainable(randomParams(unetParamShapes(ucfg), 40), 'toy-unet');
   const uopt = createAdamW(u.vars);
