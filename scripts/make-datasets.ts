@@ -5,11 +5,15 @@
  *                     outlines, pastel backgrounds), captions "<shape description>, outlined style" in .txt files
  *   datasets/logo/    8 images of one synthetic logo (a yellow star in a blue ring) at different positions, scales
  *                     and backgrounds, no captions (textual inversion uses prompt templates)
+ * and, from the toy world (src/data/toy-world.ts, 32x32) for the toy base checkpoints/toy-sd:
+ *   datasets/hearts/  8 hearts, 2 in each base colour, captioned "a red heart ..." (the LoRA demo: the base never saw one)
+ *   datasets/toy-logo/ 8 blue triangles, captioned "a <my-logo> ..." (textual inversion of configs/logo.yaml)
  */
 import { mkdir, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { writePng } from '../src/io/png.js';
+import { type ToyWorldOptions, toyWorldStream } from '../src/data/toy-world.js';
 import { TorchGenerator } from '../src/runtime/rng.js';
 
 type RGB = [number, number, number];
@@ -161,8 +165,25 @@ async function main(): Promise<void> {
     const paint = logo(cx, cy, r, uni(g, -0.3, 0.3), bgf(g));
     await writePng(path.join(ROOT, 'logo', `logo_${String(i).padStart(2, '0')}.png`), render(64, 64, paint), 64, 64);
   }
+  // toy world folders: `parts` draws of `per` images each (one colour per part)
+  const toy = async (sub: string, parts: ToyWorldOptions[], per: number) => {
+    await rm(path.join(ROOT, sub), { recursive: true, force: true });
+    await mkdir(path.join(ROOT, sub), { recursive: true });
+    let i = 0;
+    for (const [k, opts] of parts.entries()) {
+      const items = toyWorldStream({ seed: 100 + k, ...opts });
+      for (let j = 0; j < per; j++, i++) {
+        const it = items.next().value;
+        const name = String(i).padStart(2, '0');
+        await writePng(path.join(ROOT, sub, `${name}.png`), it.pixels, it.width, it.height);
+        await writeFile(path.join(ROOT, sub, `${name}.txt`), `${it.caption}\n`);
+      }
+    }
+  };
+  await toy('hearts', ['red', 'green', 'blue', 'yellow'].map((c) => ({ shapes: ['heart'], colours: [c] })), 2);
+  await toy('toy-logo', [{ shapes: ['triangle'], colours: ['blue'], word: '<my-logo>' }], 8);
   let total = 0, files = 0;
-  for (const sub of ['shapes', 'logo']) {
+  for (const sub of ['shapes', 'logo', 'hearts', 'toy-logo']) {
     for (const f of await readdir(path.join(ROOT, sub))) {
       total += (await stat(path.join(ROOT, sub, f))).size;
       files++;

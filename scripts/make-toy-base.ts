@@ -141,10 +141,17 @@ export async function makeToyBase(opts: ToyBaseOptions = {}): Promise<ToyBaseRes
     // 1. the random model and the two worlds
     let t = performance.now();
     const random = path.join(work, 'random');
+    // a given --work folder is reused: its worlds and a finished VAE are kept, an interrupted UNet run resumes
+    const done = path.join(work, 'worlds.done');
+    const reuse = Boolean(o.work) && existsSync(done) && (await readFile(done, 'utf8')) === worldKey(o);
     const made = await makeToyModel(random, { precision: 'fp32', overwrite: true });
     const vaeWorld = path.join(work, 'world-vae'), unetWorld = path.join(work, 'world-base');
-    await writeToyWorld(vaeWorld, o.vaeImages, { seed: o.seed + 1, include: ['purple', 'heart'], overwrite: true, quiet: o.quiet });
-    await writeToyWorld(unetWorld, o.unetImages, { seed: o.seed + 2, overwrite: true, quiet: o.quiet });
+    if (reuse) log(`[make-toy-base] reusing the worlds in ${work}`);
+    else {
+      await writeToyWorld(vaeWorld, o.vaeImages, { seed: o.seed + 1, include: ['purple', 'heart'], overwrite: true, quiet: o.quiet });
+      await writeToyWorld(unetWorld, o.unetImages, { seed: o.seed + 2, overwrite: true, quiet: o.quiet });
+      await writeFile(done, worldKey(o));
+    }
     const worldSeconds = since(t);
     log(`[make-toy-base] random model (${Object.entries(made.params).map(([k, n]) => `${k} ${n.toLocaleString('en-US')}`).join(', ')} params) and worlds (${o.vaeImages} superset images for the VAE, ${o.unetImages} base images for the UNet): ${fmtTime(worldSeconds)}`);
 
@@ -158,12 +165,22 @@ export async function makeToyBase(opts: ToyBaseOptions = {}): Promise<ToyBaseRes
       'train.max_steps': o.vaeSteps,
       'train.seed': o.seed,
       'vae.scaling_images': o.scalingImages,
+      'output.save_every': 100,
       'output.dir': vaeRun,
       'output.name': 'model',
     });
-    const vaeR = await train('vae', vaeCfg, trainOpts);
-    const vaeSeconds = since(t);
     const withVae = path.join(vaeRun, 'model');
+    const vaeDone = path.join(vaeRun, 'vae.done');
+    let vaeR: { steps: number; losses: number[] };
+    if (o.work && existsSync(vaeDone)) {
+      vaeR = JSON.parse(await readFile(vaeDone, 'utf8')) as typeof vaeR;
+      log(`[make-toy-base] reusing the trained VAE in ${withVae}`);
+    } else {
+      const r = await train('vae', vaeCfg, { ...trainOpts, ...resumeFrom(vaeRun) });
+      vaeR = { steps: r.steps, losses: r.losses };
+      await writeFile(vaeDone, JSON.stringify(vaeR));
+    }
+    const vaeSeconds = since(t);
     const scalingFactor = JSON.parse(await readFile(path.join(withVae, 'vae', 'config.json'), 'utf8')).scaling_factor as number;
     log(`[make-toy-base] VAE: ${vaeR.steps} steps, loss ${vaeR.losses[0]?.toFixed(4)} -> ${vaeR.losses.at(-1)?.toFixed(4)}, scaling_factor ${scalingFactor.toFixed(4)}: ${fmtTime(vaeSeconds)}`);
 
@@ -181,10 +198,11 @@ export async function makeToyBase(opts: ToyBaseOptions = {}): Promise<ToyBaseRes
       'train.lr_warmup_steps': Math.min(o.warmup, o.unetSteps),
       'train.max_grad_norm': 1,
       'train.seed': o.seed,
+      'output.save_every': 100,
       'output.dir': unetRun,
       'output.name': 'model',
     });
-    const unetR = await train('finetune', unetCfg, trainOpts);
+    const unetR = await train('finetune', unetCfg, { ...trainOpts, ...resumeFrom(unetRun) });
     const unetSeconds = since(t);
     log(`[make-toy-base] UNet: ${unetR.steps} steps, loss ${unetR.losses[0]?.toFixed(4)} -> ${unetR.losses.at(-1)?.toFixed(4)}: ${fmtTime(unetSeconds)}`);
 
@@ -239,6 +257,14 @@ export async function makeToyBase(opts: ToyBaseOptions = {}): Promise<ToyBaseRes
   } finally {
     if (!o.keepWork && !o.work) await rm(work, { recursive: true, force: true });
   }
+}
+
+/** What the worlds were made from: a reused --work folder must have been made with the same. */
+const worldKey = (o: ToyBaseOptions & typeof TOY_BASE_DEFAULTS) => JSON.stringify({ seed: o.seed, vae: o.vaeImages, unet: o.unetImages });
+
+/** Resume a run folder that has checkpoints (an interrupted build), else start it. */
+function resumeFrom(runDir: string): { resume?: string } {
+  return existsSync(path.join(runDir, 'checkpoints')) ? { resume: runDir } : {};
 }
 
 /** The model card (README.md of the bundled folder). */

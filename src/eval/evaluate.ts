@@ -20,6 +20,7 @@ import { progress } from '../runtime/progress.js';
 import { SAMPLER_LABELS, resolveSampler } from '../schedulers/index.js';
 import { generate, toUint8 } from '../infer/pipeline.js';
 import { type SampleEmbedding, type SampleLora, applyAdapters } from '../infer/sample.js';
+import type { ContextAdapter } from '../models/layers.js';
 import { judgeToyImage } from './judges.js';
 
 export interface EvaluateOptions {
@@ -198,6 +199,78 @@ export function contactSheet(images: Uint8Array[][], correct: boolean[][]): { da
   return { data, width, height };
 }
 
+/** Options of judgePrompts: what evaluateModel passes, and the training loop (its current weights' context). */
+export interface JudgeOptions {
+  seeds: number;
+  seed: number;
+  cfg: number;
+  steps: number;
+  sampler: ReturnType<typeof resolveSampler>;
+  negativePrompt?: string;
+  /** the prompt as sampled (trigger words of embeddings; default: unchanged) */
+  rewrite?: (prompt: string) => string;
+  /** extra UNet context (a hypernetwork being trained) */
+  context?: ContextAdapter;
+  quiet?: boolean;
+  label?: string;
+}
+
+/**
+ * Sample every prompt with `seeds` seeds on a loaded toy-world model (adapters already applied) and judge each
+ * image: the core of evaluateModel, also run by the training loop on its current weights (output.eval_*).
+ */
+export async function judgePrompts(m: LoadedModel, prompts: readonly EvalPrompt[], o: JudgeOptions): Promise<EvalResult> {
+  assertToyModel(m);
+  const rewrite = o.rewrite ?? ((p: string) => p);
+  const { steps, cfg, sampler } = o;
+  const seed0 = o.seed, nSeeds = o.seeds;
+    const seeds = Array.from({ length: nSeeds }, (_, i) => seed0 + i);
+  const bar = o.quiet ? undefined : progress({ total: prompts.length * steps, label: o.label ?? 'eval', logEvery: Math.max(1, Math.ceil((prompts.length * steps) / 10)), logSeconds: 10 });
+  const rows: EvalPromptRow[] = [];
+  const images: Uint8Array[][] = [];
+  for (const p of prompts) {
+    // one batch per prompt: image i uses its own generator seeded seed0 + i, the same as sampling it alone
+    const r = await generate(m, { prompt: rewrite(p.prompt), negativePrompt: rewrite(o.negativePrompt ?? ''), sampler, steps, cfg, seed: seed0, batchSize: nSeeds, context: o.context, onStep: () => bar?.tick(1) });
+    const row = r.images.map(toUint8);
+    images.push(row);
+    const samples = row.map((img, k): EvalSample => {
+      const v = judgeToyImage({ data: img, width: TOY_SIZE, height: TOY_SIZE });
+      const colour = v.colour.colour, shape = v.shape.shape;
+      const correct = (!p.expected.colour || colour === p.expected.colour) && (!p.expected.shape || shape === p.expected.shape);
+      return { seed: r.seeds[k]!, colour, shape, correct };
+    });
+    const correct = samples.filter((s) => s.correct).length;
+    rows.push({
+      prompt: p.prompt,
+      expected: p.expected,
+      samples,
+      correct,
+      total: samples.length,
+      accuracy: correct / samples.length,
+      colourCorrect: p.expected.colour ? samples.filter((s) => s.colour === p.expected.colour).length : 0,
+      shapeCorrect: p.expected.shape ? samples.filter((s) => s.shape === p.expected.shape).length : 0,
+    });
+  }
+  bar?.done();
+  const total = rows.reduce((n, r) => n + r.total, 0);
+  const correct = rows.reduce((n, r) => n + r.correct, 0);
+  const share = (key: 'colour' | 'shape') => {
+    const judged = rows.filter((r) => r.expected[key]);
+    const n = judged.reduce((a, r) => a + r.total, 0);
+    return n ? judged.reduce((a, r) => a + (key === 'colour' ? r.colourCorrect : r.shapeCorrect), 0) / n : null;
+  };
+  const report: EvalReport = {
+    model: m.path,
+    sampler: SAMPLER_LABELS[sampler],
+    steps,
+    cfg,
+    seeds,
+    prompts: rows,
+    overall: { correct, total, accuracy: correct / total, colourAccuracy: share('colour'), shapeAccuracy: share('shape') },
+  };
+  return { report, images };
+}
+
 /** Sample, judge and report (see the module comment). */
 export async function evaluateModel(o: EvaluateOptions): Promise<EvalResult> {
   const prompts = evalPrompts(o.prompts, o.grid);
@@ -219,51 +292,9 @@ export async function evaluateModel(o: EvaluateOptions): Promise<EvalResult> {
   try {
     assertToyModel(m);
     const { rewrite } = await applyAdapters(m, { lora: o.lora, embedding: o.embedding, prompt: '', prompts: prompts.map((p) => p.prompt), negativePrompt: o.negativePrompt, log: o.log }, restores);
-    const seeds = Array.from({ length: nSeeds }, (_, i) => seed0 + i);
-    const bar = o.quiet ? undefined : progress({ total: prompts.length * steps, label: 'eval', logEvery: Math.max(1, Math.ceil((prompts.length * steps) / 10)), logSeconds: 10 });
-    const rows: EvalPromptRow[] = [];
-    const images: Uint8Array[][] = [];
-    for (const p of prompts) {
-      // one batch per prompt: image i uses its own generator seeded seed0 + i, the same as sampling it alone
-      const r = await generate(m, { prompt: rewrite(p.prompt), negativePrompt: rewrite(o.negativePrompt ?? ''), sampler, steps, cfg, seed: seed0, batchSize: nSeeds, onStep: () => bar?.tick(1) });
-      const row = r.images.map(toUint8);
-      images.push(row);
-      const samples = row.map((img, k): EvalSample => {
-        const v = judgeToyImage({ data: img, width: TOY_SIZE, height: TOY_SIZE });
-        const colour = v.colour.colour, shape = v.shape.shape;
-        const correct = (!p.expected.colour || colour === p.expected.colour) && (!p.expected.shape || shape === p.expected.shape);
-        return { seed: r.seeds[k]!, colour, shape, correct };
-      });
-      const correct = samples.filter((s) => s.correct).length;
-      rows.push({
-        prompt: p.prompt,
-        expected: p.expected,
-        samples,
-        correct,
-        total: samples.length,
-        accuracy: correct / samples.length,
-        colourCorrect: p.expected.colour ? samples.filter((s) => s.colour === p.expected.colour).length : 0,
-        shapeCorrect: p.expected.shape ? samples.filter((s) => s.shape === p.expected.shape).length : 0,
-      });
-    }
-    bar?.done();
-    const total = rows.reduce((n, r) => n + r.total, 0);
-    const correct = rows.reduce((n, r) => n + r.correct, 0);
-    const share = (key: 'colour' | 'shape') => {
-      const judged = rows.filter((r) => r.expected[key]);
-      const n = judged.reduce((a, r) => a + r.total, 0);
-      return n ? judged.reduce((a, r) => a + (key === 'colour' ? r.colourCorrect : r.shapeCorrect), 0) / n : null;
-    };
-    const report: EvalReport = {
-      model: m.path,
-      sampler: SAMPLER_LABELS[sampler],
-      steps,
-      cfg,
-      seeds,
-      prompts: rows,
-      overall: { correct, total, accuracy: correct / total, colourAccuracy: share('colour'), shapeAccuracy: share('shape') },
-      ...(files && { files }),
-    };
+    const { report: r0, images } = await judgePrompts(m, prompts, { seeds: nSeeds, seed: seed0, cfg, steps, sampler, negativePrompt: o.negativePrompt, rewrite, quiet: o.quiet });
+    const report: EvalReport = { ...r0, ...(files && { files }) };
+    const rows = report.prompts;
     if (files) {
       await mkdir(o.out!, { recursive: true });
       const sheet = contactSheet(images, rows.map((r) => r.samples.map((s) => s.correct)));

@@ -103,6 +103,12 @@ const OUTPUT = z.object({
   sample_seed: int(0, { max: Number.MAX_SAFE_INTEGER }).default(42),
   sample_steps: int(1).default(20),
   sample_sampler: orNull(str()), // canonical sampler name; null = the model's scheduler
+  eval_prompts: strs().default([]), // toy-world models: prompts the judges score ("a red heart", or "a sks => purple heart") before the first step, every eval_every steps and after the last
+  eval_grid: orNull(str()), // ... or a grid of them: "colours x shapes", "red,blue x heart" (sdtune eval --grid)
+  eval_every: orNull(int(1)), // judge every N steps too (TensorBoard eval/accuracy); null = before and after only
+  eval_seeds: int(1, { max: 1024 }).default(4), // seeds per prompt
+  eval_cfg: num(1).default(3),
+  eval_steps: int(1).default(20), // DDIM steps
   log_dir: orNull(str()), // the TensorBoard events folder of this run; default <logging_dir>/<name>, else <dir>/logs
   logging_dir: orNull(str()), // kohya logging_dir: a folder of TensorBoard runs, each in <logging_dir>/<name>
   also_diffusers_format: bool().default(false), // additionally write PEFT / diffusers-format files
@@ -501,6 +507,9 @@ function crossCheck(c: TrainConfig, m: MethodEntry, origin: Origin): void {
   if (d.resolution) checkBucketRange(d.resolution, b, at(origin, 'data.resolution'));
   if (o.sample_every !== null && o.sample_prompts.length === 0) {
     fail('output.sample_every', 'output.sample_every is set but output.sample_prompts is empty (list the prompts to sample)');
+  }
+  if (o.eval_every !== null && o.eval_prompts.length === 0 && o.eval_grid === null) {
+    fail('output.eval_every', 'output.eval_every is set but there is nothing to judge (set output.eval_prompts or output.eval_grid)');
   }
   if (o.sample_sampler !== null) {
     try {

@@ -27,6 +27,7 @@ import { progress } from '../runtime/progress.js';
 import { type GeneratorState, TorchGenerator, randnNHWC } from '../runtime/rng.js';
 import { type Schedule, samplerFromConfig, scheduleFromConfig } from '../schedulers/index.js';
 import { vaeScaleFactor } from '../models/configs.js';
+import { type TrainEval, evalAtStep, formatBeforeAfter, trainEvalPrompts, writeBeforeAfter } from './eval.js';
 import { type Method, type ModelResolvedConfig, type TrainConfig, describeSteps, dumpConfig, resolutionWarning, withModelDefaults } from './config.js';
 import { latentCacheFor, latentEncoder, loaderOptions } from './data-options.js';
 import { checkpointName, loadCheckpoint, resolveResume, saveCheckpoint } from './checkpoint.js';
@@ -74,6 +75,8 @@ export interface TrainResult {
   files: string[];
   checkpoint: string;
   stopped: 'done' | 'interrupted';
+  /** the judges' verdicts of this run (output.eval_*): before its first step, every eval_every steps, after the last */
+  evals?: TrainEval[];
 }
 
 /**
@@ -147,6 +150,9 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
     if (diffusion && pred !== 'epsilon' && pred !== 'v_prediction') throw new SdtuneError('unsupported', `prediction type ${pred}`);
     const schedule: Schedule = scheduleFromConfig(model.schedulerConfig);
     if (diffusion) assertTrainingFits(model, c.data.resolution, c.train.batch_size, c.train.gradient_checkpointing); // before any data is read
+    // the judges' prompts (toy-world models only), checked before any data is read
+    const judged = diffusion ? trainEvalPrompts(c, model) : null;
+    if (!diffusion && (c.output.eval_prompts.length || c.output.eval_grid !== null)) throw usageError(`output.eval_prompts: ${method} training does not sample images, so there is nothing to judge`);
     // 1. the method's recipe (registry.ts), then the data
     const gen = new TorchGenerator(c.train.seed);
     const recipe = await entry.create(model, c, gen, { log, quiet: o.quiet ?? false, stopRequested });
@@ -363,6 +369,14 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
       }
     };
 
+    /** The judges on the exported weights (output.eval_*): TensorBoard eval/accuracy and <output>/eval/. */
+    const evals: TrainEval[] = [];
+    const judgeNow = async () => {
+      if (!judged) return;
+      evals.push(await withExportWeights(() => evalAtStep(model, recipe, c, judged, step, tb!, { quiet: o.quiet, log })));
+    };
+    await judgeNow(); // before the first step (of this run)
+
     // 4. the loop
     while (step < total) {
       const before = stateNow();
@@ -414,6 +428,7 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
       bar?.tick(1, { loss: lossEma.toFixed(4), lr: lr.toExponential(2) });
       o.onStep?.(step, loss);
       if (c.output.sample_every && step % c.output.sample_every === 0 && step < total) await sampleInterruptibly();
+      if (c.output.eval_every && step % c.output.eval_every === 0 && step < total) await judgeNow();
       if (stopRequested()) return await stop(false);
       if (c.output.save_every && step % c.output.save_every === 0 && step < total) {
         checkpoint = await save();
@@ -426,8 +441,13 @@ async function trainLocked(method: Method, config: TrainConfig, o: TrainOptions,
     checkpoint = await save();
     files.push(...(await exportAs(c.output.name)));
     if (c.output.sample_every || c.output.sample_prompts.length) await sampleInterruptibly();
+    if (judged && evals.at(-1)?.step !== step) await judgeNow();
+    if (evals.length >= 2) {
+      const sheet = await writeBeforeAfter(c, evals[0]!, evals.at(-1)!);
+      log(`judged before and after (${sheet}):\n${formatBeforeAfter(evals[0]!, evals.at(-1)!)}`);
+    }
     log(`done: ${step} steps; wrote ${files.join(', ')}`);
-    return { steps: step, losses, files, checkpoint, stopped: 'done' };
+    return { steps: step, losses, files, checkpoint, stopped: 'done', evals };
   } finally {
     await tb?.close();
     for (const f of cleanups.reverse()) f();
