@@ -8,6 +8,7 @@
  * and, from the toy world (src/data/toy-world.ts, 32x32) for the toy base checkpoints/toy-sd:
  *   datasets/hearts/  8 hearts, 2 in each base colour, captioned "a red heart ..." (the LoRA demo: the base never saw one)
  *   datasets/toy-logo/ 8 blue triangles, captioned "a <my-logo> ..." (textual inversion of configs/logo.yaml)
+ *   datasets/sks-star/ 8 purple stars, captioned "a sks star ..." (DreamBooth of configs/dreambooth.yaml: purple is held out)
  */
 import { mkdir, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
@@ -166,7 +167,7 @@ async function main(): Promise<void> {
     await writePng(path.join(ROOT, 'logo', `logo_${String(i).padStart(2, '0')}.png`), render(64, 64, paint), 64, 64);
   }
   // toy world folders: `parts` draws of `per` images each (one colour per part)
-  const toy = async (sub: string, parts: ToyWorldOptions[], per: number) => {
+  const toy = async (sub: string, parts: ToyWorldOptions[], per: number, caption = (c: string) => c) => {
     await rm(path.join(ROOT, sub), { recursive: true, force: true });
     await mkdir(path.join(ROOT, sub), { recursive: true });
     let i = 0;
@@ -176,14 +177,15 @@ async function main(): Promise<void> {
         const it = items.next().value;
         const name = String(i).padStart(2, '0');
         await writePng(path.join(ROOT, sub, `${name}.png`), it.pixels, it.width, it.height);
-        await writeFile(path.join(ROOT, sub, `${name}.txt`), `${it.caption}\n`);
+        await writeFile(path.join(ROOT, sub, `${name}.txt`), `${caption(it.caption)}\n`);
       }
     }
   };
   await toy('hearts', ['red', 'green', 'blue', 'yellow'].map((c) => ({ shapes: ['heart'], colours: [c] })), 2);
   await toy('toy-logo', [{ shapes: ['triangle'], colours: ['blue'], word: '<my-logo>' }], 8);
+  await toy('sks-star', [{ shapes: ['star'], colours: ['purple'], word: 'sks' }], 8, (c) => c.replace(/\bsks\b/, 'sks star'));
   let total = 0, files = 0;
-  for (const sub of ['shapes', 'logo', 'hearts', 'toy-logo']) {
+  for (const sub of ['shapes', 'logo', 'hearts', 'toy-logo', 'sks-star']) {
     for (const f of await readdir(path.join(ROOT, sub))) {
       total += (await stat(path.join(ROOT, sub, f))).size;
       files++;

@@ -171,16 +171,17 @@ export async function makeToyBase(opts: ToyBaseOptions = {}): Promise<ToyBaseRes
     });
     const withVae = path.join(vaeRun, 'model');
     const vaeDone = path.join(vaeRun, 'vae.done');
-    let vaeR: { steps: number; losses: number[] };
+    // a reused VAE keeps the seconds and losses of the run that trained it
+    let vaeR: { steps: number; losses: number[]; seconds: number };
     if (o.work && existsSync(vaeDone)) {
       vaeR = JSON.parse(await readFile(vaeDone, 'utf8')) as typeof vaeR;
       log(`[make-toy-base] reusing the trained VAE in ${withVae}`);
     } else {
       const r = await train('vae', vaeCfg, { ...trainOpts, ...resumeFrom(vaeRun) });
-      vaeR = { steps: r.steps, losses: r.losses };
+      vaeR = { steps: r.steps, losses: r.losses, seconds: since(t) };
       await writeFile(vaeDone, JSON.stringify(vaeR));
     }
-    const vaeSeconds = since(t);
+    const vaeSeconds = vaeR.seconds;
     const scalingFactor = JSON.parse(await readFile(path.join(withVae, 'vae', 'config.json'), 'utf8')).scaling_factor as number;
     log(`[make-toy-base] VAE: ${vaeR.steps} steps, loss ${vaeR.losses[0]?.toFixed(4)} -> ${vaeR.losses.at(-1)?.toFixed(4)}, scaling_factor ${scalingFactor.toFixed(4)}: ${fmtTime(vaeSeconds)}`);
 

@@ -221,11 +221,23 @@ function suggest(idx: KeyIndex, key: string, method: Method): string | undefined
 // ---- values ----
 
 /** Command-line values arrive as strings: read them as YAML scalars (1e-4, true, null, [512, 768]) where the key
- *  is not a string; "768x512" / "768,512" are sizes; "1, 2, 1" is a list of numbers; a single prompt is a list of one. */
+ *  is not a string; "768x512" / "768,512" are sizes; "1, 2, 1" is a list of numbers; a single prompt is a list of one,
+ *  "[]" an empty list and "[a, b]" a list. */
 function coerceFlag(s: z.ZodType, v: unknown): unknown {
   if (typeof v !== 'string') return v;
   const t = leafKind(s);
-  if (t === 'strs') return [v];
+  if (t === 'strs') {
+    // a YAML flow list ("[]" clears the list, "[a red star, a blue circle]"), else one item
+    if (/^\s*\[[\s\S]*\]\s*$/.test(v)) {
+      try {
+        const l = YAML.parse(v) as unknown;
+        if (Array.isArray(l) && l.every((x) => typeof x === 'string')) return l;
+      } catch {
+        // not a list: one item
+      }
+    }
+    return [v];
+  }
   if (t === 'nums' && /^[\d.eE+\-\s]+(,[\d.eE+\-\s]+)*$/.test(v)) return v.split(',').map((p) => Number(p.trim())); // "1, 2, 1" as A1111's field
   if (t === 'size' && /^\d+\s*[x,]\s*\d+$/.test(v.trim())) return v.split(/[x,]/).map((p) => Number(p.trim()));
   if (t === 'str') return v;

@@ -44,7 +44,7 @@ describe('training commands', () => {
     const lora = path.join(out, 'style.safetensors');
     expect(existsSync(lora)).toBe(true);
     expect(existsSync(path.join(out, 'config.resolved.yaml'))).toBe(true);
-    const s = sdtune('sample', '--model', 'checkpoints/tiny-sd-v1', '--prompt', 'a red circle, outlined style', '--lora', `${lora}:0.7`, '--steps', '3', '--seed', '1', '--out', path.join(tmp, 'lora.png'));
+    const s = sdtune('sample', '--model', 'checkpoints/toy-sd', '--prompt', 'a red circle, outlined style', '--lora', `${lora}:0.7`, '--steps', '3', '--seed', '1', '--out', path.join(tmp, 'lora.png'));
     expect(s.code, s.err).toBe(0);
     expect(existsSync(path.join(tmp, 'lora.png'))).toBe(true);
   });

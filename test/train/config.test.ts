@@ -54,7 +54,7 @@ describe('defaults', () => {
     expect(c.output).toEqual({
       dir: 'output/lora', name: 'lora', save_every: null, keep_last: 3, save_precision: 'fp16', sample_every: null,
       sample_prompts: [], sample_seed: 42, sample_steps: 20, sample_sampler: null, log_dir: 'output/lora/logs', logging_dir: null, save_as: 'diffusers', export_ema: true, ema_only: false,
-      also_diffusers_format: false,
+      also_diffusers_format: false, eval_prompts: [], eval_grid: null, eval_every: null, eval_seeds: 4, eval_cfg: 3, eval_steps: 20,
     });
     expect(c.data.cache_dir).toBe('output/lora');
   });
@@ -236,6 +236,10 @@ describe('overrides', () => {
     expect(c.data.resolution).toEqual([768, 512]);
     expect(c.data.buckets.enabled).toBe(true);
     expect(c.output.sample_prompts).toEqual(['a dog']);
+    // a flow list from the command line is a list ("[]" clears one); anything else is one item
+    expect(resolveConfig('lora', null, { model: 'm', data: 'd', 'output.eval_prompts': '[a red star, a sks => blue circle]' }).output.eval_prompts).toEqual(['a red star', 'a sks => blue circle']);
+    expect(resolveConfig('lora', `${BASE}output:\n  eval_prompts: [a red star]\n`, { 'output.eval_prompts': '[]' }).output.eval_prompts).toEqual([]);
+    expect(resolveConfig('lora', null, { model: 'm', data: 'd', 'output.sample_prompts': '[a dog' }).output.sample_prompts).toEqual(['[a dog']);
     expect(c.lora).toMatchObject({ text_encoder: true, alpha: 8 });
     expect(c.model.prediction_type).toBeNull();
     expect(resolveConfig('lora', null, { model: 'm', data: 'd', resolution: [640, 448] }).data.resolution).toEqual([640, 448]);
