@@ -3,12 +3,12 @@
  *   1. the toy model with random weights (src/data/toy-model.ts) and the toy world written as two captioned folders:
  *      the superset palette (purple and hearts in) for the VAE, the base world (no purple, heart or "sks") for the UNet
  *   2. the VAE (method vae: pixel MSE + 1e-6 KL, Adam 1e-3, batch 32), then its scaling_factor = 1 / std of the latents
- *   3. the UNet from random init (method finetune: AdamW 1e-3, 100 warmup steps, batch 64, grad clip 1, 10% caption
- *      dropout) with the frozen random text encoder
+ *   3. the UNet from random init (method finetune: AdamW 1e-3, 100 warmup steps, constant, then a half cosine to 0 over
+ *      the last 400 steps, batch 64, grad clip 1, 10% caption dropout) with the frozen random text encoder
  *   4. the judges (sdtune eval: 16 prompts x N seeds, DDIM 20) at each CFG, on the files as bundled
  *   5. the diffusers folder (fp16 by default) with a model card README.md and eval.json, written atomically
  *
- *   npm run make-toy-base -- [--out checkpoints/toy-sd] [--vae-steps 1000] [--unet-steps 1400] [--threads N] ...
+ *   npm run make-toy-base -- [--out checkpoints/toy-sd] [--vae-steps 400] [--unet-steps 1800] [--threads N] ...
  *
  * It prints the training loop's progress bars and how long each part took. A quick run of the machinery:
  *   npm run make-toy-base -- --vae-steps 3 --unet-steps 3 --out /tmp/toy-sd --eval-seeds 1 --eval-steps 4
@@ -44,6 +44,8 @@ export interface ToyBaseOptions {
   scalingImages?: number;
   /** warmup steps of the UNet (capped at its steps) */
   warmup?: number;
+  /** the UNet's last steps, over which its lr falls to 0 (warmup_stable_decay; 0 = constant to the end) */
+  unetDecaySteps?: number;
   seed?: number;
   precision?: 'fp16' | 'fp32';
   /** CFG scales the judges run at; seeds per prompt; DDIM steps */
@@ -59,8 +61,9 @@ export interface ToyBaseOptions {
 }
 
 export const TOY_BASE_DEFAULTS = {
-  vaeSteps: 1000,
-  unetSteps: 1400,
+  vaeSteps: 400,
+  unetSteps: 1800,
+  unetDecaySteps: 400,
   vaeBatch: 32,
   unetBatch: 64,
   vaeImages: 20_000,
@@ -195,8 +198,10 @@ export async function makeToyBase(opts: ToyBaseOptions = {}): Promise<ToyBaseRes
       'train.batch_size': o.unetBatch,
       'train.max_steps': o.unetSteps,
       'train.lr': 1e-3,
-      'train.lr_scheduler': 'constant_with_warmup',
+      // constant after the warmup, then (unetDecaySteps > 0) a half cosine to 0 over the last unetDecaySteps
+      'train.lr_scheduler': o.unetDecaySteps > 0 ? 'warmup_stable_decay' : 'constant_with_warmup',
       'train.lr_warmup_steps': Math.min(o.warmup, o.unetSteps),
+      ...(o.unetDecaySteps > 0 && { 'train.lr_decay_steps': Math.min(o.unetDecaySteps, o.unetSteps - Math.min(o.warmup, o.unetSteps)) }),
       'train.max_grad_norm': 1,
       'train.seed': o.seed,
       'output.save_every': 100,
@@ -204,7 +209,8 @@ export async function makeToyBase(opts: ToyBaseOptions = {}): Promise<ToyBaseRes
       'output.name': 'model',
     });
     const unetR = await train('finetune', unetCfg, { ...trainOpts, ...resumeFrom(unetRun) });
-    const unetSeconds = since(t);
+    // a run resumed from an interrupted build: its steps' time from the TensorBoard log, the earlier process's included
+    const unetSeconds = (await loggedStepSeconds(path.join(unetRun, 'logs'), unetR.steps)) ?? since(t);
     log(`[make-toy-base] UNet: ${unetR.steps} steps, loss ${unetR.losses[0]?.toFixed(4)} -> ${unetR.losses.at(-1)?.toFixed(4)}: ${fmtTime(unetSeconds)}`);
 
     // 4. the bundled files (staged next to `out`), judged as bundled
@@ -260,6 +266,23 @@ export async function makeToyBase(opts: ToyBaseOptions = {}): Promise<ToyBaseRes
   }
 }
 
+/** The sum of the logged step_seconds of steps 1..last (the last value logged for each step: a resumed run replaces
+ *  the steps after its checkpoint), or null when a step is missing. */
+async function loggedStepSeconds(logDir: string, last: number): Promise<number | null> {
+  const { readEventFile } = await import('../src/io/tensorboard.js');
+  const per = new Map<number, number>();
+  for (const f of (await readdir(logDir)).filter((f) => f.startsWith('events.out.tfevents')).sort()) {
+    for (const e of await readEventFile(path.join(logDir, f))) for (const v of e.values ?? []) if (v.tag === 'step_seconds' && v.simpleValue !== undefined) per.set(e.step, v.simpleValue);
+  }
+  let total = 0;
+  for (let s = 1; s <= last; s++) {
+    const v = per.get(s);
+    if (v === undefined) return null;
+    total += v;
+  }
+  return total;
+}
+
 /** What the worlds were made from: a reused --work folder must have been made with the same. */
 const worldKey = (o: ToyBaseOptions & typeof TOY_BASE_DEFAULTS) => JSON.stringify({ seed: o.seed, vae: o.vaeImages, unet: o.unetImages });
 
@@ -274,7 +297,7 @@ function modelCard(o: typeof TOY_BASE_DEFAULTS & ToyBaseOptions, r: Omit<ToyBase
   const total = p.unet + p.vae + p.text_encoder;
   const rows = r.evals.map((e) => `| ${e.cfg} | ${e.correct}/${e.total} | **${pct(e.accuracy)}** | ${pct(e.colourAccuracy)} | ${pct(e.shapeAccuracy)} |`);
   const args = [
-    `--vae-steps ${r.steps.vae}`, `--unet-steps ${r.steps.unet}`, `--vae-batch ${o.vaeBatch}`, `--unet-batch ${o.unetBatch}`,
+    `--vae-steps ${r.steps.vae}`, `--unet-steps ${r.steps.unet}`, `--unet-decay-steps ${o.unetDecaySteps}`, `--vae-batch ${o.vaeBatch}`, `--unet-batch ${o.unetBatch}`,
     `--vae-images ${o.vaeImages}`, `--unet-images ${o.unetImages}`, `--scaling-images ${o.scalingImages}`, `--warmup ${o.warmup}`, `--seed ${o.seed}`, `--precision ${o.precision}`,
     `--cfg ${r.evals.map((e) => e.cfg).join(',')}`, `--eval-seeds ${o.evalSeeds}`, `--eval-steps ${o.evalSteps}`,
   ].join(' ');
@@ -307,7 +330,7 @@ Tokenizer: CLIP byte-level BPE built by the project (every world word one token)
 |---|---|---|---|
 | worlds | ${o.vaeImages} superset images (VAE), ${o.unetImages} base images (UNet) | | ${fmtTime(r.seconds.world)} |
 | VAE (\`method: vae\`) | MSE + 1e-6 x KL (summed per sample), Adam lr 1e-3, batch ${o.vaeBatch}; scaling_factor = 1 / std of the latents of ${o.scalingImages} training images | ${r.steps.vae} | ${fmtTime(r.seconds.vae)} |
-| UNet (\`method: finetune\`, from random init) | epsilon, AdamW lr 1e-3 (decay 1e-2), ${Math.min(o.warmup, r.steps.unet)} warmup steps, grad clip 1, batch ${o.unetBatch}, 10% caption dropout, latents cached as distributions and sampled each step | ${r.steps.unet} | ${fmtTime(r.seconds.unet)} |
+| UNet (\`method: finetune\`, from random init) | epsilon, AdamW lr 1e-3 (decay 1e-2), ${Math.min(o.warmup, r.steps.unet)} warmup steps${o.unetDecaySteps > 0 ? `, constant, then a half cosine to 0 over the last ${o.unetDecaySteps} steps (warmup_stable_decay)` : ', then constant'}, grad clip 1, batch ${o.unetBatch}, 10% caption dropout, latents cached as distributions and sampled each step | ${r.steps.unet} | ${fmtTime(r.seconds.unet)} |
 | judges | ${r.evals.length} CFG scales x 16 prompts x ${o.evalSeeds} seeds, DDIM ${o.evalSteps} | | ${fmtTime(r.seconds.eval)} |
 
 Total ${fmtTime(r.seconds.total)} on ${r.backend.replace(/^backend: /, '')}.
@@ -334,7 +357,7 @@ function parseCli(argv: string[]): ToyBaseOptions {
     args: argv,
     options: {
       out: { type: 'string' }, work: { type: 'string' }, 'keep-work': { type: 'boolean' }, overwrite: { type: 'boolean' },
-      'vae-steps': { type: 'string' }, 'unet-steps': { type: 'string' }, 'vae-batch': { type: 'string' }, 'unet-batch': { type: 'string' },
+      'vae-steps': { type: 'string' }, 'unet-steps': { type: 'string' }, 'unet-decay-steps': { type: 'string' }, 'vae-batch': { type: 'string' }, 'unet-batch': { type: 'string' },
       'vae-images': { type: 'string' }, 'unet-images': { type: 'string' }, 'scaling-images': { type: 'string' }, warmup: { type: 'string' },
       seed: { type: 'string' }, precision: { type: 'string' }, cfg: { type: 'string' }, 'eval-seeds': { type: 'string' }, 'eval-steps': { type: 'string' },
       backend: { type: 'string' }, threads: { type: 'string' }, quiet: { type: 'boolean' }, help: { type: 'boolean', short: 'h' },
@@ -343,7 +366,7 @@ function parseCli(argv: string[]): ToyBaseOptions {
   });
   if (values.help) {
     process.stdout.write(
-      'npm run make-toy-base -- [--out DIR] [--overwrite] [--vae-steps N] [--unet-steps N] [--vae-batch N] [--unet-batch N]\n' +
+      'npm run make-toy-base -- [--out DIR] [--overwrite] [--vae-steps N] [--unet-steps N] [--unet-decay-steps N] [--vae-batch N] [--unet-batch N]\n' +
         '  [--vae-images N] [--unet-images N] [--scaling-images N] [--warmup N] [--seed N] [--precision fp16|fp32]\n' +
         '  [--cfg 1,3,5,7.5] [--eval-seeds N] [--eval-steps N] [--backend wasm|cpu|...] [--threads N|auto] [--work DIR] [--keep-work] [--quiet]\n' +
         `defaults: ${JSON.stringify(TOY_BASE_DEFAULTS)}\n`,
@@ -366,7 +389,7 @@ function parseCli(argv: string[]): ToyBaseOptions {
   });
   return {
     out: values.out, work: values.work, keepWork: values['keep-work'], overwrite: values.overwrite,
-    vaeSteps: int('vae-steps'), unetSteps: int('unet-steps'), vaeBatch: int('vae-batch'), unetBatch: int('unet-batch'),
+    vaeSteps: int('vae-steps'), unetSteps: int('unet-steps'), unetDecaySteps: int('unet-decay-steps'), vaeBatch: int('vae-batch'), unetBatch: int('unet-batch'),
     vaeImages: int('vae-images'), unetImages: int('unet-images'), scalingImages: int('scaling-images'), warmup: int('warmup'),
     seed: int('seed'), precision, cfgs, evalSeeds: int('eval-seeds'), evalSteps: int('eval-steps'),
     backend: values.backend, threads: values.threads, quiet: values.quiet,

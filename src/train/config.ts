@@ -70,6 +70,7 @@ const TRAIN = z.object({
   lr_scheduler: oneOf(LR_SCHEDULERS).default('constant'), // diffusers get_scheduler names
   lr_warmup_steps: int(0).default(0), // linear warmup in optimizer steps (not with 'constant')
   lr_num_cycles: int(1).default(1), // hard restarts of cosine_with_restarts
+  lr_decay_steps: int(0).default(0), // warmup_stable_decay: the last steps, over which the lr falls to 0 (half cosine)
   adam_beta1: num(0, { max: 1, maxOpen: true }).default(0.9),
   adam_beta2: num(0, { max: 1, maxOpen: true }).default(0.999),
   adam_epsilon: num(0).default(1e-8),
@@ -282,7 +283,7 @@ function unknownKey(idx: KeyIndex, key: string, method: Method, origin: Origin):
   const hint =
     NOTES[leaf] ??
     (guess ? `did you mean ${guess}?`
-      : inSection.length ? `valid keys: ${inSection.join(', ')}`
+      : inSection.length ? `valid keys in ${sec}: ${inSection.map((k) => k.slice(sec.length + 1)).join(', ')}`
       : `valid sections: ${idx.sections.filter((s) => !isMethod(s) || s === method).join(', ')}`);
   return usageError(`${at(origin, key)}unknown key ${clip(JSON.stringify(key).slice(1, -1))} (${hint})`);
 }
@@ -502,6 +503,12 @@ function crossCheck(c: TrainConfig, m: MethodEntry, origin: Origin): void {
     const msg = `train.mixed_precision: ${show(t.mixed_precision)} is not supported: TensorFlow.js trains in float32; use "no" (output.save_precision still writes fp16 files)`;
     if (['fp16', 'bf16', 'fp8'].includes(t.mixed_precision)) throw new SdtuneError('unsupported', `${at(origin, 'train.mixed_precision')}${msg}`);
     fail('train.mixed_precision', `train.mixed_precision: expected "no", found ${show(t.mixed_precision)}`);
+  }
+  if (t.lr_scheduler === 'warmup_stable_decay' && t.max_steps !== null && t.lr_warmup_steps + t.lr_decay_steps > t.max_steps) {
+    fail('train.lr_decay_steps', `train.lr_warmup_steps (${t.lr_warmup_steps}) + train.lr_decay_steps (${t.lr_decay_steps}) exceed train.max_steps (${t.max_steps})`);
+  }
+  if (t.lr_decay_steps > 0 && t.lr_scheduler !== 'warmup_stable_decay') {
+    fail('train.lr_decay_steps', `train.lr_decay_steps is set but train.lr_scheduler is "${t.lr_scheduler}" (lr_decay_steps is for "warmup_stable_decay")`);
   }
   if (t.lr_scheduler === 'constant' && t.lr_warmup_steps > 0) {
     fail('train.lr_warmup_steps', `train.lr_warmup_steps is ${t.lr_warmup_steps} but train.lr_scheduler "constant" has no warmup (use "constant_with_warmup")`);

@@ -6,8 +6,8 @@
  */
 import { usageError } from '../errors.js';
 
-export type LrSchedulerName = 'constant' | 'constant_with_warmup' | 'linear' | 'cosine' | 'cosine_with_restarts';
-export const LR_SCHEDULERS: readonly LrSchedulerName[] = ['constant', 'constant_with_warmup', 'linear', 'cosine', 'cosine_with_restarts'];
+export type LrSchedulerName = 'constant' | 'constant_with_warmup' | 'linear' | 'cosine' | 'cosine_with_restarts' | 'warmup_stable_decay';
+export const LR_SCHEDULERS: readonly LrSchedulerName[] = ['constant', 'constant_with_warmup', 'linear', 'cosine', 'cosine_with_restarts', 'warmup_stable_decay'];
 
 /** The schedule settings lrAt needs (a subset of TrainConfig['train']). */
 export interface LrSchedule {
@@ -15,6 +15,8 @@ export interface LrSchedule {
   lr_scheduler: LrSchedulerName;
   lr_warmup_steps: number;
   lr_num_cycles: number;
+  /** warmup_stable_decay: the last steps, over which the lr falls to 0 (a half cosine) */
+  lr_decay_steps?: number;
 }
 
 /** Linear warmup ramp shared by every *_with_warmup lambda: step / max(1, warmup). */
@@ -41,6 +43,17 @@ export function lrFactor(s: Omit<LrSchedule, 'lr'>, step: number, totalSteps: nu
       const progress = (step - w) / Math.max(1, totalSteps - w);
       if (progress >= 1) return 0;
       return Math.max(0, 0.5 * (1 + Math.cos(Math.PI * ((s.lr_num_cycles * progress) % 1))));
+    }
+    case 'warmup_stable_decay': {
+      // transformers' get_wsd_schedule (linear warmup, constant, then decay_type "cosine" to min_lr_ratio 0 over the
+      // last lr_decay_steps): steps before the decay are exactly constant_with_warmup's, so a constant run can be
+      // resumed into its decay
+      if (step < w) return warmup(step, w);
+      const d = s.lr_decay_steps ?? 0;
+      const start = totalSteps - d;
+      if (step < start) return 1;
+      const progress = (step - start) / Math.max(1, d);
+      return Math.max(0, 0.5 * (1 + Math.cos(Math.PI * Math.min(1, progress))));
     }
     default:
       throw usageError(`unknown lr_scheduler ${JSON.stringify(s.lr_scheduler)}; valid: ${LR_SCHEDULERS.join(', ')}`);

@@ -45,7 +45,7 @@ describe('defaults', () => {
     expect(c.data).toMatchObject({ caption_dropout: 0, shuffle_captions: false, keep_tokens: 0, cache_latents: true, templates: null });
     expect(c.train).toEqual({
       max_steps: null, epochs: 1, batch_size: 1, gradient_accumulation: 1, lr: 1e-4, lr_scheduler: 'constant',
-      lr_warmup_steps: 0, lr_num_cycles: 1, adam_beta1: 0.9, adam_beta2: 0.999, adam_epsilon: 1e-8, weight_decay: 1e-2,
+      lr_warmup_steps: 0, lr_num_cycles: 1, lr_decay_steps: 0, adam_beta1: 0.9, adam_beta2: 0.999, adam_epsilon: 1e-8, weight_decay: 1e-2,
       max_grad_norm: 1, seed: 42, noise_offset: 0, min_snr_gamma: null, mixed_precision: 'no', gradient_checkpointing: false,
       ema: { enabled: false, decay: 0.9999, min_decay: 0, update_after_step: 0, use_warmup: false, inv_gamma: 1, power: 2 / 3 },
     });
@@ -98,7 +98,7 @@ describe('errors name the key, expected vs found', () => {
     expect(usage('lora', withData('buckets:\n  enable: true'))).toMatch(/did you mean data.buckets.enabled\?/);
     expect(usage('textual_inversion', `${BASE}textual_inversion:\n  placeholder_token: x\n`)).toMatch(/did you mean textual_inversion.token\?/);
     expect(usage('lora', `${BASE}train:\n  optimizer_type: AdamW8bit\n`)).toMatch(/unknown key train.optimizer_type \(sdtune always uses AdamW/);
-    expect(usage('lora', `${BASE}train:\n  zzzzzz: 1\n`)).toMatch(/unknown key train.zzzzzz \(valid keys: train.max_steps, /);
+    expect(usage('lora', `${BASE}train:\n  zzzzzz: 1\n`)).toMatch(/unknown key train.zzzzzz \(valid keys in train: max_steps, epochs, /);
   });
 
   it('wrong types and ranges', () => {
@@ -108,7 +108,7 @@ describe('errors name the key, expected vs found', () => {
     expect(usage('lora', withData('resolution: 500'))).toMatch(
       /data.resolution: expected a size in pixels, multiple of 8: 512 or \[width, height\], or null for the model's own size, found 500/,
     );
-    expect(usage('lora', `${BASE}train:\n  lr_scheduler: cosin\n`)).toMatch(/train.lr_scheduler: expected one of "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", found "cosin"/);
+    expect(usage('lora', `${BASE}train:\n  lr_scheduler: cosin\n`)).toMatch(/train.lr_scheduler: expected one of "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "warmup_stable_decay", found "cosin"/);
     expect(usage('lora', `${BASE}train:\n  adam_beta2: 1\n`)).toMatch(/train.adam_beta2: expected a number in \[0, 1\), found 1/);
     expect(usage('lora', withData('flip: yes'))).toMatch(/data.flip: expected true or false, found "yes"/);
     expect(usage('lora', `${BASE}train: 5\n`)).toMatch(/train: expected a mapping with keys max_steps, epochs, .*found 5/);

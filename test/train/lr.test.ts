@@ -44,6 +44,17 @@ describe('lrAt', () => {
     close(at(s('cosine_with_restarts', 10, 1), 110, [5, 10, 60, 110]), [0.5, 1, 0.5, 0]);
   });
 
+  it('warmup_stable_decay: warmup, constant (exactly constant_with_warmup), then a half cosine to 0 over lr_decay_steps', () => {
+    const wsd = { ...s('warmup_stable_decay', 10), lr_decay_steps: 40 };
+    close(at(wsd, 100, [0, 5, 10, 59, 60, 80, 100, 120]), [0, 0.5, 1, 1, 1, 0.5, 0, 0]);
+    close(at(wsd, 100, [70]), [0.5 * (1 + Math.cos(Math.PI * 0.25))]);
+    for (const step of [0, 3, 10, 30, 59]) expect(lrFactor(wsd, step, 100)).toBe(lrFactor(s('constant_with_warmup', 10), step, 100));
+    expect(() => resolveConfig('lora', null, { 'model.path': 'm', 'data.dir': 'd', 'train.lr_scheduler': 'warmup_stable_decay', 'train.max_steps': 10, 'train.lr_decay_steps': 11 })).toThrow(
+      /train\.lr_warmup_steps \(0\) \+ train\.lr_decay_steps \(11\) exceed train\.max_steps \(10\)/,
+    );
+    expect(() => resolveConfig('lora', null, { 'model.path': 'm', 'data.dir': 'd', 'train.lr_decay_steps': 5 })).toThrow(/lr_decay_steps is set but train\.lr_scheduler is "constant"/);
+  });
+
   it('accepts the resolved train section', () => {
     const c = resolveConfig('lora', null, { 'model.path': 'm', 'data.dir': 'd', 'train.lr_scheduler': 'linear', 'train.max_steps': 10 });
     expect(lrAt(c.train, 5, 10)).toBeCloseTo(0.5e-4, 15);
