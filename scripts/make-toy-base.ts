@@ -138,7 +138,6 @@ export async function makeToyBase(opts: ToyBaseOptions = {}): Promise<ToyBaseRes
   log(backend.message);
   const work = path.resolve(o.work ?? (await mkdtemp(path.join(tmpdir(), 'sdtune-toy-base-'))));
   const trainOpts = { quiet: o.quiet, log, overwrite: true };
-  const t0 = performance.now();
   const since = (t: number) => (performance.now() - t) / 1000;
   try {
     // 1. the random model and the two worlds
@@ -149,13 +148,18 @@ export async function makeToyBase(opts: ToyBaseOptions = {}): Promise<ToyBaseRes
     const reuse = Boolean(o.work) && existsSync(done) && (await readFile(done, 'utf8')) === worldKey(o);
     const made = await makeToyModel(random, { precision: 'fp32', overwrite: true });
     const vaeWorld = path.join(work, 'world-vae'), unetWorld = path.join(work, 'world-base');
-    if (reuse) log(`[make-toy-base] reusing the worlds in ${work}`);
-    else {
+    let worldSeconds: number;
+    if (reuse) {
+      log(`[make-toy-base] reusing the worlds in ${work}`);
+      worldSeconds = Number(await readFile(`${done}.seconds`, 'utf8').catch(() => 'NaN'));
+    } else {
       await writeToyWorld(vaeWorld, o.vaeImages, { seed: o.seed + 1, include: ['purple', 'heart'], overwrite: true, quiet: o.quiet });
       await writeToyWorld(unetWorld, o.unetImages, { seed: o.seed + 2, overwrite: true, quiet: o.quiet });
+      worldSeconds = since(t);
+      await writeFile(`${done}.seconds`, String(worldSeconds));
       await writeFile(done, worldKey(o));
     }
-    const worldSeconds = since(t);
+    if (!Number.isFinite(worldSeconds)) worldSeconds = since(t);
     log(`[make-toy-base] random model (${Object.entries(made.params).map(([k, n]) => `${k} ${n.toLocaleString('en-US')}`).join(', ')} params) and worlds (${o.vaeImages} superset images for the VAE, ${o.unetImages} base images for the UNet): ${fmtTime(worldSeconds)}`);
 
     // 2. the VAE, then its scaling factor (measured at its export)
@@ -242,7 +246,8 @@ export async function makeToyBase(opts: ToyBaseOptions = {}): Promise<ToyBaseRes
     const evalSeconds = since(t);
     const sheet = contactSheet(best!.images, best!.correct);
     await writePng(path.join(stage, 'contact-sheet.png'), sheet.data, sheet.width, sheet.height);
-    const seconds = { world: worldSeconds, vae: vaeSeconds, unet: unetSeconds, eval: evalSeconds, total: since(t0) };
+    // the parts' sum: a build continued from a --work folder counts the earlier processes' parts too
+    const seconds = { world: worldSeconds, vae: vaeSeconds, unet: unetSeconds, eval: evalSeconds, total: worldSeconds + vaeSeconds + unetSeconds + evalSeconds };
     const result: Omit<ToyBaseResult, 'bytes'> = {
       out,
       seconds,
@@ -259,7 +264,7 @@ export async function makeToyBase(opts: ToyBaseOptions = {}): Promise<ToyBaseRes
     if (bytes > TOY_BASE_MAX_BYTES) log(`[make-toy-base] warning: ${bytes.toLocaleString('en-US')} bytes, more than the ${TOY_BASE_MAX_BYTES.toLocaleString('en-US')} the bundled base may have (use --precision fp16)`);
     await rm(out, { recursive: true, force: true });
     await rename(stage, out);
-    log(`[make-toy-base] wrote ${out} (${(bytes / 1024 ** 2).toFixed(2)} MB): world ${fmtTime(seconds.world)}, VAE ${fmtTime(seconds.vae)}, UNet ${fmtTime(seconds.unet)}, eval ${fmtTime(seconds.eval)}, total ${fmtTime(since(t0))}`);
+    log(`[make-toy-base] wrote ${out} (${(bytes / 1024 ** 2).toFixed(2)} MB): world ${fmtTime(seconds.world)}, VAE ${fmtTime(seconds.vae)}, UNet ${fmtTime(seconds.unet)}, eval ${fmtTime(seconds.eval)}, total ${fmtTime(seconds.total)}`);
     return { ...result, bytes };
   } finally {
     if (!o.keepWork && !o.work) await rm(work, { recursive: true, force: true });
@@ -333,7 +338,7 @@ Tokenizer: CLIP byte-level BPE built by the project (every world word one token)
 | UNet (\`method: finetune\`, from random init) | epsilon, AdamW lr 1e-3 (decay 1e-2), ${Math.min(o.warmup, r.steps.unet)} warmup steps${o.unetDecaySteps > 0 ? `, constant, then a half cosine to 0 over the last ${o.unetDecaySteps} steps (warmup_stable_decay)` : ', then constant'}, grad clip 1, batch ${o.unetBatch}, 10% caption dropout, latents cached as distributions and sampled each step | ${r.steps.unet} | ${fmtTime(r.seconds.unet)} |
 | judges | ${r.evals.length} CFG scales x 16 prompts x ${o.evalSeeds} seeds, DDIM ${o.evalSteps} | | ${fmtTime(r.seconds.eval)} |
 
-Total ${fmtTime(r.seconds.total)} on ${r.backend.replace(/^backend: /, '')}.
+Total ${fmtTime(r.seconds.total)} on ${r.backend.replace(/^backend: /, '')} (the UNet's time is the sum of its logged step times).
 Final losses: VAE ${r.losses.vae.at(-1)?.toFixed(4)}, UNet ${r.losses.unet.at(-1)?.toFixed(4)}.
 
 Reproduce: \`npm run make-toy-base -- ${args}\`

@@ -61,7 +61,7 @@ export async function evalAtStep(
       cfg: o.eval_cfg,
       steps: o.eval_steps,
       sampler: resolveSampler('ddim'),
-      rewrite: (p) => recipe.samplePrompt?.(p) ?? p,
+      rewrite: (p) => recipe.expandPrompt?.(p) ?? p, // base prompts as written (not samplePrompt's TI template)
       context: use?.context,
       quiet: opts.quiet,
       label: `eval@${step}`,

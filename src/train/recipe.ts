@@ -26,6 +26,9 @@ export interface Recipe {
   readonly uncaptioned?: 'empty' | 'templates';
   /** the prompt a validation sample of `prompt` is drawn with (TI: the placeholder in; default: the prompt) */
   samplePrompt?(prompt: string): string;
+  /** a prompt as the model reads it, written as is otherwise (textual inversion: the token expanded to its
+   *  placeholder tokens, no template): what the judges sample (output.eval_prompts) */
+  expandPrompt?(prompt: string): string;
   /** text conditioning [B, 77, C] for token ids [B, 77] (called inside the tape) */
   encodeIds(ids: tf.Tensor2D): tf.Tensor3D;
   /** run `fn` with the trained state visible to the plain inference path (pipelines, sample); `use` holds what

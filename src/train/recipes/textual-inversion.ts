@@ -80,6 +80,7 @@ export function createTiRecipe(model: LoadedModel, o: TiRecipeOptions): Recipe &
     uncaptioned: 'templates',
     captionFor,
     samplePrompt: (prompt) => captionFor(prompt, () => 0),
+    expandPrompt: (prompt) => prompt.split(o.token).join(placeholder),
     encodeIds: (idsT) =>
       tf.tidy(() => clipText(model.textEncoder!.params, model.textEncoder!.config, idsT, { clipSkip: o.clipSkip, inputEmbeds: embeds(idsT) }).hidden),
     async withInference(fn) {
