@@ -241,7 +241,7 @@ function coerceFlag(s: z.ZodType, v: unknown): unknown {
   }
   if (t === 'nums' && /^[\d.eE+\-\s]+(,[\d.eE+\-\s]+)*$/.test(v)) return v.split(',').map((p) => Number(p.trim())); // "1, 2, 1" as A1111's field
   if (t === 'size' && /^\d+\s*[x,]\s*\d+$/.test(v.trim())) return v.split(/[x,]/).map((p) => Number(p.trim()));
-  if (t === 'str') return v;
+  if (t === 'str') return v === 'null' && s.safeParse(null).success ? null : v; // a nullable string: null clears it
   try {
     return YAML.parse(v) ?? null;
   } catch {

@@ -240,6 +240,9 @@ describe('overrides', () => {
     expect(resolveConfig('lora', null, { model: 'm', data: 'd', 'output.eval_prompts': '[a red star, a sks => blue circle]' }).output.eval_prompts).toEqual(['a red star', 'a sks => blue circle']);
     expect(resolveConfig('lora', `${BASE}output:\n  eval_prompts: [a red star]\n`, { 'output.eval_prompts': '[]' }).output.eval_prompts).toEqual([]);
     expect(resolveConfig('lora', null, { model: 'm', data: 'd', 'output.sample_prompts': '[a dog' }).output.sample_prompts).toEqual(['[a dog']);
+    // "null" clears a nullable string key (dreambooth.class_prompt), and stays a string where null is not allowed
+    expect(resolveConfig('dreambooth', 'dreambooth:\n  class_prompt: a star\n', { model: 'm', data: 'd', 'dreambooth.class_prompt': 'null', 'dreambooth.with_prior_preservation': 'false' }).dreambooth!.class_prompt).toBeNull();
+    expect(resolveConfig('lora', null, { model: 'm', data: 'd', 'output.sample_prompts': 'null' }).output.sample_prompts).toEqual(['null']);
     expect(c.lora).toMatchObject({ text_encoder: true, alpha: 8 });
     expect(c.model.prediction_type).toBeNull();
     expect(resolveConfig('lora', null, { model: 'm', data: 'd', resolution: [640, 448] }).data.resolution).toEqual([640, 448]);
