@@ -52,7 +52,8 @@ describe('make-toy-base', () => {
     expect(base.some((l) => l.colour === 'purple' || l.shape === 'heart' || /purple|heart|sks/.test(l.caption))).toBe(false);
     // the UNet run: the settings of toyworld.md
     const resolved = readFileSync(path.join(work, 'unet-run', 'config.resolved.yaml'), 'utf8');
-    for (const s of ['caption_dropout: 0.1', 'lr: 0.001', 'lr_scheduler: constant_with_warmup', 'lr_warmup_steps: 3', 'max_grad_norm: 1', 'batch_size: 4']) expect(resolved).toContain(s);
+    // (warmup capped at the 3 steps, so no steps are left for the decay)
+    for (const s of ['caption_dropout: 0.1', 'lr: 0.001', 'lr_scheduler: warmup_stable_decay', 'lr_warmup_steps: 3', 'lr_decay_steps: 0', 'max_grad_norm: 1', 'batch_size: 4']) expect(resolved).toContain(s);
 
     // the folder: a fp16 diffusers model the judges accept, with the measured scaling factor
     for (const f of ['model_index.json', 'unet/config.json', 'vae/config.json', 'text_encoder/config.json', 'tokenizer/vocab.json', 'scheduler/scheduler_config.json', 'README.md', 'eval.json', 'contact-sheet.png']) {
@@ -80,11 +81,26 @@ describe('make-toy-base', () => {
     expect(card).toContain('| VAE (`method: vae`) |');
     expect(card).toMatch(/\| UNet \(`method: finetune`, from random init\) \| .* \| 3 \| /);
     expect(card).toContain('purple');
-    expect(card).toContain('npm run make-toy-base -- --vae-steps 2 --unet-steps 3 --vae-batch 4 --unet-batch 4 --vae-images 40 --unet-images 24');
+    expect(card).toContain('npm run make-toy-base -- --vae-steps 2 --unet-steps 3 --unet-decay-steps 400 --vae-batch 4 --unet-batch 4 --vae-images 40 --unet-images 24');
     expect(card.match(/^a (red|green|blue|yellow) (circle|square|triangle|star) /gm)).toHaveLength(16); // the per-prompt table
 
     // a second run refuses the non-empty folder without --overwrite
     await expect(makeToyBase({ out, work, vaeSteps: 1, unetSteps: 1, quiet: true, log: () => {} })).rejects.toThrow(`make-toy-base: ${out} is not empty; pass --overwrite to replace it`);
+
+    // the same --work folder continues a build: the worlds and the finished VAE are reused (with their time), the UNet
+    // resumes from its last checkpoint (here: done), so the same weights come out
+    const again: string[] = [];
+    const r2 = await makeToyBase({
+      out, work, overwrite: true, vaeSteps: 2, unetSteps: 3, vaeBatch: 4, unetBatch: 4, vaeImages: 40, unetImages: 24, scalingImages: 8, warmup: 100,
+      evalSeeds: 1, evalSteps: 2, cfgs: [1], quiet: true, log: (l) => again.push(l),
+    });
+    expect(again).toContain(`[make-toy-base] reusing the worlds in ${work}`);
+    expect(again).toContain(`[make-toy-base] reusing the trained VAE in ${path.join(work, 'vae-run', 'model')}`);
+    expect(again.some((l) => /^resumed from .*step-000003 at step 3$/.test(l))).toBe(true);
+    expect(r2.seconds.vae).toBe(r.seconds.vae);
+    expect(r2.seconds.world).toBeCloseTo(r.seconds.world, 6);
+    expect(r2.scalingFactor).toBe(r.scalingFactor);
+    expect(r2.evals[0]).toEqual(r.evals[0]);
   });
 
   it('the command line: --help lists the options and defaults; a bad value is one error line', () => {
@@ -92,7 +108,8 @@ describe('make-toy-base', () => {
     const help = run('--help');
     expect(help.status).toBe(0);
     expect(help.stdout).toContain('--vae-steps N');
-    expect(help.stdout).toContain('"vaeSteps":1000,"unetSteps":1400');
+    expect(help.stdout).toContain('--unet-decay-steps N');
+    expect(help.stdout).toContain('"vaeSteps":400,"unetSteps":1800,"unetDecaySteps":400');
     const bad = run('--vae-steps', 'many', '--out', path.join(tmp, 'never'));
     expect(bad.status).toBe(1);
     expect(bad.stderr.trim()).toBe('error: --vae-steps: expected a non-negative integer, got "many"');
