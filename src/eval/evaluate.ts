@@ -224,7 +224,7 @@ export async function judgePrompts(m: LoadedModel, prompts: readonly EvalPrompt[
   const rewrite = o.rewrite ?? ((p: string) => p);
   const { steps, cfg, sampler } = o;
   const seed0 = o.seed, nSeeds = o.seeds;
-    const seeds = Array.from({ length: nSeeds }, (_, i) => seed0 + i);
+  const seeds = Array.from({ length: nSeeds }, (_, i) => seed0 + i);
   const bar = o.quiet ? undefined : progress({ total: prompts.length * steps, label: o.label ?? 'eval', logEvery: Math.max(1, Math.ceil((prompts.length * steps) / 10)), logSeconds: 10 });
   const rows: EvalPromptRow[] = [];
   const images: Uint8Array[][] = [];
@@ -271,6 +271,9 @@ export async function judgePrompts(m: LoadedModel, prompts: readonly EvalPrompt[
   return { report, images };
 }
 
+/** The contact sheet of a judged result (each image framed by its verdict). */
+export const resultSheet = (r: EvalResult) => contactSheet(r.images, r.report.prompts.map((p) => p.samples.map((s) => s.correct)));
+
 /** Sample, judge and report (see the module comment). */
 export async function evaluateModel(o: EvaluateOptions): Promise<EvalResult> {
   const prompts = evalPrompts(o.prompts, o.grid);
@@ -294,10 +297,9 @@ export async function evaluateModel(o: EvaluateOptions): Promise<EvalResult> {
     const { rewrite } = await applyAdapters(m, { lora: o.lora, embedding: o.embedding, prompt: '', prompts: prompts.map((p) => p.prompt), negativePrompt: o.negativePrompt, log: o.log }, restores);
     const { report: r0, images } = await judgePrompts(m, prompts, { seeds: nSeeds, seed: seed0, cfg, steps, sampler, negativePrompt: o.negativePrompt, rewrite, quiet: o.quiet });
     const report: EvalReport = { ...r0, ...(files && { files }) };
-    const rows = report.prompts;
     if (files) {
       await mkdir(o.out!, { recursive: true });
-      const sheet = contactSheet(images, rows.map((r) => r.samples.map((s) => s.correct)));
+      const sheet = resultSheet({ report, images });
       await writePng(files.contactSheet, sheet.data, sheet.width, sheet.height);
       await writeFileAtomic(files.json, new TextEncoder().encode(JSON.stringify(report, null, 2) + '\n'));
     }

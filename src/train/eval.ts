@@ -9,7 +9,7 @@ import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { TOY_HELD_OUT_COLOURS, TOY_HELD_OUT_SHAPES, parseToyPrompt } from '../data/toy-world.js';
 import { usageError } from '../errors.js';
-import { type EvalPrompt, type EvalReport, assertToyModel, contactSheet, evalPrompts, judgePrompts } from '../eval/evaluate.js';
+import { type EvalPrompt, type EvalReport, assertToyModel, evalPrompts, judgePrompts, resultSheet } from '../eval/evaluate.js';
 import type { LoadedModel } from '../io/model.js';
 import { writePng } from '../io/png.js';
 import type { TensorBoardWriter } from '../io/tensorboard.js';
@@ -75,7 +75,7 @@ export async function evalAtStep(
   const dir = path.join(o.dir!, 'eval');
   await mkdir(dir, { recursive: true });
   const base = path.join(dir, checkpointName(step));
-  const sheet = contactSheet(r.images, r.report.prompts.map((p) => p.samples.map((s) => s.correct)));
+  const sheet = resultSheet(r);
   await writePng(`${base}.png`, sheet.data, sheet.width, sheet.height);
   await writeFileAtomic(`${base}.json`, new TextEncoder().encode(JSON.stringify({ step, ...r.report }, null, 2) + '\n'));
   await tb.image('eval/contact_sheet', sheet, step);
@@ -128,8 +128,7 @@ export function formatBeforeAfter(first: TrainEval, last: TrainEval): string {
 
 /** Write before-after.png (the first and last contact sheets side by side) and before-after.json. */
 export async function writeBeforeAfter(c: ModelResolvedConfig, first: TrainEval, last: TrainEval): Promise<string> {
-  const a = contactSheet(first.images, first.report.prompts.map((p) => p.samples.map((s) => s.correct)));
-  const b = contactSheet(last.images, last.report.prompts.map((p) => p.samples.map((s) => s.correct)));
+  const a = resultSheet(first), b = resultSheet(last);
   const gap = 8, width = a.width + gap + b.width, height = Math.max(a.height, b.height);
   const data = new Uint8Array(width * height * 3).fill(255);
   for (let y = 0; y < height; y++) {
